@@ -1,0 +1,58 @@
+# triage-node: the two commands a user needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?=
+
+.PHONY: serve test test-tools lint typecheck unit bench-ingest clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "triage-node needs Python 3.11 or newer ($(PYTHON) is older)"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) || \
+		{ echo "could not create $(VENV): on Debian/Ubuntu run 'apt-get install python3-venv'"; exit 1; }
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime install (what `make serve` needs).
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+# Test install: the runtime plus the dev extra.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+serve: $(VENV)/.installed
+	$(BIN)/triage-node $(if $(CONFIG),--config $(CONFIG)) serve
+
+# Real peers the tests talk to. In CI (CI=true, root) they are installed and started;
+# elsewhere the tests that need a missing one skip and name it.
+test-tools:
+ifeq ($(CI),true)
+	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null || { \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends dcmtk dicom3tools; }
+	@pg_isready -q -h 127.0.0.1 -p 5432 || \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
+endif
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+# pytest's exit code 5 (no tests collected) fails here like any other failure.
+test: $(VENV)/.installed-dev test-tools lint typecheck
+	$(BIN)/python -m pytest
+
+unit: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests/unit
+
+bench-ingest: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,232 @@
+"""Database schema, engine set-up and schema migrations (Alembic).
+
+SQLite (WAL, ``synchronous=FULL``) is the embedded default; PostgreSQL is used by URL when several
+receivers or workers on more than one host share the work. Only ``store`` runs queries.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.types import TypeDecorator
+
+from triage_node.errors import DatabaseError, SchemaOutOfDate
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use datetime.now(UTC)")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+UID = String(64)
+
+associations = Table(
+    "associations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("owner", String(128), nullable=False),  # host:pid of the receiver process
+    Column("calling_ae", String(16), nullable=False),
+    Column("called_ae", String(16), nullable=False),
+    Column("peer_address", String(64), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("ended_at", UTCDateTime()),
+    Column("end_reason", String(16)),
+    Column("instances", Integer, nullable=False, server_default="0"),
+    Index(None, "ended_at"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    Column("state", String(16), nullable=False),
+    # Bumped each time a study that was already queued receives a new instance.
+    Column("revision", Integer, nullable=False, server_default="1"),
+    Column("accession_number", String(16), nullable=False, server_default=""),
+    Column("study_date", String(8), nullable=False, server_default=""),
+    Column("first_received_at", UTCDateTime(), nullable=False),
+    Column("last_received_at", UTCDateTime(), nullable=False),
+    Column("queued_at", UTCDateTime()),
+    Index(None, "state", "last_received_at"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_id", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("series_uid", UID, nullable=False, unique=True),
+    Column("modality", String(16), nullable=False, server_default=""),
+    Column("body_part", String(64), nullable=False, server_default=""),
+    Column("description", String(64), nullable=False, server_default=""),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_id", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("series_id", ForeignKey("series.id"), nullable=False, index=True),
+    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("path", String(255), nullable=False),  # relative to the spool root
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("association_id", ForeignKey("associations.id"), index=True),
+    Column("received_at", UTCDateTime(), nullable=False, index=True),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_id", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("study_revision", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("run_after", UTCDateTime(), nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_expires_at", UTCDateTime()),
+    Column("finished_at", UTCDateTime()),
+    Column("last_error", Text),
+    Index(None, "state", "run_after"),
+)
+
+services = Table(
+    "services",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("owner", String(128), nullable=False, unique=True),  # host:pid of the supervisor
+    Column("version", String(32), nullable=False),
+    Column("ae_title", String(16), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("stopped_at", UTCDateTime()),
+)
+
+
+def _sqlite_pragmas(busy_timeout: float) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE instead of pysqlite's implicit
+        # deferred BEGIN: a deferred transaction that reads and then writes can fail at once
+        # with SQLITE_BUSY under WAL when another process committed in between.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk when it returns, so a success status survives power loss.
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    return on_connect
+
+
+def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
+    """An engine for *url*; SQLite files get WAL mode and their directory is created."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": busy_timeout})
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    raise DatabaseError(f"unsupported database backend {parsed.get_backend_name()!r}")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password hidden, for logs and ``status``."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of triage-node knows."""
+    from alembic.script import ScriptDirectory
+
+    heads = ScriptDirectory(str(MIGRATIONS_DIR)).get_heads()
+    if len(heads) != 1:
+        raise DatabaseError(f"migrations have {len(heads)} heads; expected exactly one")
+    return str(heads[0])
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        revision = MigrationContext.configure(connection).get_current_revision()
+    return None if revision is None else str(revision)
+
+
+def upgrade(engine: Engine) -> str:
+    """Apply every pending migration; return the revision reached."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(engine), "head")
+    return head_revision()
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the database is at the head revision."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise SchemaOutOfDate(
+            f"database schema is at {current or 'nothing'}, this version needs {head}: "
+            "run 'triage-node db upgrade'"
+        )

@@ -1,0 +1,114 @@
+"""Values shared along the data path: UIDs, states, and the frozen records passed between layers."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from triage_node.errors import InvalidUID
+
+# PS3.5 Section 9.1: components of digits separated by ".", at most 64 characters.
+# Leading zeros are not allowed by the standard but occur in the wild; they are harmless in a
+# path, so only the character set and length are enforced (that is what keeps paths safe).
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+UID_MAX_LENGTH = 64
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when *value* is a string a DICOM UID may be (digits and dots, 1-64 characters)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= UID_MAX_LENGTH
+        and _UID_RE.fullmatch(value) is not None
+    )
+
+
+def validate_uid(value: object, what: str) -> str:
+    """Return *value* if it is a valid UID, else raise :class:`InvalidUID` naming *what*."""
+    if not is_valid_uid(value):
+        shown = repr(value)[:80]
+        raise InvalidUID(f"{what} is not a valid UID: {shown}")
+    return str(value)
+
+
+class StudyState(enum.StrEnum):
+    """Where a study is on the data path (architecture.md, result contract item 4)."""
+
+    RECEIVED = "RECEIVED"  # instances arriving, or settling before it is queued
+    QUEUED = "QUEUED"  # a job waits for a worker
+
+
+class JobState(enum.StrEnum):
+    """Life of one analysis job."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    SUPERSEDED = "SUPERSEDED"  # a newer job for the same study replaced it before it ran
+
+
+class AssociationEnd(enum.StrEnum):
+    """How an association ended."""
+
+    RELEASED = "RELEASED"
+    ABORTED = "ABORTED"
+    LOST = "LOST"  # the receiver process died; found at the next start
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """The header fields the node keeps for one received instance.
+
+    Patient-identifying fields (accession number) are kept in the database for matching
+    reports later, never written to logs.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    body_part: str
+    series_description: str
+    accession_number: str
+    study_date: str
+
+    def __post_init__(self) -> None:
+        validate_uid(self.study_uid, "Study Instance UID")
+        validate_uid(self.series_uid, "Series Instance UID")
+        validate_uid(self.sop_instance_uid, "SOP Instance UID")
+        validate_uid(self.sop_class_uid, "SOP Class UID")
+        validate_uid(self.transfer_syntax_uid, "Transfer Syntax UID")
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledFile:
+    """A dataset durably in the spool: ``relpath`` below the spool root, ``size`` in bytes."""
+
+    relpath: str
+    size: int
+    replaced: bool  # a file of the same SOP Instance UID was there before
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedInstance:
+    """What the database said after an instance was recorded."""
+
+    study_id: int
+    instance_id: int
+    replaced: bool  # the SOP Instance UID was already known (a resend)
+    reopened: bool  # the study had already been queued or processed
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyStudy:
+    """A study that has settled and may be queued."""
+
+    study_id: int
+    study_uid: str
+    revision: int
+    last_received_at: datetime

@@ -1,0 +1,185 @@
+"""``triage-node status``: is the node up, can it store, and what does it hold.
+
+The report is a plain dict with a stable schema (documented in docs/admin-guide.md); ``healthy``
+is false, and the command exits 1, when any check in ``problems`` failed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import SQLAlchemyError
+
+from triage_node import __version__
+from triage_node.config import Config
+from triage_node.db import current_revision, head_revision, make_engine, redact_url
+from triage_node.store import Store
+
+SCHEMA_VERSION = 1
+STATUS_AE_TITLE = "TRIAGE_STATUS"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _age(value: datetime | None, now: datetime) -> float | None:
+    return None if value is None else round((now - value).total_seconds(), 1)
+
+
+def echo_listener(host: str, port: int, called_ae: str, timeout: float) -> dict[str, Any]:
+    """C-ECHO the node's own listener. A rejected association still proves it is listening."""
+    ae = AE(ae_title=STATUS_AE_TITLE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    started = time.perf_counter()
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    elapsed = round((time.perf_counter() - started) * 1000, 1)
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        code = getattr(status, "Status", None)
+        ok = code == 0x0000
+        detail = "C-ECHO success" if ok else f"C-ECHO status {code}"
+        return {"reachable": ok, "echo_ms": elapsed, "detail": detail}
+    if assoc.is_rejected:
+        return {
+            "reachable": True,
+            "echo_ms": elapsed,
+            "detail": "answered with A-ASSOCIATE-RJ (this host or AE title is not allowed)",
+        }
+    return {"reachable": False, "echo_ms": None, "detail": "no DICOM answer"}
+
+
+def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    problems: list[str] = []
+    dicom = config.dicom
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(dicom.bind, dicom.bind)  # noqa: S104
+    listener = {"ae_title": dicom.ae_title, "host": host, "port": dicom.port}
+    listener.update(echo_listener(host, dicom.port, dicom.ae_title, timeout))
+    if not listener["reachable"]:
+        problems.append(f"listener {host}:{dicom.port} does not answer C-ECHO")
+
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "version": __version__,
+        "checked_at": now.isoformat(),
+        "config": config.source,
+        "listener": listener,
+    }
+
+    database: dict[str, Any] = {"url": redact_url(config.database_url), "reachable": False}
+    engine = make_engine(config.database_url, busy_timeout=min(config.database.busy_timeout, 5))
+    store = Store(engine)
+    try:
+        revision, head = current_revision(engine), head_revision()
+        database.update(reachable=True, revision=revision, schema_current=revision == head)
+        if revision != head:
+            problems.append(f"database schema {revision or 'empty'} is not {head}: run db upgrade")
+        if revision is not None:
+            _add_contents(report, store, config, now, problems)
+    except SQLAlchemyError as exc:
+        database["error"] = str(exc.__class__.__name__)
+        problems.append("database unreachable")
+    finally:
+        engine.dispose()
+    report["database"] = database
+
+    spool_root = config.storage.spool_path
+    probe = spool_root if spool_root.exists() else config.storage.data_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    minimum = config.storage.min_free_mb * 2**20
+    report["spool"] = {
+        "path": str(spool_root),
+        "bytes": report.get("instances", {}).get("bytes", 0),
+        "disk_free_bytes": free,
+        "min_free_bytes": minimum,
+        "ok": free >= minimum,
+    }
+    if free < minimum:
+        problems.append("free disk below the configured minimum: new instances get status A700")
+
+    report["problems"] = problems
+    report["healthy"] = not problems
+    return report
+
+
+def _add_contents(
+    report: dict[str, Any], store: Store, config: Config, now: datetime, problems: list[str]
+) -> None:
+    service = store.latest_service()
+    stale_after = 3 * config.service.heartbeat_seconds
+    running = (
+        service is not None
+        and service.stopped_at is None
+        and (now - service.heartbeat_at).total_seconds() <= stale_after
+    )
+    report["service"] = {
+        "running": running,
+        "owner": service.owner if service else None,
+        "version": service.version if service else None,
+        "started_at": _iso(service.started_at) if service else None,
+        "heartbeat_age_s": _age(service.heartbeat_at, now) if service else None,
+    }
+    if not running:
+        problems.append("service is not running (no recent heartbeat)")
+    totals = store.totals()
+    report["studies"] = totals.studies_by_state
+    report["jobs"] = totals.jobs_by_state
+    report["instances"] = {
+        "count": totals.instances,
+        "bytes": totals.spool_bytes,
+        "last_received_at": _iso(totals.last_received_at),
+        "last_received_age_s": _age(totals.last_received_at, now),
+    }
+    report["associations_open"] = totals.open_associations
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The report for people."""
+    lines = [f"triage-node {report['version']}: {'HEALTHY' if report['healthy'] else 'UNHEALTHY'}"]
+    for problem in report["problems"]:
+        lines.append(f"  problem: {problem}")
+    listener = report["listener"]
+    lines.append(
+        f"listener   {listener['ae_title']} @ {listener['host']}:{listener['port']}: "
+        f"{listener['detail']}"
+        + (f" ({listener['echo_ms']} ms)" if listener.get("echo_ms") is not None else "")
+    )
+    service = report.get("service")
+    if service:
+        state = "running" if service["running"] else "not running"
+        lines.append(
+            f"service    {state}; last heartbeat {service['heartbeat_age_s']} s ago "
+            f"({service['owner']})"
+        )
+    database = report["database"]
+    lines.append(
+        f"database   {database['url']}: "
+        + (f"schema {database.get('revision')}" if database["reachable"] else "unreachable")
+    )
+    if "studies" in report:
+        studies = ", ".join(f"{k} {v}" for k, v in sorted(report["studies"].items())) or "none"
+        jobs = ", ".join(f"{k} {v}" for k, v in sorted(report["jobs"].items())) or "none"
+        inst = report["instances"]
+        lines.append(f"studies    {studies}")
+        lines.append(f"jobs       {jobs}")
+        last = inst["last_received_at"] or "never"
+        age = f" ({inst['last_received_age_s']} s ago)" if inst["last_received_at"] else ""
+        lines.append(f"instances  {inst['count']}; last received {last}{age}")
+        lines.append(f"associations open: {report['associations_open']}")
+    spool = report["spool"]
+    lines.append(
+        f"spool      {spool['path']}: {spool['bytes'] / 2**20:.1f} MiB used, "
+        f"{spool['disk_free_bytes'] / 2**30:.1f} GiB free "
+        f"(minimum {spool['min_free_bytes'] / 2**20:.0f} MiB)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Periodic work of the service (APScheduler): settled studies become jobs; a heartbeat is kept."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import SQLAlchemyError
+
+from triage_node import __version__
+from triage_node.config import Config
+from triage_node.logs import get_logger, log_event
+from triage_node.store import Store
+
+LOG = get_logger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class StudyCompleteness:
+    """Turns studies that have settled (architecture.md, "Study completeness") into jobs."""
+
+    def __init__(self, store: Store, config: Config, clock: Callable[[], datetime] = utcnow):
+        self.store = store
+        self.settle = timedelta(seconds=config.study.settle_seconds)
+        self.stale = timedelta(seconds=config.study.stale_association_seconds)
+        self.clock = clock
+
+    def promote_ready_studies(self) -> int:
+        """Queue a job for every settled study; return how many were queued."""
+        queued = 0
+        now = self.clock()
+        for study in self.store.ready_studies(now, self.settle, self.stale):
+            job_id = self.store.enqueue(study, now)
+            if job_id is None:
+                continue  # an instance arrived meanwhile; it will settle again
+            queued += 1
+            log_event(
+                LOG, logging.INFO, "study_queued", "study complete; analysis queued",
+                study_uid=study.study_uid, revision=study.revision, job=job_id,
+            )
+        return queued
+
+
+class ServiceScheduler:
+    """The background scheduler of ``triage-node serve``."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        self.completeness = StudyCompleteness(store, config)
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1}
+        )
+        self._scheduler.add_job(
+            self._guarded(self.completeness.promote_ready_studies, "promote_failed"),
+            "interval",
+            seconds=config.service.poll_seconds,
+            id="promote-ready-studies",
+        )
+        self._scheduler.add_job(
+            self._guarded(self.heartbeat, "heartbeat_failed"),
+            "interval",
+            seconds=config.service.heartbeat_seconds,
+            id="heartbeat",
+        )
+
+    def heartbeat(self, *, starting: bool = False) -> None:
+        self.store.service_heartbeat(
+            __version__, self.config.dicom.ae_title, self.config.dicom.port, utcnow(),
+            starting=starting,
+        )
+
+    @staticmethod
+    def _guarded(job: Callable[[], object], action: str) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                job()
+            except SQLAlchemyError as exc:  # database away: try again next tick
+                log_event(LOG, logging.WARNING, action, "database unavailable", error=str(exc)[:200])
+
+        return run
+
+    def start(self) -> None:
+        self.heartbeat(starting=True)
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)

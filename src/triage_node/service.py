@@ -1,0 +1,241 @@
+"""``triage-node serve``: one supervisor, N receiver processes, and the scheduler.
+
+The supervisor binds the DICOM port once and hands the listening socket to N receiver processes
+(spawned, one per core by default) so associations use every core despite the GIL. It restarts a
+receiver that dies, runs the scheduler, and on SIGTERM stops taking associations, lets the ones
+in progress finish (``service.shutdown_grace_seconds``) and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import IO, Any
+
+from triage_node import __version__
+from triage_node.config import Config, DicomConfig
+from triage_node.db import make_engine, redact_url, require_current_schema, upgrade
+from triage_node.errors import AlreadyRunning, TriageError
+from triage_node.logs import configure_logging, get_logger, log_event
+from triage_node.receive import ReceiverServer, StorageHandlers, build_ae, configure_pynetdicom
+from triage_node.scheduler import ServiceScheduler
+from triage_node.spool import Spool, pid_alive
+from triage_node.store import Store
+
+LOG = get_logger(__name__)
+_PR_SET_PDEATHSIG = 1
+_RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def receiver_count(config: DicomConfig) -> int:
+    return config.receivers or max(1, min(os.cpu_count() or 1, 8))
+
+
+def open_listener(config: DicomConfig) -> socket.socket:
+    """Bind and listen on the DICOM port; a clear TriageError when that is not possible."""
+    family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.bind, config.port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TriageError(f"port {config.port} on {config.bind} is already in use") from None
+        if exc.errno == errno.EACCES:
+            raise TriageError(
+                f"no permission to listen on port {config.port} (ports below 1024 need "
+                "CAP_NET_BIND_SERVICE)"
+            ) from None
+        raise TriageError(f"cannot listen on {config.bind}:{config.port}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(data_dir / "serve.lock", "w")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(
+            f"another 'triage-node serve' already uses the data directory {data_dir}"
+        ) from None
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare_database(config: Config) -> Store:
+    """Open the database and bring its schema up to date (or insist that it is)."""
+    engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    if config.database.auto_upgrade:
+        revision = upgrade(engine)
+        log_event(
+            LOG, logging.INFO, "schema_ready", "database schema is current",
+            revision=revision, database=redact_url(config.database_url),
+        )
+    else:
+        require_current_schema(engine)
+    return Store(engine)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this receiver if the supervisor dies, so no orphan keeps the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> None:
+    """Entry point of a receiver process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _die_with_parent()
+    configure_logging(config.log.level, config.log.format)
+
+    spool = Spool(config.storage.spool_path)
+    configure_pynetdicom(spool.incoming_dir())
+    engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    handlers = StorageHandlers(spool, Store(engine), config.storage.min_free_mb * 2**20)
+    server = ReceiverServer(build_ae(config.dicom), listen_socket, config.dicom, handlers)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="accept", daemon=True
+    )
+    thread.start()
+    log_event(LOG, logging.INFO, "receiver_started", "receiver ready", receiver=index)
+
+    stop.wait()
+    server.shutdown()
+    deadline = time.monotonic() + config.service.shutdown_grace_seconds
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remaining = server.active_associations
+    for assoc in remaining:
+        assoc.abort()
+    log_event(
+        LOG, logging.INFO, "receiver_stopped", "receiver stopped",
+        receiver=index, aborted_associations=len(remaining),
+    )
+    engine.dispose()
+
+
+class Receivers:
+    """The receiver processes, restarted with backoff when one dies."""
+
+    def __init__(self, config: Config, listen_socket: socket.socket, count: int) -> None:
+        self.config = config
+        self.listen_socket = listen_socket
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: list[BaseProcess | None] = [None] * count
+        self.restarts = [0] * count
+        self.next_start = [0.0] * count
+
+    def _start(self, index: int) -> None:
+        process = self.context.Process(
+            target=run_receiver,
+            args=(self.config, self.listen_socket, index),
+            name=f"triage-node-receiver-{index}",
+        )
+        process.start()
+        self.processes[index] = process
+
+    def start_all(self) -> None:
+        for index in range(len(self.processes)):
+            self._start(index)
+
+    def check(self) -> None:
+        """Restart receivers that died (with backoff)."""
+        now = time.monotonic()
+        for index, process in enumerate(self.processes):
+            if process is not None and process.is_alive():
+                continue
+            if process is not None:
+                log_event(
+                    LOG, logging.ERROR, "receiver_died", "receiver process died; restarting",
+                    receiver=index, exitcode=process.exitcode,
+                )
+                delay = _RESTART_BACKOFF_SECONDS[
+                    min(self.restarts[index], len(_RESTART_BACKOFF_SECONDS) - 1)
+                ]
+                self.restarts[index] += 1
+                self.next_start[index] = now + delay
+                self.processes[index] = None
+            if now >= self.next_start[index]:
+                self._start(index)
+
+    def stop_all(self, grace: float) -> None:
+        live = [p for p in self.processes if p is not None and p.is_alive()]
+        for process in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid or 0, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5
+        for process in live:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def serve(config: Config) -> int:
+    """Run the node until SIGTERM or SIGINT; return the exit status."""
+    configure_logging(config.log.level, config.log.format)
+    lock = _lock_data_dir(config.storage.data_dir)
+    store = prepare_database(config)
+    spool = Spool(config.storage.spool_path)
+    spool.prepare()
+    purged = spool.purge_stale_incoming()
+    lost = store.close_lost_associations(pid_alive, utcnow())
+    listen_socket = open_listener(config.dicom)
+    count = receiver_count(config.dicom)
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log_event(LOG, logging.INFO, "stopping", "stop requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    receivers = Receivers(config, listen_socket, count)
+    scheduler = ServiceScheduler(store, config)
+    try:
+        receivers.start_all()
+        scheduler.start()
+        log_event(
+            LOG, logging.INFO, "service_started", "triage-node is listening",
+            ae_title=config.dicom.ae_title, bind=config.dicom.bind, port=config.dicom.port,
+            receivers=count, version=__version__, database=redact_url(config.database_url),
+            spool=str(spool.root), purged_partial_files=purged, lost_associations=lost,
+        )
+        while not stop.wait(0.5):
+            receivers.check()
+    finally:
+        receivers.stop_all(config.service.shutdown_grace_seconds)
+        listen_socket.close()
+        scheduler.stop()
+        with contextlib.suppress(Exception):
+            store.service_stopped(utcnow())
+        store.engine.dispose()
+        log_event(LOG, logging.INFO, "service_stopped", "triage-node stopped")
+        lock.close()
+    return 0

@@ -1,0 +1,145 @@
+"""The spool: received datasets as files, made durable before anything is acknowledged.
+
+Layout: ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``; every UID is validated before it
+becomes part of a path, so a crafted UID cannot leave the spool. Incoming data is streamed by the
+receiver into ``<root>/incoming/<host>-<pid>/`` (same file system, so the final step is a rename),
+then fsynced, renamed into place and the directory fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from triage_node.domain import InstanceHeader, SpooledFile, validate_uid
+from triage_node.errors import OutOfResources
+
+INCOMING = "incoming"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Spool:
+    """A spool directory. Safe to share between processes and hosts (each has its own incoming)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def prepare(self) -> None:
+        """Create the spool with owner-only permissions."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.root / INCOMING).mkdir(exist_ok=True, mode=0o700)
+
+    def incoming_dir(self, pid: int | None = None) -> Path:
+        """This process's directory for partial files (created on demand)."""
+        path = self.root / INCOMING / f"{socket.gethostname()}-{pid or os.getpid()}"
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    def purge_stale_incoming(self) -> int:
+        """Remove partial files left by dead processes of this host; return how many."""
+        removed = 0
+        host = socket.gethostname()
+        base = self.root / INCOMING
+        if not base.is_dir():
+            return 0
+        for entry in base.iterdir():
+            name, _, pid = entry.name.rpartition("-")
+            if name != host or not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            removed += sum(1 for p in entry.iterdir() if p.is_file())
+            shutil.rmtree(entry, ignore_errors=True)
+        return removed
+
+    @staticmethod
+    def relpath_for(header: InstanceHeader) -> str:
+        """The spool-relative path of an instance; raises InvalidUID for an unsafe UID."""
+        parts = (
+            validate_uid(header.study_uid, "Study Instance UID"),
+            validate_uid(header.series_uid, "Series Instance UID"),
+            validate_uid(header.sop_instance_uid, "SOP Instance UID") + ".dcm",
+        )
+        return "/".join(parts)
+
+    def path_of(self, relpath: str) -> Path:
+        """Absolute path of a spool-relative path, refusing anything that leaves the spool."""
+        path = (self.root / relpath).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"path {relpath!r} is outside the spool")
+        return path
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def ensure_free(self, min_free_bytes: int) -> None:
+        """Raise OutOfResources when the spool's file system is below the configured minimum."""
+        free = self.free_bytes()
+        if free < min_free_bytes:
+            raise OutOfResources(
+                f"free disk {free // 2**20} MiB is below the minimum {min_free_bytes // 2**20} MiB"
+            )
+
+    def _makedirs_durable(self, directory: Path) -> None:
+        """Create *directory* and its missing parents, fsyncing each parent that gained an entry."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+                path.mkdir(mode=0o700)
+            _fsync_dir(path.parent)
+
+    def commit(self, partial: Path, header: InstanceHeader) -> SpooledFile:
+        """Make *partial* durable and move it to the instance's place in the spool.
+
+        A file already there (a resend of the same SOP Instance UID) is replaced atomically.
+        Raises OutOfResources when the disk is full; *partial* is removed on any failure.
+        """
+        relpath = self.relpath_for(header)
+        final = self.path_of(relpath)
+        try:
+            fd = os.open(partial, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            self._makedirs_durable(final.parent)
+            replaced = final.exists()
+            os.chmod(partial, 0o600)
+            os.replace(partial, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfResources("the spool's disk is full") from exc
+            raise OutOfResources(f"cannot write to the spool: {exc.strerror}") from exc
+        return SpooledFile(relpath=relpath, size=size, replaced=replaced)
+
+    def remove(self, relpath: str) -> None:
+        """Remove a spooled file (used when its database row could not be written)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path_of(relpath).unlink()
