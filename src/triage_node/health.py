@@ -7,6 +7,7 @@ is false, and the command exits 1, when any check in ``problems`` failed.
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,10 @@ def _age(value: datetime | None, now: datetime) -> float | None:
 
 def echo_listener(host: str, port: int, called_ae: str, timeout: float) -> dict[str, Any]:
     """C-ECHO the node's own listener. A rejected association still proves it is listening."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return {"reachable": False, "echo_ms": None, "detail": f"cannot connect: {exc.strerror or exc}"}
     ae = AE(ae_title=STATUS_AE_TITLE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout

@@ -84,3 +84,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger(ROOT).setLevel(level.upper())
     for noisy in ("pynetdicom", "apscheduler", "alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom's warnings quote element values, which may be patient names or IDs.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -320,6 +321,16 @@ class _RequestHandler(RequestHandler):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         address = str(self.client_address[0])
+        if not self._peer_sent_data(sock):
+            # A bare TCP check (load balancer, port scan): pynetdicom would keep a thread and an
+            # association slot waiting for the A-ASSOCIATE-RQ until the ACSE timeout.
+            log_event(
+                LOG, logging.DEBUG, "connection_closed", "connection closed before a request",
+                peer=address,
+            )
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
         if not self.server.address_allowed(address):
             log_event(
                 LOG, logging.WARNING, "association_rejected",
@@ -328,6 +339,18 @@ class _RequestHandler(RequestHandler):
             _reject_connection(sock)
             return
         super().handle()
+
+
+    def _peer_sent_data(self, sock: socket.socket) -> bool:
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self.server.ae.acse_timeout)
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
 
 
 class ReceiverServer(ThreadedAssociationServer):  # type: ignore[misc]
@@ -393,6 +416,9 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     Datasets are streamed to files in *incoming_dir* (same file system as the spool, so
     storing is a rename); identifiers of requests are never logged.
     """
+    # Header values are checked by the node itself; pydicom's reading validation would only
+    # add log lines that can quote element values (patient data).
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"

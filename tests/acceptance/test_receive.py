@@ -1,0 +1,256 @@
+"""DCMTK against the installed ``triage-node serve``: C-ECHO, C-STORE, refusals, durability."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config
+from sqlalchemy import create_engine, text
+
+from triage_node.domain import is_valid_uid
+
+from tests.support.node import Node
+from tests.support.peers import (
+    STORESCU_PROPOSE,
+    StoreSCP,
+    dataset_bytes,
+    dcmtk_env,
+    require_shared_dicom,
+    require_tool,
+    storescu,
+    transfer_syntax_of,
+    wait_for,
+)
+from tests.support.synth import write_study_set
+
+
+def sendable_shared_files() -> list[Path]:
+    """Shared files with a valid File Meta header (Transfer Syntax UID present)."""
+    directory = require_shared_dicom()
+    files = []
+    for path in sorted(directory.glob("*.dcm")):
+        try:
+            meta = dcmread(path, stop_before_pixels=True).file_meta
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if "TransferSyntaxUID" in meta and "MediaStorageSOPInstanceUID" in meta:
+            files.append(path)
+    return files
+
+
+def uids_valid(path: Path) -> bool:
+    ds = dcmread(path, stop_before_pixels=True)
+    keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    return all(is_valid_uid(str(ds.get(k, ""))) for k in keys)
+
+
+def propose_flag(path: Path) -> str:
+    return STORESCU_PROPOSE[transfer_syntax_of(path)]
+
+
+def send_raw(port: int, path: Path) -> int:
+    """C-STORE a file's dataset bytes as they are, with pynetdicom's chunked sender."""
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE_NODE")
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    return int(status.Status)
+
+
+def query(node: Node, sql: str, **params: object) -> list[tuple]:
+    engine = create_engine(node.database_url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def echoscu(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("echoscu", "dcmtk"), "-v", *args, "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=30, env=dcmtk_env(), check=False,
+    )
+
+
+def test_echoscu(node: Node) -> None:
+    result = echoscu(node.port, "-aec", "TRIAGE_NODE")
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_shared_file_is_stored_byte_identical(node: Node, tmp_path: Path) -> None:
+    """Each file goes in its own transfer syntax to the node and to DCMTK's storescp in
+    bit-preserving mode; the node must keep exactly the bytes storescp received.
+
+    (DCMTK re-encodes some files on sending, e.g. undefined-length sequences, so the
+    reference for "what was sent" is a bit-preserving receiver, not the source file.)
+    """
+    files = sendable_shared_files()
+    assert len(files) >= 20
+    reference = StoreSCP(tmp_path / "storescp", "+B", "+xa")
+    unreadable_by_dcmtk = []
+    try:
+        for path in files:
+            sent = storescu(reference.port, [path], propose_flag(path), called="ANY")
+            if "Bad DICOM file" in sent.stderr + sent.stdout:
+                unreadable_by_dcmtk.append(path)  # DCMTK will not even send it
+                continue
+            assert sent.returncode == 0, f"storescp refused {path.name}: {sent.stderr}"
+    finally:
+        reference.stop()
+    received = {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+        for p in (tmp_path / "storescp").iterdir()
+    }
+    assert len(unreadable_by_dcmtk) <= 2, unreadable_by_dcmtk
+    refused_invalid_uids: list[str] = []
+    for path in files:
+        sop_uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        if not uids_valid(path):
+            # e.g. edge_invalid_sequence_UN: its "UIDs" are SHA-256 hex strings. The node never
+            # puts such a value in a path: a clear Cannot Understand instead of a success.
+            result = storescu(node.port, [path], propose_flag(path))
+            output = result.stdout + result.stderr
+            assert "Received Store Response (Error: CannotUnderstand)" in output, output
+            assert query(node, "select 1 from instances where sop_instance_uid = :u", u=sop_uid) == []
+            refused_invalid_uids.append(path.name)
+            continue
+        if path in unreadable_by_dcmtk:
+            # pynetdicom's chunked sender streams the file's dataset bytes unchanged.
+            status = send_raw(node.port, path)
+            assert status == 0x0000, f"{path.name}: 0x{status:04X}"
+            expected = dataset_bytes(path)
+        else:
+            result = storescu(node.port, [path], propose_flag(path))
+            output = result.stdout + result.stderr
+            assert result.returncode == 0, f"{path.name}: {output}"
+            assert "Received Store Response (Success)" in output, f"{path.name}: {output}"
+            expected = dataset_bytes(received[sop_uid])
+        [(relpath, stored_syntax)] = query(
+            node, "select path, transfer_syntax_uid from instances where sop_instance_uid = :u",
+            u=sop_uid,
+        )
+        assert stored_syntax == transfer_syntax_of(path), path.name
+        assert dataset_bytes(node.spool / relpath) == expected, path.name
+    assert len(refused_invalid_uids) <= 1, refused_invalid_uids
+    wait_for(
+        lambda: not query(node, "select 1 from studies where state = 'RECEIVED'"),
+        timeout=20, what="every study to be queued",
+    )
+
+
+def test_resend_is_idempotent_and_study_is_queued_once(node: Node, tmp_path: Path) -> None:
+    files = write_study_set(tmp_path / "set", 4, 64, 64, per_study=4)
+    assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: query(node, "select count(*) from jobs")[0][0] == 1, 20, what="a job")
+    assert storescu(node.port, files[:1]).returncode == 0  # a late resend of one image
+    wait_for(
+        lambda: sorted(query(node, "select state, count(*) from jobs group by state"))
+        == [("QUEUED", 1), ("SUPERSEDED", 1)],
+        20, what="the re-opened study to be queued again",
+    )
+    assert query(node, "select count(*), max(revision) from studies") == [(1, 2)]
+    assert query(node, "select count(*) from instances") == [(4,)]
+
+
+def test_not_allowed_calling_ae_is_rejected(tmp_path: Path) -> None:
+    node = Node(tmp_path, dicom={"allowed_calling_aes": ["PACS1"]}).start(expect_echo=False)
+    try:
+        refused = echoscu(node.port, "-aet", "INTRUDER", "-aec", "TRIAGE_NODE")
+        assert refused.returncode != 0
+        assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        allowed = echoscu(node.port, "-aet", "PACS1", "-aec", "TRIAGE_NODE")
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        wrong_called = echoscu(node.port, "-aet", "PACS1", "-aec", "SOMEONE_ELSE")
+        assert "Called AE Title Not Recognized" in wrong_called.stdout + wrong_called.stderr
+    finally:
+        assert node.stop() == 0
+    rejected = [r for r in node.log_records() if r.get("action") == "association_rejected"]
+    assert {r["calling_ae"] for r in rejected} == {"INTRUDER", "PACS1"}
+
+
+def test_source_address_allow_list(tmp_path: Path) -> None:
+    node = Node(tmp_path, dicom={"allowed_networks": ["10.99.0.0/16"]}).start(expect_echo=False)
+    try:
+        refused = echoscu(node.port, "-aec", "TRIAGE_NODE")
+        assert refused.returncode != 0
+        assert "Association Rejected" in refused.stdout + refused.stderr
+    finally:
+        assert node.stop() == 0
+    rejected = [r for r in node.log_records() if r.get("action") == "association_rejected"]
+    assert rejected and rejected[0]["peer"] == "127.0.0.1"
+    assert "source address not allowed" in rejected[0]["message"]
+
+
+def test_disk_guard_answers_a700_and_leaves_nothing(tmp_path: Path) -> None:
+    node = Node(tmp_path, storage={"min_free_mb": 2**30}).start()  # 1 PiB: never available
+    try:
+        files = write_study_set(tmp_path / "set", 2, 64, 64)
+        result = storescu(node.port, files)
+        output = result.stdout + result.stderr
+        assert "Received Store Response (Refused: OutOfResources)" in output, output
+        assert "Success" not in output
+        assert query(node, "select count(*) from instances") == [(0,)]
+        leftovers = [p for p in node.spool.rglob("*") if p.is_file()]
+        assert leftovers == []
+    finally:
+        assert node.stop() == 0
+
+
+def test_unreadable_dataset_gets_c000_and_service_keeps_running(node: Node, tmp_path: Path) -> None:
+    [good] = write_study_set(tmp_path / "set", 1, 32, 32)
+    data = bytearray(good.read_bytes())
+    broken = tmp_path / "broken.dcm"
+    # Keep the File Meta, then replace the dataset with an element whose length runs past the end.
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    broken.write_bytes(bytes(data[:meta_end]) + b"\x08\x00\x16\x00UI\xff\x7f1.2.3")
+    ae = AE(ae_title="FUZZ")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE_NODE")
+        assert assoc.is_established
+        status = assoc.send_c_store(broken)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert 0xC000 <= status.Status <= 0xCFFF, hex(status.Status)
+    assert status.ErrorComment
+    assert storescu(node.port, [good]).returncode == 0  # still serving
+    refused = [r for r in node.log_records() if r.get("action") == "instance_refused"]
+    assert refused and refused[0]["status"].startswith("0xC")
+
+
+@pytest.mark.parametrize("receivers", [1])
+def test_sigterm_finishes_and_exits_cleanly(tmp_path: Path, receivers: int) -> None:
+    node = Node(tmp_path, dicom={"receivers": receivers}).start()
+    files = write_study_set(tmp_path / "set", 8, 256, 256)
+    assert storescu(node.port, files).returncode == 0
+    assert node.stop() == 0
+    actions = [r.get("action") for r in node.log_records()]
+    assert "service_stopped" in actions and "receiver_stopped" in actions
+    assert query(node, "select count(*) from instances") == [(8,)]
+
+
+def test_bare_tcp_connections_do_not_hold_association_slots(tmp_path: Path) -> None:
+    """Load-balancer checks and port scans open and close TCP without a request."""
+    node = Node(tmp_path, dicom={"max_associations": 2, "receivers": 1}).start()
+    try:
+        for _ in range(10):
+            socket.create_connection(("127.0.0.1", node.port), timeout=2).close()
+        result = echoscu(node.port, "-aec", "TRIAGE_NODE")
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        assert node.stop() == 0

@@ -1,0 +1,126 @@
+"""The database layer on SQLite and on PostgreSQL (the same tests, both backends)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from triage_node.db import instances, jobs, make_engine, studies, upgrade
+from triage_node.domain import AssociationEnd, InstanceHeader, JobState, SpooledFile, StudyState
+from triage_node.store import Store
+
+T0 = datetime(2026, 11, 23, 8, 0, 0, 123456, tzinfo=UTC)
+SETTLE = timedelta(seconds=2)
+STALE = timedelta(seconds=300)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def header(study: str = "1.2.3", sop: str = "1.2.3.1.1") -> InstanceHeader:
+    return InstanceHeader(
+        study_uid=study, series_uid=study + ".1", sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="CR", body_part="HAND", series_description="PA", accession_number="ACC1",
+        study_date="20260101",
+    )
+
+
+def spooled(h: InstanceHeader, size: int = 100, replaced: bool = False) -> SpooledFile:
+    return SpooledFile(f"{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm", size, replaced)
+
+
+def count(store: Store, table, *where) -> int:  # type: ignore[no-untyped-def]
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
+
+
+def test_record_and_resend_is_one_row(store: Store) -> None:
+    h = header()
+    first = store.record_instance(h, spooled(h, 100), None, T0)
+    again = store.record_instance(h, spooled(h, 250, replaced=True), None, T0 + SETTLE)
+    assert first.instance_id == again.instance_id and again.replaced
+    assert count(store, instances) == 1 and count(store, studies) == 1
+    with store.engine.connect() as conn:
+        size = conn.execute(select(instances.c.size_bytes)).scalar_one()
+        received = conn.execute(select(instances.c.received_at)).scalar_one()
+    assert size == 250  # the latest bytes
+    assert received == T0 + SETTLE  # aware UTC round trip, microseconds kept
+
+
+def test_study_settles_then_queues_once(store: Store) -> None:
+    store.record_instance(header(sop="1.1"), spooled(header(sop="1.1")), None, T0)
+    store.record_instance(header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=1))
+    assert store.ready_studies(T0 + timedelta(seconds=2), SETTLE, STALE) == []
+    ready = store.ready_studies(T0 + timedelta(seconds=3), SETTLE, STALE)
+    assert [r.study_uid for r in ready] == ["1.2.3"]
+    assert store.enqueue(ready[0], T0 + timedelta(seconds=3)) is not None
+    assert store.enqueue(ready[0], T0 + timedelta(seconds=3)) is None  # not twice
+    assert store.ready_studies(T0 + timedelta(seconds=9), SETTLE, STALE) == []
+    assert count(store, jobs, jobs.c.state == JobState.QUEUED.value) == 1
+
+
+def test_instance_arriving_meanwhile_wins_over_enqueue(store: Store) -> None:
+    store.record_instance(header(sop="1.1"), spooled(header(sop="1.1")), None, T0)
+    ready = store.ready_studies(T0 + timedelta(seconds=5), SETTLE, STALE)
+    store.record_instance(header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=5))
+    assert store.enqueue(ready[0], T0 + timedelta(seconds=5)) is None
+    assert count(store, jobs) == 0
+
+
+def test_late_instance_reopens_study_and_supersedes_waiting_job(store: Store) -> None:
+    store.record_instance(header(sop="1.1"), spooled(header(sop="1.1")), None, T0)
+    [ready] = store.ready_studies(T0 + timedelta(seconds=5), SETTLE, STALE)
+    first_job = store.enqueue(ready, T0 + timedelta(seconds=5))
+    late = store.record_instance(header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=6))
+    assert late.reopened
+    [again] = store.ready_studies(T0 + timedelta(seconds=10), SETTLE, STALE)
+    assert again.study_id == ready.study_id and again.revision == 2
+    second_job = store.enqueue(again, T0 + timedelta(seconds=10))
+    assert second_job is not None and second_job != first_job
+    assert count(store, studies) == 1
+    with store.engine.connect() as conn:
+        states = dict(conn.execute(select(jobs.c.id, jobs.c.state)).all())
+        study_state = conn.execute(select(studies.c.state)).scalar_one()
+    assert states == {first_job: JobState.SUPERSEDED.value, second_job: JobState.QUEUED.value}
+    assert study_state == StudyState.QUEUED.value
+
+
+def test_open_association_holds_study_until_released_or_stale(store: Store) -> None:
+    assoc = store.open_association("PACS", "TRIAGE_NODE", "127.0.0.1", T0)
+    store.record_instance(header(), spooled(header()), assoc, T0)
+    assert store.ready_studies(T0 + timedelta(seconds=10), SETTLE, STALE) == []
+    assert len(store.ready_studies(T0 + STALE, SETTLE, STALE)) == 1  # silent too long
+    store.close_association(assoc, AssociationEnd.RELEASED, T0 + timedelta(seconds=10))
+    assert len(store.ready_studies(T0 + timedelta(seconds=10), SETTLE, STALE)) == 1
+
+
+def test_lost_associations_of_dead_processes_are_closed(store: Store) -> None:
+    assoc = store.open_association("PACS", "TRIAGE_NODE", "127.0.0.1", T0)
+    assert store.close_lost_associations(lambda pid: True, T0) == 0
+    assert store.close_lost_associations(lambda pid: False, T0) == 1
+    assert store.totals().open_associations == 0
+    store.close_association(assoc, AssociationEnd.RELEASED, T0)  # no error, no change
+
+
+def test_totals_and_heartbeat(store: Store) -> None:
+    store.record_instance(header(), spooled(header(), 1000), None, T0)
+    store.service_heartbeat("0.1.0", "TRIAGE_NODE", 11112, T0, starting=True)
+    store.service_heartbeat("0.1.0", "TRIAGE_NODE", 11112, T0 + SETTLE)
+    totals = store.totals()
+    assert totals.studies_by_state == {"RECEIVED": 1}
+    assert totals.instances == 1 and totals.spool_bytes == 1000
+    assert totals.last_received_at == T0
+    service = store.latest_service()
+    assert service is not None
+    assert service.started_at == T0 and service.heartbeat_at == T0 + SETTLE
+    store.service_stopped(T0 + SETTLE)
+    assert store.latest_service().stopped_at is not None  # type: ignore[union-attr]

@@ -1,0 +1,143 @@
+"""Run the installed ``triage-node serve`` as a real subprocess for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.support.peers import free_port, triage_node_command
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def echo_ok(port: int, called: str = "TRIAGE_NODE") -> bool:
+    try:  # pynetdicom leaks its socket when the connection is refused
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return getattr(status, "Status", None) == 0
+
+
+class Node:
+    """One triage-node service with its own data directory, database and port."""
+
+    def __init__(
+        self, workdir: Path, database_url: str = "", **sections: dict[str, Any]
+    ) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.data_dir = workdir / "data"
+        base: dict[str, dict[str, Any]] = {
+            "dicom": {"port": self.port, "bind": "127.0.0.1", "receivers": 2},
+            "storage": {"data_dir": str(self.data_dir), "min_free_mb": 16},
+            "study": {"settle_seconds": 0.5},
+            "service": {"poll_seconds": 0.1, "heartbeat_seconds": 1, "shutdown_grace_seconds": 10},
+            "log": {"format": "json", "level": "DEBUG"},
+        }
+        if database_url:
+            base["database"] = {"url": database_url}
+        for name, values in sections.items():
+            base.setdefault(name, {}).update(values)
+        self.sections = base
+        self.config_path = write_config(workdir / "triage-node.toml", base)
+        self.log_path = workdir / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_NODE_")}
+
+    @property
+    def spool(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def database_url(self) -> str:
+        return str(self.sections.get("database", {}).get("url")
+                   or f"sqlite:///{self.data_dir / 'triage-node.sqlite3'}")
+
+    def command(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [triage_node_command(), "--config", str(self.config_path), *args],
+            capture_output=True, text=True, timeout=timeout, env=self.env, check=False,
+        )
+
+    def start(self, timeout: float = 30, expect_echo: bool = True) -> Node:
+        """Start and wait until it answers C-ECHO (or, when loopback is not allowed, until
+        every receiver logged that it is ready)."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.process = subprocess.Popen(
+            [triage_node_command(), "--config", str(self.config_path), "serve"],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"triage-node exited early:\n{self.log()}")
+            if expect_echo and echo_ok(
+                self.port, self.sections["dicom"].get("ae_title", "TRIAGE_NODE")
+            ):
+                return self
+            ready = [r for r in self.log_records() if r.get("action") == "receiver_started"]
+            if not expect_echo and len(ready) >= self.sections["dicom"]["receivers"]:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"triage-node did not answer C-ECHO in {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as systemd would; returns the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the whole service (supervisor and receivers), like a power cut of the box."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))
+        return records

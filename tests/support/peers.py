@@ -1,0 +1,137 @@
+"""Real peers on loopback: DCMTK tools, free ports, and the installed triage-node command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+DICOM_DIR = SHARED / "data" / "dicom"
+
+# storescu option that proposes exactly one file's transfer syntax, so DCMTK sends the
+# dataset as it is stored instead of converting it.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def missing(what: str, hint: str) -> None:
+    """Skip (or, in CI, fail) a test whose real peer is not installed."""
+    message = f"{what} is not available ({hint})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI must provide it")
+    pytest.skip(message)
+
+
+def require_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing(name, f"apt-get install {package}")
+    return str(path)
+
+
+def require_shared_dicom() -> Path:
+    if not DICOM_DIR.is_dir():
+        pytest.skip(f"shared DICOM samples not found at {DICOM_DIR}")
+    return DICOM_DIR
+
+
+def triage_node_command() -> str:
+    """The installed console script next to this interpreter."""
+    command = Path(sys.executable).parent / "triage-node"
+    if not command.exists():
+        missing("the installed triage-node command", "run the tests through 'make test'")
+    return str(command)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    """DCMTK leaves Nagle on unless told (perf-notes.md)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu(
+    port: int, files: list[Path], *extra: str, called: str = "TRIAGE_NODE", timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        require_tool("storescu", "dcmtk"), "-v", "-aec", called, *extra,
+        "127.0.0.1", str(port), *map(str, files),
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), check=False
+    )
+
+
+def transfer_syntax_of(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a DICOM file: everything after the File Meta Information."""
+    data = path.read_bytes()
+    if data[128:132] != b"DICM":
+        raise ValueError(f"{path} has no DICOM preamble")
+    # (0002,0000) File Meta Information Group Length: explicit VR LE, UL, value at offset 140.
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length :]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class StoreSCP:
+    """DCMTK ``storescp`` in bit-preserving mode: the reference for what storescu sent."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [require_tool("storescp", "dcmtk"), *extra, "-od", str(directory), str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env(),
+        )
+        wait_for(self._listening, 10, what="storescp to listen")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)

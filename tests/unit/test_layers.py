@@ -1,0 +1,37 @@
+"""Imports flow one way along the data path (architecture.md)."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "triage_node"
+
+# Lower number = lower layer. A module may import only modules of a lower layer.
+LAYERS = {
+    "cli": 7,
+    "service": 6,
+    "health": 6,
+    "scheduler": 5,
+    "receive": 4,
+    "store": 3,
+    "spool": 3,
+    "db": 2,
+    "config": 1,
+    "errors": 0,
+    "domain": 1,
+    "logs": 0,
+}
+
+
+def test_every_module_has_a_layer() -> None:
+    modules = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__"}
+    assert modules <= set(LAYERS), modules - set(LAYERS)
+
+
+def test_imports_point_down() -> None:
+    for path in SRC.glob("*.py"):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("triage_node."):
+                target = node.module.split(".")[1]
+                assert LAYERS[target] < LAYERS[path.stem], f"{path.stem} imports {target}"
