@@ -30,13 +30,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True if a process with this PID runs on this host (a zombie counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill()
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class Spool:

@@ -60,6 +60,7 @@ class Node:
         self, workdir: Path, database_url: str = "", **sections: dict[str, Any]
     ) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.data_dir = workdir / "data"
         base: dict[str, dict[str, Any]] = {
