@@ -208,7 +208,7 @@ def _coerce(raw: Any, annotation: Any, *, from_env: bool) -> Any:
     """Turn a TOML or environment value into the type the setting declares."""
     origin = typing.get_origin(annotation)
     if origin is types.UnionType:  # ``X | None``
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+        inner = next(a for a in typing.get_args(annotation) if a is not type(None))
         if raw is None or (from_env and raw == ""):
             return None
         return _coerce(raw, inner, from_env=from_env)

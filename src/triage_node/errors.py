@@ -34,7 +34,7 @@ class DatabaseError(TriageError):
 
 
 class SchemaOutOfDate(DatabaseError):
-    """The database schema is older than this version of triage-node; run 'triage-node db upgrade'."""
+    """The database schema is older than this triage-node; run 'triage-node db upgrade'."""
 
 
 class AlreadyRunning(TriageError):

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import SQLAlchemyError
 
 from triage_node import __version__
@@ -38,7 +38,11 @@ def echo_listener(host: str, port: int, called_ae: str, timeout: float) -> dict[
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
-        return {"reachable": False, "echo_ms": None, "detail": f"cannot connect: {exc.strerror or exc}"}
+        return {
+            "reachable": False,
+            "echo_ms": None,
+            "detail": f"cannot connect: {exc.strerror or exc}",
+        }
     ae = AE(ae_title=STATUS_AE_TITLE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout

@@ -21,9 +21,7 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def log_event(
-    logger: logging.Logger, level: int, action: str, message: str, **fields: Any
-) -> None:
+def log_event(logger: logging.Logger, level: int, action: str, message: str, **fields: Any) -> None:
     """Log *message* with a stable ``action`` key and extra fields."""
     logger.log(level, message, extra={"action": action, **fields})
 

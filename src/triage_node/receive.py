@@ -46,7 +46,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -164,7 +164,7 @@ class StorageHandlers:
         self._association_ids: dict[Any, int] = {}
         self._lock = threading.Lock()
 
-    def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def bindings(self) -> list[Any]:
         return [
             (evt.EVT_C_STORE, self.on_c_store),
             (evt.EVT_ESTABLISHED, self.on_established),
@@ -209,8 +209,12 @@ class StorageHandlers:
         except SQLAlchemyError as exc:
             log_event(LOG, logging.ERROR, "association_record_failed", type(exc).__name__)
         log_event(
-            LOG, logging.INFO, "association_ended", "association ended",
-            association=association_id, end=how.value,
+            LOG,
+            logging.INFO,
+            "association_ended",
+            "association ended",
+            association=association_id,
+            end=how.value,
         )
 
     def on_rejected(self, event: Any) -> None:
@@ -283,14 +287,22 @@ class StorageHandlers:
             if not spooled.replaced:
                 self.spool.remove(spooled.relpath)
             log_event(
-                LOG, logging.ERROR, "database_write_failed", "could not record an instance",
-                sop_instance_uid=header.sop_instance_uid, error=type(exc).__name__,
+                LOG,
+                logging.ERROR,
+                "database_write_failed",
+                "could not record an instance",
+                sop_instance_uid=header.sop_instance_uid,
+                error=type(exc).__name__,
             )
             return OUT_OF_RESOURCES, "database unavailable; try again later"
         if recorded.reopened:
             log_event(
-                LOG, logging.INFO, "study_reopened", "instance arrived for a queued study",
-                study_uid=header.study_uid, sop_instance_uid=header.sop_instance_uid,
+                LOG,
+                logging.INFO,
+                "study_reopened",
+                "instance arrived for a queued study",
+                study_uid=header.study_uid,
+                sop_instance_uid=header.sop_instance_uid,
             )
         return SUCCESS, ""
 
@@ -325,7 +337,10 @@ class _RequestHandler(RequestHandler):
             # A bare TCP check (load balancer, port scan): pynetdicom would keep a thread and an
             # association slot waiting for the A-ASSOCIATE-RQ until the ACSE timeout.
             log_event(
-                LOG, logging.DEBUG, "connection_closed", "connection closed before a request",
+                LOG,
+                logging.DEBUG,
+                "connection_closed",
+                "connection closed before a request",
                 peer=address,
             )
             with contextlib.suppress(OSError):
@@ -333,13 +348,15 @@ class _RequestHandler(RequestHandler):
             return
         if not self.server.address_allowed(address):
             log_event(
-                LOG, logging.WARNING, "association_rejected",
-                "association rejected: source address not allowed", peer=address,
+                LOG,
+                logging.WARNING,
+                "association_rejected",
+                "association rejected: source address not allowed",
+                peer=address,
             )
             _reject_connection(sock)
             return
         super().handle()
-
 
     def _peer_sent_data(self, sock: socket.socket) -> bool:
         previous = sock.gettimeout()
@@ -353,7 +370,7 @@ class _RequestHandler(RequestHandler):
                 sock.settimeout(previous)
 
 
-class ReceiverServer(ThreadedAssociationServer):  # type: ignore[misc]
+class ReceiverServer(ThreadedAssociationServer):
     """An association server on a listening socket made by the service (shared by receivers).
 
     The service binds the port once; every receiver process accepts from the same socket,
@@ -382,7 +399,8 @@ class ReceiverServer(ThreadedAssociationServer):  # type: ignore[misc]
         )
 
     def server_bind(self) -> None:
-        self.socket.close()  # the placeholder socket TCPServer made
+        if self.socket is not None:
+            self.socket.close()  # the placeholder socket TCPServer made
         self.socket = self._listen_socket
         self.server_address = self.socket.getsockname()
 
@@ -391,7 +409,8 @@ class ReceiverServer(ThreadedAssociationServer):  # type: ignore[misc]
 
     def server_close(self) -> None:
         # Close only this process's descriptor; shutdown() would stop every receiver.
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
 
     def shutdown(self) -> None:
         """Stop accepting; associations in progress carry on."""

@@ -40,8 +40,13 @@ class StudyCompleteness:
                 continue  # an instance arrived meanwhile; it will settle again
             queued += 1
             log_event(
-                LOG, logging.INFO, "study_queued", "study complete; analysis queued",
-                study_uid=study.study_uid, revision=study.revision, job=job_id,
+                LOG,
+                logging.INFO,
+                "study_queued",
+                "study complete; analysis queued",
+                study_uid=study.study_uid,
+                revision=study.revision,
+                job=job_id,
             )
         return queued
 
@@ -71,7 +76,10 @@ class ServiceScheduler:
 
     def heartbeat(self, *, starting: bool = False) -> None:
         self.store.service_heartbeat(
-            __version__, self.config.dicom.ae_title, self.config.dicom.port, utcnow(),
+            __version__,
+            self.config.dicom.ae_title,
+            self.config.dicom.port,
+            utcnow(),
             starting=starting,
         )
 
@@ -81,7 +89,9 @@ class ServiceScheduler:
             try:
                 job()
             except SQLAlchemyError as exc:  # database away: try again next tick
-                log_event(LOG, logging.WARNING, action, "database unavailable", error=str(exc)[:200])
+                log_event(
+                    LOG, logging.WARNING, action, "database unavailable", error=str(exc)[:200]
+                )
 
         return run
 

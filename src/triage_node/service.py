@@ -89,8 +89,12 @@ def prepare_database(config: Config) -> Store:
     if config.database.auto_upgrade:
         revision = upgrade(engine)
         log_event(
-            LOG, logging.INFO, "schema_ready", "database schema is current",
-            revision=revision, database=redact_url(config.database_url),
+            LOG,
+            logging.INFO,
+            "schema_ready",
+            "database schema is current",
+            revision=revision,
+            database=redact_url(config.database_url),
         )
     else:
         require_current_schema(engine)
@@ -132,8 +136,12 @@ def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> No
     for assoc in remaining:
         assoc.abort()
     log_event(
-        LOG, logging.INFO, "receiver_stopped", "receiver stopped",
-        receiver=index, aborted_associations=len(remaining),
+        LOG,
+        logging.INFO,
+        "receiver_stopped",
+        "receiver stopped",
+        receiver=index,
+        aborted_associations=len(remaining),
     )
     engine.dispose()
 
@@ -170,8 +178,12 @@ class Receivers:
                 continue
             if process is not None:
                 log_event(
-                    LOG, logging.ERROR, "receiver_died", "receiver process died; restarting",
-                    receiver=index, exitcode=process.exitcode,
+                    LOG,
+                    logging.ERROR,
+                    "receiver_died",
+                    "receiver process died; restarting",
+                    receiver=index,
+                    exitcode=process.exitcode,
                 )
                 delay = _RESTART_BACKOFF_SECONDS[
                     min(self.restarts[index], len(_RESTART_BACKOFF_SECONDS) - 1)
@@ -210,7 +222,9 @@ def serve(config: Config) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
-        log_event(LOG, logging.INFO, "stopping", "stop requested", signal=signal.Signals(signum).name)
+        log_event(
+            LOG, logging.INFO, "stopping", "stop requested", signal=signal.Signals(signum).name
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -222,10 +236,19 @@ def serve(config: Config) -> int:
         receivers.start_all()
         scheduler.start()
         log_event(
-            LOG, logging.INFO, "service_started", "triage-node is listening",
-            ae_title=config.dicom.ae_title, bind=config.dicom.bind, port=config.dicom.port,
-            receivers=count, version=__version__, database=redact_url(config.database_url),
-            spool=str(spool.root), purged_partial_files=purged, lost_associations=lost,
+            LOG,
+            logging.INFO,
+            "service_started",
+            "triage-node is listening",
+            ae_title=config.dicom.ae_title,
+            bind=config.dicom.bind,
+            port=config.dicom.port,
+            receivers=count,
+            version=__version__,
+            database=redact_url(config.database_url),
+            spool=str(spool.root),
+            purged_partial_files=purged,
+            lost_associations=lost,
         )
         while not stop.wait(0.5):
             receivers.check()

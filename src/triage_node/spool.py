@@ -133,8 +133,8 @@ class Spool:
                 os.close(fd)
             self._makedirs_durable(final.parent)
             replaced = final.exists()
-            os.chmod(partial, 0o600)
-            os.replace(partial, final)
+            partial.chmod(0o600)
+            partial.replace(final)
             _fsync_dir(final.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):

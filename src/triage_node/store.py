@@ -212,7 +212,9 @@ class Store:
             .where(instances.c.study_id == studies.c.id, associations.c.ended_at.is_(None))
         )
         query = (
-            select(studies.c.id, studies.c.study_uid, studies.c.revision, studies.c.last_received_at)
+            select(
+                studies.c.id, studies.c.study_uid, studies.c.revision, studies.c.last_received_at
+            )
             .where(
                 studies.c.state == StudyState.RECEIVED.value,
                 studies.c.last_received_at <= now - settle,
@@ -317,10 +319,10 @@ class Store:
 
     def totals(self) -> Totals:
         with self.engine.connect() as conn:
-            by_state = dict(
+            by_state: dict[str, int] = dict(
                 conn.execute(select(studies.c.state, func.count()).group_by(studies.c.state)).all()
             )
-            job_states = dict(
+            job_states: dict[str, int] = dict(
                 conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
             )
             count, size, last = conn.execute(
@@ -346,4 +348,3 @@ class Store:
         """Raise SQLAlchemyError when the database cannot be reached."""
         with self.engine.connect() as conn:
             conn.execute(select(1))
-

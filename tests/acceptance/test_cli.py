@@ -100,7 +100,11 @@ def test_serve_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
 def test_second_serve_on_same_data_dir_is_refused(node: Node) -> None:
     result = subprocess.run(
         [triage_node_command(), "--config", str(node.config_path), "serve"],
-        capture_output=True, text=True, timeout=60, env=node.env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=node.env,
+        check=False,
     )
     assert result.returncode == 1
     assert "another 'triage-node serve' already uses the data directory" in result.stderr

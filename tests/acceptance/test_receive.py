@@ -12,8 +12,6 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 from sqlalchemy import create_engine, text
 
-from triage_node.domain import is_valid_uid
-
 from tests.support.node import Node
 from tests.support.peers import (
     STORESCU_PROPOSE,
@@ -27,6 +25,7 @@ from tests.support.peers import (
     wait_for,
 )
 from tests.support.synth import write_study_set
+from triage_node.domain import is_valid_uid
 
 
 def sendable_shared_files() -> list[Path]:
@@ -81,7 +80,11 @@ def query(node: Node, sql: str, **params: object) -> list[tuple]:
 def echoscu(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [require_tool("echoscu", "dcmtk"), "-v", *args, "127.0.0.1", str(port)],
-        capture_output=True, text=True, timeout=30, env=dcmtk_env(), check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dcmtk_env(),
+        check=False,
     )
 
 
@@ -124,7 +127,9 @@ def test_every_shared_file_is_stored_byte_identical(node: Node, tmp_path: Path) 
             result = storescu(node.port, [path], propose_flag(path))
             output = result.stdout + result.stderr
             assert "Received Store Response (Error: CannotUnderstand)" in output, output
-            assert query(node, "select 1 from instances where sop_instance_uid = :u", u=sop_uid) == []
+            assert (
+                query(node, "select 1 from instances where sop_instance_uid = :u", u=sop_uid) == []
+            )
             refused_invalid_uids.append(path.name)
             continue
         if path in unreadable_by_dcmtk:
@@ -139,7 +144,8 @@ def test_every_shared_file_is_stored_byte_identical(node: Node, tmp_path: Path) 
             assert "Received Store Response (Success)" in output, f"{path.name}: {output}"
             expected = dataset_bytes(received[sop_uid])
         [(relpath, stored_syntax)] = query(
-            node, "select path, transfer_syntax_uid from instances where sop_instance_uid = :u",
+            node,
+            "select path, transfer_syntax_uid from instances where sop_instance_uid = :u",
             u=sop_uid,
         )
         assert stored_syntax == transfer_syntax_of(path), path.name
@@ -147,7 +153,8 @@ def test_every_shared_file_is_stored_byte_identical(node: Node, tmp_path: Path) 
     assert len(refused_invalid_uids) <= 1, refused_invalid_uids
     wait_for(
         lambda: not query(node, "select 1 from studies where state = 'RECEIVED'"),
-        timeout=20, what="every study to be queued",
+        timeout=20,
+        what="every study to be queued",
     )
 
 
@@ -157,9 +164,12 @@ def test_resend_is_idempotent_and_study_is_queued_once(node: Node, tmp_path: Pat
     wait_for(lambda: query(node, "select count(*) from jobs")[0][0] == 1, 20, what="a job")
     assert storescu(node.port, files[:1]).returncode == 0  # a late resend of one image
     wait_for(
-        lambda: sorted(query(node, "select state, count(*) from jobs group by state"))
-        == [("QUEUED", 1), ("SUPERSEDED", 1)],
-        20, what="the re-opened study to be queued again",
+        lambda: (
+            sorted(query(node, "select state, count(*) from jobs group by state"))
+            == [("QUEUED", 1), ("SUPERSEDED", 1)]
+        ),
+        20,
+        what="the re-opened study to be queued again",
     )
     assert query(node, "select count(*), max(revision) from studies") == [(1, 2)]
     assert query(node, "select count(*) from instances") == [(4,)]

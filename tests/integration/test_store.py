@@ -27,9 +27,15 @@ def store(database_url: str) -> Iterator[Store]:
 
 def header(study: str = "1.2.3", sop: str = "1.2.3.1.1") -> InstanceHeader:
     return InstanceHeader(
-        study_uid=study, series_uid=study + ".1", sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="CR", body_part="HAND", series_description="PA", accession_number="ACC1",
+        study_uid=study,
+        series_uid=study + ".1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="CR",
+        body_part="HAND",
+        series_description="PA",
+        accession_number="ACC1",
         study_date="20260101",
     )
 
@@ -58,7 +64,9 @@ def test_record_and_resend_is_one_row(store: Store) -> None:
 
 def test_study_settles_then_queues_once(store: Store) -> None:
     store.record_instance(header(sop="1.1"), spooled(header(sop="1.1")), None, T0)
-    store.record_instance(header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=1))
+    store.record_instance(
+        header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=1)
+    )
     assert store.ready_studies(T0 + timedelta(seconds=2), SETTLE, STALE) == []
     ready = store.ready_studies(T0 + timedelta(seconds=3), SETTLE, STALE)
     assert [r.study_uid for r in ready] == ["1.2.3"]
@@ -71,7 +79,9 @@ def test_study_settles_then_queues_once(store: Store) -> None:
 def test_instance_arriving_meanwhile_wins_over_enqueue(store: Store) -> None:
     store.record_instance(header(sop="1.1"), spooled(header(sop="1.1")), None, T0)
     ready = store.ready_studies(T0 + timedelta(seconds=5), SETTLE, STALE)
-    store.record_instance(header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=5))
+    store.record_instance(
+        header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=5)
+    )
     assert store.enqueue(ready[0], T0 + timedelta(seconds=5)) is None
     assert count(store, jobs) == 0
 
@@ -80,7 +90,9 @@ def test_late_instance_reopens_study_and_supersedes_waiting_job(store: Store) ->
     store.record_instance(header(sop="1.1"), spooled(header(sop="1.1")), None, T0)
     [ready] = store.ready_studies(T0 + timedelta(seconds=5), SETTLE, STALE)
     first_job = store.enqueue(ready, T0 + timedelta(seconds=5))
-    late = store.record_instance(header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=6))
+    late = store.record_instance(
+        header(sop="1.2"), spooled(header(sop="1.2")), None, T0 + timedelta(seconds=6)
+    )
     assert late.reopened
     [again] = store.ready_studies(T0 + timedelta(seconds=10), SETTLE, STALE)
     assert again.study_id == ready.study_id and again.revision == 2

@@ -56,9 +56,7 @@ def echo_ok(port: int, called: str = "TRIAGE_NODE") -> bool:
 class Node:
     """One triage-node service with its own data directory, database and port."""
 
-    def __init__(
-        self, workdir: Path, database_url: str = "", **sections: dict[str, Any]
-    ) -> None:
+    def __init__(self, workdir: Path, database_url: str = "", **sections: dict[str, Any]) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -86,13 +84,19 @@ class Node:
 
     @property
     def database_url(self) -> str:
-        return str(self.sections.get("database", {}).get("url")
-                   or f"sqlite:///{self.data_dir / 'triage-node.sqlite3'}")
+        return str(
+            self.sections.get("database", {}).get("url")
+            or f"sqlite:///{self.data_dir / 'triage-node.sqlite3'}"
+        )
 
     def command(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [triage_node_command(), "--config", str(self.config_path), *args],
-            capture_output=True, text=True, timeout=timeout, env=self.env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
         )
 
     def start(self, timeout: float = 30, expect_echo: bool = True) -> Node:
@@ -101,7 +105,10 @@ class Node:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
             [triage_node_command(), "--config", str(self.config_path), "serve"],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -81,8 +81,14 @@ def storescu(
     port: int, files: list[Path], *extra: str, called: str = "TRIAGE_NODE", timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     command = [
-        require_tool("storescu", "dcmtk"), "-v", "-aec", called, *extra,
-        "127.0.0.1", str(port), *map(str, files),
+        require_tool("storescu", "dcmtk"),
+        "-v",
+        "-aec",
+        called,
+        *extra,
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
     ]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), check=False
@@ -121,7 +127,9 @@ class StoreSCP:
         self.port = free_port()
         self.process = subprocess.Popen(
             [require_tool("storescp", "dcmtk"), *extra, "-od", str(directory), str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dcmtk_env(),
         )
         wait_for(self._listening, 10, what="storescp to listen")
 

@@ -19,7 +19,9 @@ def test_defaults_work_without_a_file() -> None:
 
 def test_file_then_environment(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
-    path.write_text('[dicom]\nport = 104\nallowed_calling_aes = ["PACS1"]\n[study]\nsettle_seconds = 3\n')
+    path.write_text(
+        '[dicom]\nport = 104\nallowed_calling_aes = ["PACS1"]\n[study]\nsettle_seconds = 3\n'
+    )
     config = load_config(path, {"TRIAGE_NODE_DICOM_PORT": "4242"})
     assert config.dicom.port == 4242  # environment wins over the file
     assert config.dicom.allowed_calling_aes == ["PACS1"]
@@ -52,7 +54,10 @@ def test_environment_types() -> None:
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"TRIAGE_NODE_DICOM_PORT": "70000"}, "dicom.port (TRIAGE_NODE_DICOM_PORT): must be between"),
+        (
+            {"TRIAGE_NODE_DICOM_PORT": "70000"},
+            "dicom.port (TRIAGE_NODE_DICOM_PORT): must be between",
+        ),
         ({"TRIAGE_NODE_DICOM_PORT": "eleven"}, "dicom.port (TRIAGE_NODE_DICOM_PORT): cannot read"),
         ({"TRIAGE_NODE_DICOM_AE_TITLE": "A" * 17}, "dicom.ae_title"),
         ({"TRIAGE_NODE_DICOM_ALLOWED_NETWORKS": "10.0.0.300"}, "not an IP address"),

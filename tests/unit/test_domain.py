@@ -11,7 +11,19 @@ def test_valid_uids(uid: str) -> None:
 
 @pytest.mark.parametrize(
     "uid",
-    ["", "../../etc/passwd", "1.2/3", "1..2", ".1", "1.2.", "1.2.3 ", "1.2.a", "1." + "2" * 64, None, 12],
+    [
+        "",
+        "../../etc/passwd",
+        "1.2/3",
+        "1..2",
+        ".1",
+        "1.2.",
+        "1.2.3 ",
+        "1.2.a",
+        "1." + "2" * 64,
+        None,
+        12,
+    ],
 )
 def test_invalid_uids(uid: object) -> None:
     assert not is_valid_uid(uid)
@@ -22,8 +34,14 @@ def test_invalid_uids(uid: object) -> None:
 def test_header_refuses_unsafe_uids() -> None:
     with pytest.raises(InvalidUID, match="SOP Instance UID"):
         InstanceHeader(
-            study_uid="1.2", series_uid="1.3", sop_instance_uid="../../x",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2",
-            modality="CR", body_part="", series_description="", accession_number="",
+            study_uid="1.2",
+            series_uid="1.3",
+            sop_instance_uid="../../x",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+            transfer_syntax_uid="1.2.840.10008.1.2",
+            modality="CR",
+            body_part="",
+            series_description="",
+            accession_number="",
             study_date="",
         )

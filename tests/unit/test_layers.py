@@ -32,6 +32,10 @@ def test_imports_point_down() -> None:
         if path.stem in ("__init__", "__main__"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("triage_node."):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("triage_node.")
+            ):
                 target = node.module.split(".")[1]
                 assert LAYERS[target] < LAYERS[path.stem], f"{path.stem} imports {target}"

@@ -10,9 +10,15 @@ from triage_node.spool import Spool
 
 def header(sop: str = "1.2.3.4") -> InstanceHeader:
     return InstanceHeader(
-        study_uid="1.2.3", series_uid="1.2.3.1", sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="CR", body_part="HAND", series_description="", accession_number="",
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="CR",
+        body_part="HAND",
+        series_description="",
+        accession_number="",
         study_date="20260101",
     )
 

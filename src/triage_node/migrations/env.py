@@ -1,4 +1,4 @@
-"""Alembic environment: the engine comes from triage-node (``db.upgrade``), never from an ini file."""
+"""Alembic environment: the engine comes from ``triage_node.db.upgrade``, not an ini file."""
 
 from __future__ import annotations
 

@@ -1,0 +1,196 @@
+"""Ingest benchmark: triage-node against DCMTK storescp, same files, same sender, one run.
+
+Sends a set of large synthetic radiographs (about 2000x2500, 16-bit, ~10 MB) and a set of small
+ones with DCMTK ``storescu`` to DCMTK ``storescp`` and to ``triage-node serve`` (durability on:
+every instance fsynced and its row committed before Success), with one sender and with 4
+parallel senders, and prints instances/s, MB/s and the ratio triage-node / storescp.
+
+TCP_NODELAY=1 is set for the DCMTK tools (DCMTK leaves Nagle on otherwise, see
+../shared/perf-notes.md); triage-node sets it on its own sockets. storescp writes without fsync
+and uses --fork for the parallel runs; both receivers advertise a 128 KiB maximum PDU or more.
+
+    .venv/bin/python benchmarks/ingest.py [--large 100] [--small 500] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.node import Node  # noqa: E402
+from tests.support.peers import StoreSCP, dcmtk_env, require_tool  # noqa: E402
+from tests.support.synth import write_study_set  # noqa: E402
+
+CACHE = REPO / "benchmarks" / ".cache"
+PARALLEL = 4
+
+
+@dataclass(frozen=True)
+class Run:
+    receiver: str
+    dataset: str
+    senders: int
+    seconds: float
+    instances: int
+    megabytes: float
+
+    @property
+    def per_second(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.megabytes / self.seconds
+
+
+def dataset(name: str, count: int, rows: int, columns: int) -> list[Path]:
+    """Synthetic files, generated once and cached under benchmarks/.cache."""
+    directory = CACHE / f"{name}-{count}-{rows}x{columns}"
+    marker = directory / ".complete"
+    if not marker.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+        print(f"generating {count} {rows}x{columns} instances in {directory} ...", flush=True)
+        write_study_set(directory, count, rows, columns, per_study=4)
+        marker.touch()
+    return sorted(directory.glob("*.dcm"))
+
+
+def send(port: int, files: list[Path], senders: int, called: str) -> float:
+    """Wall time for *senders* storescu processes to send *files* (split evenly)."""
+    storescu = require_tool("storescu", "dcmtk")
+    groups = [files[i::senders] for i in range(senders)]
+    started = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            [
+                storescu,
+                "-aec",
+                called,
+                "--max-pdu",
+                "131072",
+                "127.0.0.1",
+                str(port),
+                *map(str, group),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=dcmtk_env(),
+            text=True,
+        )
+        for group in groups
+    ]
+    for process in processes:
+        _, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err[-2000:]}")
+    return time.perf_counter() - started
+
+
+def measure_storescp(files: list[Path], senders: int, work: Path) -> float:
+    out = work / "storescp"
+    args = ["--max-pdu", "131072"] + (["--fork"] if senders > 1 else [])
+    scp = StoreSCP(out, *args)
+    try:
+        return send(scp.port, files, senders, "STORESCP")
+    finally:
+        scp.stop()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def measure_triage_node(files: list[Path], senders: int, work: Path) -> float:
+    node = Node(
+        work / "triage-node",
+        dicom={"receivers": 0},
+        log={"level": "INFO", "format": "json"},
+        study={"settle_seconds": 2.0},
+    )
+    node.start()
+    try:
+        seconds = send(node.port, files, senders, "TRIAGE_NODE")
+    finally:
+        node.stop()
+        shutil.rmtree(work / "triage-node", ignore_errors=True)
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large", type=int, default=100, help="large instances (default 100)")
+    parser.add_argument("--small", type=int, default=500, help="small instances (default 500)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per cell; median is shown")
+    args = parser.parse_args()
+
+    sets = {
+        "large": dataset("large", args.large, 2000, 2500),
+        "small": dataset("small", args.small, 512, 512),
+    }
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=CACHE) as tmp:
+        work = Path(tmp)
+        for name, files in sets.items():
+            megabytes = sum(f.stat().st_size for f in files) / 1e6
+            for senders in (1, PARALLEL):
+                for receiver, measure in (
+                    ("storescp", measure_storescp),
+                    ("triage-node", measure_triage_node),
+                ):
+                    times = [measure(files, senders, work) for _ in range(args.repeat)]
+                    run = Run(
+                        receiver, name, senders, statistics.median(times), len(files), megabytes
+                    )
+                    runs.append(run)
+                    print(
+                        f"  {receiver:<12} {name:<6} senders={senders}  "
+                        f"{run.per_second:8.1f} inst/s  {run.mb_per_second:8.1f} MB/s  "
+                        f"(median of {args.repeat}: {', '.join(f'{t:.2f}' for t in times)} s)",
+                        flush=True,
+                    )
+    report(runs)
+    return 0
+
+
+def report(runs: list[Run]) -> None:
+    def get(receiver: str, name: str, senders: int) -> Run:
+        return next(
+            r for r in runs if (r.receiver, r.dataset, r.senders) == (receiver, name, senders)
+        )
+
+    print()
+    print(
+        f"{'set':<6} {'senders':>7} {'storescp inst/s':>16} {'triage inst/s':>14} "
+        f"{'storescp MB/s':>14} {'triage MB/s':>12} {'ratio':>6}"
+    )
+    for name in ("large", "small"):
+        for senders in (1, PARALLEL):
+            peer, node = get("storescp", name, senders), get("triage-node", name, senders)
+            print(
+                f"{name:<6} {senders:>7} {peer.per_second:>16.1f} {node.per_second:>14.1f} "
+                f"{peer.mb_per_second:>14.1f} {node.mb_per_second:>12.1f} "
+                f"{node.per_second / peer.per_second:>6.2f}"
+            )
+    large = get("triage-node", "large", 1).mb_per_second / get("storescp", "large", 1).mb_per_second
+    small = get("triage-node", "small", 1).per_second / get("storescp", "small", 1).per_second
+    parallel = min(
+        get("triage-node", n, PARALLEL).per_second / get("triage-node", n, 1).per_second
+        for n in ("large", "small")
+    )
+    print()
+    print(f"large MB/s triage-node/storescp:        {large:.2f}  (target >= 1.0)")
+    print(f"small inst/s triage-node/storescp:      {small:.2f}  (target >= 0.6)")
+    print(f"triage-node {PARALLEL} senders / 1 sender (min): {parallel:.2f}  (target >= 1.0)")
+    print(f"machine: {os.cpu_count()} cores; triage-node fsyncs every instance, storescp does not")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
