@@ -31,7 +31,7 @@ from triage_node.errors import AlreadyRunning, TriageError
 from triage_node.logs import configure_logging, get_logger, log_event
 from triage_node.receive import ReceiverServer, StorageHandlers, build_ae, configure_pynetdicom
 from triage_node.scheduler import ServiceScheduler
-from triage_node.spool import Spool, pid_alive
+from triage_node.spool import EarlyWriteback, Spool, pid_alive
 from triage_node.store import Store
 
 LOG = get_logger(__name__)
@@ -117,7 +117,10 @@ def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> No
     configure_logging(config.log.level, config.log.format)
 
     spool = Spool(config.storage.spool_path)
-    configure_pynetdicom(spool.incoming_dir())
+    incoming = spool.incoming_dir()
+    configure_pynetdicom(incoming)
+    writeback = EarlyWriteback(incoming)
+    writeback.start()
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     handlers = StorageHandlers(spool, Store(engine), config.storage.min_free_mb * 2**20)
     server = ReceiverServer(build_ae(config.dicom), listen_socket, config.dicom, handlers)
@@ -143,6 +146,7 @@ def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> No
         receiver=index,
         aborted_associations=len(remaining),
     )
+    writeback.stop()
     engine.dispose()
 
 

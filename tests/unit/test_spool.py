@@ -5,7 +5,7 @@ import pytest
 
 from triage_node.domain import InstanceHeader
 from triage_node.errors import OutOfResources
-from triage_node.spool import Spool
+from triage_node.spool import EarlyWriteback, Spool
 
 
 def header(sop: str = "1.2.3.4") -> InstanceHeader:
@@ -89,3 +89,21 @@ def test_purge_stale_incoming_only_touches_dead_processes(tmp_path: Path) -> Non
     other_host.mkdir()
     assert spool.purge_stale_incoming() == 1
     assert not dead.exists() and other_host.exists() and (mine / "live.dcm").exists()
+
+
+def test_early_writeback_runs_beside_a_growing_file_and_stops(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    incoming = spool.incoming_dir()
+    writeback = EarlyWriteback(incoming, interval=0.001)
+    writeback.start()
+    try:
+        with open(incoming / "growing.dcm", "wb") as handle:
+            for _ in range(50):
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        stored = spool.commit(incoming / "growing.dcm", header())
+        assert stored.size == 50 * 65536
+    finally:
+        writeback.stop()
+    assert spool.path_of(stored.relpath).stat().st_size == 50 * 65536
