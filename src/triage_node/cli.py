@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from triage_node import __version__
 from triage_node.config import Config, load_config
 from triage_node.errors import TriageError
@@ -91,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](config, args)
     except TriageError as exc:
         print(f"triage-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except SQLAlchemyError as exc:
+        print(f"triage-node: database error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED

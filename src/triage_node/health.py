@@ -10,10 +10,12 @@ import shutil
 import socket
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from triage_node import __version__
@@ -83,23 +85,40 @@ def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
         "listener": listener,
     }
 
+    report["database"] = _check_database(report, config, now, problems)
+    _add_spool(report, config, problems)
+    report["problems"] = problems
+    report["healthy"] = not problems
+    return report
+
+
+def _check_database(
+    report: dict[str, Any], config: Config, now: datetime, problems: list[str]
+) -> dict[str, Any]:
     database: dict[str, Any] = {"url": redact_url(config.database_url), "reachable": False}
+    sqlite_file = make_url(config.database_url).database
+    if config.database_url.startswith("sqlite") and sqlite_file and not Path(sqlite_file).exists():
+        # Looking must not create an empty database.
+        database["error"] = "database file does not exist (has 'triage-node serve' run?)"
+        problems.append("database file does not exist")
+        return database
     engine = make_engine(config.database_url, busy_timeout=min(config.database.busy_timeout, 5))
-    store = Store(engine)
     try:
         revision, head = current_revision(engine), head_revision()
         database.update(reachable=True, revision=revision, schema_current=revision == head)
         if revision != head:
             problems.append(f"database schema {revision or 'empty'} is not {head}: run db upgrade")
         if revision is not None:
-            _add_contents(report, store, config, now, problems)
+            _add_contents(report, Store(engine), config, now, problems)
     except SQLAlchemyError as exc:
-        database["error"] = str(exc.__class__.__name__)
+        database["error"] = exc.__class__.__name__
         problems.append("database unreachable")
     finally:
         engine.dispose()
-    report["database"] = database
+    return database
 
+
+def _add_spool(report: dict[str, Any], config: Config, problems: list[str]) -> None:
     spool_root = config.storage.spool_path
     probe = spool_root if spool_root.exists() else config.storage.data_dir
     while not probe.exists() and probe != probe.parent:
@@ -115,10 +134,6 @@ def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
     }
     if free < minimum:
         problems.append("free disk below the configured minimum: new instances get status A700")
-
-    report["problems"] = problems
-    report["healthy"] = not problems
-    return report
 
 
 def _add_contents(

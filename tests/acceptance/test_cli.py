@@ -130,3 +130,19 @@ def test_logs_hold_no_patient_data(node: Node, tmp_path: Path) -> None:
     assert "instance_stored" in log  # DEBUG logging was on, so every store was logged
     for secret in (SYNTHETIC_PATIENT_NAME, "SYNTHETIC", SYNTHETIC_PATIENT_ID, SYNTHETIC_ACCESSION):
         assert secret not in log
+
+
+def test_status_before_first_start_creates_nothing(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    code, report = status(node)
+    assert code == 1
+    assert "database file does not exist" in report["problems"]
+    assert not node.data_dir.exists()
+
+
+def test_database_errors_are_reported_without_traceback(tmp_path: Path) -> None:
+    node = Node(tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    result = node.command("db", "upgrade")
+    assert result.returncode == 1
+    assert result.stderr.startswith("triage-node: database error: OperationalError")
+    assert "Traceback" not in result.stderr
