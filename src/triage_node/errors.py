@@ -39,3 +39,11 @@ class SchemaOutOfDate(DatabaseError):
 
 class AlreadyRunning(TriageError):
     """Another triage-node service already uses this data directory."""
+
+
+class PreprocessRefused(TriageError):
+    """The image cannot be prepared for the model."""
+
+
+class ModelError(TriageError):
+    """The model directory, its manifest or its ONNX file is not usable."""

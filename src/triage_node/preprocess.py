@@ -1,0 +1,239 @@
+"""From a stored radiograph to the model's input: pure ``(array, dataset) -> array`` steps.
+
+In the order PS3.4 Annex N (the grayscale pipeline) requires: decode, Modality LUT, VOI LUT,
+presentation (MONOCHROME1 / Presentation LUT Shape INVERSE, so bone is bright), then resize to
+the model's input and normalise. Size limits are checked before any pixel is allocated, and each
+refusal is a :class:`PreprocessRefused` with a reason, never a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+from triage_node.errors import PreprocessRefused
+
+MAX_ROWS = MAX_COLUMNS = 16384
+MAX_PIXEL_BYTES = 512 * 2**20
+PERCENTILE_WINDOW = (0.5, 99.5)  # robust window for images whose header has none
+
+ResizeMode = Literal["letterbox", "stretch"]
+WindowPolicy = Literal["header", "percentile"]
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """What the model expects (from its manifest)."""
+
+    size: int
+    channels: int = 1
+    mean: float = 0.5
+    std: float = 0.25
+    resize: ResizeMode = "letterbox"
+    windowing: WindowPolicy = "header"
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """How the image sits in the model input: scale and padding (to map the CAM back)."""
+
+    rows: int
+    columns: int
+    scale_y: float
+    scale_x: float
+    pad_top: int
+    pad_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocessed:
+    tensor: np.ndarray  # (channels, size, size) float32, normalised
+    display: np.ndarray  # (rows, columns) float32 in [0, 1], bone bright: for heatmaps
+    geometry: Geometry
+
+
+def check_limits(ds: Dataset) -> None:
+    """Refuse what the model cannot use, or what would need absurd memory, before decoding."""
+    try:
+        _check_limits(ds)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # unreadable header values
+        raise PreprocessRefused(f"invalid image header: {type(exc).__name__}") from exc
+
+
+def _check_limits(ds: Dataset) -> None:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise PreprocessRefused("no Pixel Data")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if not (0 < rows <= MAX_ROWS and 0 < columns <= MAX_COLUMNS):
+        raise PreprocessRefused(f"Rows x Columns {rows} x {columns} outside 1..{MAX_ROWS}")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise PreprocessRefused(f"{frames} frames; only single-frame radiographs are analysed")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise PreprocessRefused("not a grayscale image (Samples per Pixel is not 1)")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise PreprocessRefused(f"Photometric Interpretation {photometric or 'missing'}")
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32):
+        raise PreprocessRefused(f"Bits Allocated {bits} is not 8, 16 or 32")
+    stored = int(ds.get("BitsStored", bits) or bits)
+    if not 1 <= stored <= bits:
+        raise PreprocessRefused(f"Bits Stored {stored} does not fit Bits Allocated {bits}")
+    if rows * columns * bits // 8 > MAX_PIXEL_BYTES:
+        raise PreprocessRefused("image larger than the pixel memory limit")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None:
+        raise PreprocessRefused("no Transfer Syntax UID in the File Meta Information")
+    if not syntax.is_compressed and "PixelData" in ds:
+        expected = rows * columns * bits // 8
+        if len(ds.PixelData) < expected:
+            raise PreprocessRefused(
+                f"Pixel Data holds {len(ds.PixelData)} bytes, Rows x Columns need {expected}"
+            )
+
+
+def decode(ds: Dataset) -> np.ndarray:
+    """Decode the pixels: pydicom's plugins (pylibjpeg, then GDCM), then GDCM on the file itself,
+    which also reads streams pydicom's GDCM plugin turns down (12-bit JPEG Extended)."""
+    errors = []
+    for plugin in ("", "gdcm"):
+        try:
+            return np.asarray(pixel_array(ds, decoding_plugin=plugin))
+        except Exception as exc:  # decoders raise many types for broken streams
+            errors.append(f"{plugin or 'default'}: {type(exc).__name__}: {str(exc)[:120]}")
+    if isinstance(ds.filename, str) and ds.filename:
+        try:
+            return _decode_file_with_gdcm(ds.filename, int(ds.Rows), int(ds.Columns))
+        except Exception as exc:
+            errors.append(f"gdcm file: {str(exc)[:120]}")
+    raise PreprocessRefused("cannot decode Pixel Data (" + "; ".join(errors) + ")")
+
+
+_GDCM_TYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16}
+
+
+def _decode_file_with_gdcm(path: str, rows: int, columns: int) -> np.ndarray:
+    import gdcm  # type: ignore[import-untyped]
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(path)
+    if not reader.Read():
+        raise ValueError("GDCM cannot read the file")
+    image = reader.GetImage()
+    scalar = image.GetPixelFormat().GetScalarTypeAsString()
+    if scalar not in _GDCM_TYPES or image.GetPixelFormat().GetSamplesPerPixel() != 1:
+        raise ValueError(f"GDCM gave {scalar} pixels")
+    if (image.GetDimension(1), image.GetDimension(0)) != (rows, columns):
+        raise ValueError("GDCM image size differs from Rows x Columns")
+    raw = image.GetBuffer().encode("utf-8", "surrogateescape")  # python-gdcm returns str
+    return np.frombuffer(raw, dtype=_GDCM_TYPES[scalar])[: rows * columns].reshape(rows, columns)
+
+
+def apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT (PS3.3 C.11.1): Rescale Slope/Intercept, or the Modality LUT Sequence."""
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    out = arr.astype(np.float32)
+    if slope != 1 or intercept != 0:
+        out = out * np.float32(slope) + np.float32(intercept)
+    return out
+
+
+def _first(value: object) -> float:
+    """The first of a multi-valued DS (several windows may be offered; the first is the default)."""
+    if isinstance(value, MultiValue | list | tuple):
+        return float(value[0])
+    return float(value)  # type: ignore[arg-type]
+
+
+def apply_voi(arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
+    """VOI LUT (PS3.3 C.11.2) to [0, 1]: VOI LUT Sequence, else the first Window Center/Width
+    pair (LINEAR, LINEAR_EXACT or SIGMOID), else a robust percentile window."""
+    if policy == "header" and "VOILUTSequence" in ds:
+        out = np.asarray(apply_voi_lut(arr, ds, prefer_lut=True), dtype=np.float32)
+        lut_data = ds.VOILUTSequence[0].LUTData
+        top = float(max(lut_data)) if isinstance(lut_data, MultiValue | list) else float(out.max())
+        return np.clip(out / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(out)
+    if policy == "header" and "WindowCenter" in ds and "WindowWidth" in ds:
+        center = _first(ds.WindowCenter)
+        width = _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        if width > 0 and not (function == "LINEAR" and width < 1):
+            return window(arr, center, width, function)
+    low, high = np.percentile(arr, PERCENTILE_WINDOW)
+    if high <= low:
+        return np.zeros_like(arr, dtype=np.float32)
+    return np.clip((arr - np.float32(low)) / np.float32(high - low), 0, 1).astype(np.float32)
+
+
+def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Window to [0, 1] as PS3.3 C.11.2.1.2 defines it, in float32."""
+    x = arr.astype(np.float32, copy=False)
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return np.asarray(np.clip((x - np.float32(center)) / np.float32(width) + 0.5, 0, 1))
+    c, w = np.float32(center - 0.5), np.float32(width - 1)
+    if w <= 0:
+        return (x > c).astype(np.float32)
+    return np.asarray(np.clip((x - c) / w + np.float32(0.5), 0, 1))
+
+
+def apply_presentation(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Make bone bright: invert MONOCHROME1, and Presentation LUT Shape INVERSE."""
+    inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
+        inverted = not inverted
+    return (np.float32(1) - arr) if inverted else arr
+
+
+def resize(
+    arr: np.ndarray, size: int, mode: ResizeMode = "letterbox"
+) -> tuple[np.ndarray, Geometry]:
+    """Area-average resize into a size x size square; letterbox keeps the aspect ratio."""
+    rows, columns = arr.shape
+    if mode == "stretch":
+        new_h, new_w = size, size
+    else:
+        scale = size / max(rows, columns)
+        new_h, new_w = max(1, round(rows * scale)), max(1, round(columns * scale))
+    image = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
+    small = np.asarray(image.resize((new_w, new_h), Image.Resampling.BOX), dtype=np.float32)
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = small
+    geometry = Geometry(rows, columns, new_h / rows, new_w / columns, top, left)
+    return out, geometry
+
+
+def normalise(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
+    out = (arr - np.float32(spec.mean)) / np.float32(spec.std)
+    return np.repeat(out[None, :, :], spec.channels, axis=0).astype(np.float32)
+
+
+def windowed_image(ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
+    """Decode and apply the grayscale pipeline: (rows, columns) float32 in [0, 1], bone bright."""
+    check_limits(ds)
+    arr = decode(ds)
+    if arr.shape != (int(ds.Rows), int(ds.Columns)):
+        raise PreprocessRefused(f"decoded pixels have shape {arr.shape}, not Rows x Columns")
+    try:
+        return apply_presentation(apply_voi(apply_modality(arr, ds), ds, policy), ds)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise PreprocessRefused(f"invalid LUT or window in the header: {exc}") from exc
+
+
+def preprocess(ds: Dataset, spec: InputSpec) -> Preprocessed:
+    """The whole chain for one image."""
+    display = windowed_image(ds, spec.windowing)
+    resized, geometry = resize(display, spec.size, spec.resize)
+    return Preprocessed(normalise(resized, spec), display, geometry)
