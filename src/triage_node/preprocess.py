@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 
 from triage_node.errors import PreprocessRefused
 
@@ -172,14 +173,15 @@ def apply_voi(arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header") -> 
     low, high = np.percentile(arr, PERCENTILE_WINDOW)
     if high <= low:
         return np.zeros_like(arr, dtype=np.float32)
-    return np.clip((arr - np.float32(low)) / np.float32(high - low), 0, 1).astype(np.float32)
+    scaled = (arr - np.float32(low)) / np.float32(high - low)
+    return np.asarray(np.clip(scaled, 0, 1), dtype=np.float32)
 
 
 def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """Window to [0, 1] as PS3.3 C.11.2.1.2 defines it, in float32."""
     x = arr.astype(np.float32, copy=False)
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+        return np.asarray(1.0 / (1.0 + np.exp(-4.0 * (x - center) / width)), dtype=np.float32)
     if function == "LINEAR_EXACT":
         return np.asarray(np.clip((x - np.float32(center)) / np.float32(width) + 0.5, 0, 1))
     c, w = np.float32(center - 0.5), np.float32(width - 1)
