@@ -168,6 +168,28 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """``[worker]``: analysis workers (in ``serve``, or alone with ``triage-node worker``)."""
+
+    count: int = _setting(1, _between(0, 64), "worker processes; 0 = receive only")
+    model_dir: Path = _setting(
+        Path("models/fracture-v1"), None, "model directory (manifest.json and model.onnx)"
+    )
+    intra_op_threads: int = _setting(
+        0, _between(0, 256), "ONNX Runtime threads per worker; 0 = one per core"
+    )
+    max_batch: int = _setting(8, _between(1, 256), "images of a study run together")
+    lease_seconds: float = _setting(
+        60.0, _between(5, 3600), "a job of a worker silent this long goes back to the queue"
+    )
+    max_attempts: int = _setting(3, _between(1, 100), "attempts before a job is failed")
+    retry_backoff_seconds: float = _setting(
+        10.0, _between(0, 86400), "wait before the first retry; doubles each attempt"
+    )
+    poll_seconds: float = _setting(0.25, _between(0.05, 60), "how often an idle worker looks")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``[log]``: structured logs on standard error."""
 
@@ -184,6 +206,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -200,6 +223,7 @@ SECTIONS: dict[str, type] = {
     "database": DatabaseConfig,
     "study": StudyConfig,
     "service": ServiceConfig,
+    "worker": WorkerConfig,
     "log": LogConfig,
 }
 

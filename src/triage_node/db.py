@@ -12,9 +12,11 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -89,6 +91,8 @@ studies = Table(
     Column("first_received_at", UTCDateTime(), nullable=False),
     Column("last_received_at", UTCDateTime(), nullable=False),
     Column("queued_at", UTCDateTime()),
+    Column("outcome", String(16)),
+    Column("inferred_at", UTCDateTime()),
     Index(None, "state", "last_received_at"),
 )
 
@@ -133,6 +137,43 @@ jobs = Table(
     Column("finished_at", UTCDateTime()),
     Column("last_error", Text),
     Index(None, "state", "run_after"),
+)
+
+study_results = Table(
+    "study_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", ForeignKey("jobs.id"), nullable=False, unique=True),
+    Column("study_id", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("study_revision", Integer, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("score", Float),
+    Column("operating_point", String(32)),
+    Column("positive_high_sensitivity", Boolean, nullable=False),
+    Column("positive_high_specificity", Boolean, nullable=False),
+    Column("model_name", String(64), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("images", Integer, nullable=False),
+    Column("skipped", Integer, nullable=False),
+    Column("preprocess_ms", Float, nullable=False),
+    Column("inference_ms", Float, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+image_results = Table(
+    "image_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_result_id", ForeignKey("study_results.id"), nullable=False, index=True),
+    Column("instance_id", ForeignKey("instances.id"), nullable=False, index=True),
+    # NULL probability: the image was skipped, and ``skip_reason`` says why.
+    Column("probability", Float),
+    Column("peak_row", Integer),
+    Column("peak_column", Integer),
+    Column("peak_value", Float),
+    Column("peak_area", Float),
+    Column("skip_reason", Text),
 )
 
 services = Table(

@@ -38,6 +38,16 @@ class StudyState(enum.StrEnum):
 
     RECEIVED = "RECEIVED"  # instances arriving, or settling before it is queued
     QUEUED = "QUEUED"  # a job waits for a worker
+    INFERRED = "INFERRED"  # analysed; ``outcome`` says how
+
+
+class Outcome(enum.StrEnum):
+    """What the analysis of a study found (architecture.md, result contract item 4)."""
+
+    POSITIVE = "positive"  # at or above the high-sensitivity threshold
+    NEGATIVE = "negative"
+    FAILED = "failed"  # the job ran out of attempts
+    SKIPPED = "skipped"  # no instance the model is for
 
 
 class JobState(enum.StrEnum):
@@ -112,3 +122,82 @@ class ReadyStudy:
     study_uid: str
     revision: int
     last_received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job a worker holds the lease of."""
+
+    job_id: int
+    study_id: int
+    study_uid: str
+    study_revision: int
+    attempts: int  # including this one
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRef:
+    """A stored instance of a study, as the worker sees it."""
+
+    instance_id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str  # relative to the spool
+    modality: str
+    body_part: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    instance_id: int
+    sop_instance_uid: str
+    probability: float
+    peak_row: int
+    peak_column: int
+    peak_value: float
+    peak_area: float
+    preprocess_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    instance_id: int
+    sop_instance_uid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StudyAnalysis:
+    """Per-image results and the study's score (the maximum over its images)."""
+
+    images: tuple[ImageResult, ...]
+    skipped: tuple[Skip, ...]
+    model_name: str
+    model_version: str
+    provider: str
+    threshold_high_sensitivity: float
+    threshold_high_specificity: float
+    inference_ms: float
+
+    @property
+    def score(self) -> float | None:
+        return max((i.probability for i in self.images), default=None)
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.score is None:
+            return Outcome.SKIPPED
+        return (
+            Outcome.POSITIVE if self.score >= self.threshold_high_sensitivity else Outcome.NEGATIVE
+        )
+
+    @property
+    def operating_point(self) -> str | None:
+        """The strictest operating point the score reaches."""
+        if self.score is None:
+            return None
+        if self.score >= self.threshold_high_specificity:
+            return "high_specificity"
+        if self.score >= self.threshold_high_sensitivity:
+            return "high_sensitivity"
+        return None

@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -27,16 +28,19 @@ from typing import IO, Any
 from triage_node import __version__
 from triage_node.config import Config, DicomConfig
 from triage_node.db import make_engine, redact_url, require_current_schema, upgrade
-from triage_node.errors import AlreadyRunning, TriageError
+from triage_node.errors import AlreadyRunning, ModelError, TriageError
+from triage_node.infer import Model
 from triage_node.logs import configure_logging, get_logger, log_event
 from triage_node.receive import ReceiverServer, StorageHandlers, build_ae, configure_pynetdicom
 from triage_node.scheduler import ServiceScheduler
 from triage_node.spool import EarlyWriteback, Spool, pid_alive
 from triage_node.store import Store
+from triage_node.worker import Worker
 
 LOG = get_logger(__name__)
 _PR_SET_PDEATHSIG = 1
 _RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
+MODEL_RETRY_SECONDS = 30.0
 
 
 def utcnow() -> datetime:
@@ -150,12 +154,44 @@ def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> No
     engine.dispose()
 
 
-class Receivers:
-    """The receiver processes, restarted with backoff when one dies."""
+def run_worker(config: Config, index: int) -> None:
+    """Entry point of a worker process: load the model (retrying while it is missing), work."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _die_with_parent()
+    configure_logging(config.log.level, config.log.format)
+    engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    model = None
+    while model is None and not stop.is_set():
+        try:
+            model = Model(config.worker.model_dir, intra_op_threads=config.worker.intra_op_threads)
+        except ModelError as exc:
+            log_event(
+                LOG,
+                logging.ERROR,
+                "model_unavailable",
+                f"no usable model; jobs wait in the queue: {exc}",
+                worker=index,
+            )
+            stop.wait(MODEL_RETRY_SECONDS)
+    if model is not None:
+        worker = Worker(Store(engine), Spool(config.storage.spool_path), model, config.worker)
+        log_event(LOG, logging.INFO, "worker_started", "worker ready", worker=index)
+        worker.run_forever(stop)
+    log_event(LOG, logging.INFO, "worker_stopped", "worker stopped", worker=index)
+    engine.dispose()
 
-    def __init__(self, config: Config, listen_socket: socket.socket, count: int) -> None:
-        self.config = config
-        self.listen_socket = listen_socket
+
+class ProcessGroup:
+    """Child processes of one kind, restarted with backoff when one dies."""
+
+    def __init__(
+        self, kind: str, target: Callable[..., None], args: tuple[Any, ...], count: int
+    ) -> None:
+        self.kind = kind
+        self.target = target
+        self.args = args
         self.context = multiprocessing.get_context("spawn")
         self.processes: list[BaseProcess | None] = [None] * count
         self.restarts = [0] * count
@@ -163,9 +199,7 @@ class Receivers:
 
     def _start(self, index: int) -> None:
         process = self.context.Process(
-            target=run_receiver,
-            args=(self.config, self.listen_socket, index),
-            name=f"triage-node-receiver-{index}",
+            target=self.target, args=(*self.args, index), name=f"triage-node-{self.kind}-{index}"
         )
         process.start()
         self.processes[index] = process
@@ -175,7 +209,7 @@ class Receivers:
             self._start(index)
 
     def check(self) -> None:
-        """Restart receivers that died (with backoff)."""
+        """Restart children that died (with backoff)."""
         now = time.monotonic()
         for index, process in enumerate(self.processes):
             if process is not None and process.is_alive():
@@ -184,9 +218,9 @@ class Receivers:
                 log_event(
                     LOG,
                     logging.ERROR,
-                    "receiver_died",
-                    "receiver process died; restarting",
-                    receiver=index,
+                    f"{self.kind}_died",
+                    f"{self.kind} process died; restarting",
+                    index=index,
                     exitcode=process.exitcode,
                 )
                 delay = _RESTART_BACKOFF_SECONDS[
@@ -211,6 +245,38 @@ class Receivers:
                 process.join()
 
 
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log_event(
+            LOG, logging.INFO, "stopping", "stop requested", signal=signal.Signals(signum).name
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def serve_workers(config: Config) -> int:
+    """``triage-node worker``: analysis workers alone, sharing the database and spool."""
+    configure_logging(config.log.level, config.log.format)
+    prepare_database(config).engine.dispose()
+    count = config.worker.count or 1
+    stop = _stop_on_signals()
+    workers = ProcessGroup("worker", run_worker, (config,), count)
+    try:
+        workers.start_all()
+        log_event(LOG, logging.INFO, "workers_started", "workers running", workers=count)
+        while not stop.wait(0.5):
+            workers.check()
+    finally:
+        workers.stop_all(config.service.shutdown_grace_seconds)
+        log_event(LOG, logging.INFO, "workers_stopped", "workers stopped")
+    return 0
+
+
 def serve(config: Config) -> int:
     """Run the node until SIGTERM or SIGINT; return the exit status."""
     configure_logging(config.log.level, config.log.format)
@@ -222,22 +288,13 @@ def serve(config: Config) -> int:
     lost = store.close_lost_associations(pid_alive, utcnow())
     listen_socket = open_listener(config.dicom)
     count = receiver_count(config.dicom)
-
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log_event(
-            LOG, logging.INFO, "stopping", "stop requested", signal=signal.Signals(signum).name
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    receivers = Receivers(config, listen_socket, count)
+    stop = _stop_on_signals()
+    receivers = ProcessGroup("receiver", run_receiver, (config, listen_socket), count)
+    workers = ProcessGroup("worker", run_worker, (config,), config.worker.count)
     scheduler = ServiceScheduler(store, config)
     try:
         receivers.start_all()
+        workers.start_all()
         scheduler.start()
         log_event(
             LOG,
@@ -248,6 +305,7 @@ def serve(config: Config) -> int:
             bind=config.dicom.bind,
             port=config.dicom.port,
             receivers=count,
+            workers=config.worker.count,
             version=__version__,
             database=redact_url(config.database_url),
             spool=str(spool.root),
@@ -256,8 +314,10 @@ def serve(config: Config) -> int:
         )
         while not stop.wait(0.5):
             receivers.check()
+            workers.check()
     finally:
         receivers.stop_all(config.service.shutdown_grace_seconds)
+        workers.stop_all(config.service.shutdown_grace_seconds)
         listen_socket.close()
         scheduler.stop()
         with contextlib.suppress(Exception):

@@ -12,17 +12,30 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Table, case, exists, func, not_, or_, select, update
+from sqlalchemy import Engine, Table, and_, case, exists, func, not_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from triage_node.db import associations, instances, jobs, series, services, studies
+from triage_node.db import (
+    associations,
+    image_results,
+    instances,
+    jobs,
+    series,
+    services,
+    studies,
+    study_results,
+)
 from triage_node.domain import (
     AssociationEnd,
+    ClaimedJob,
     InstanceHeader,
+    InstanceRef,
     JobState,
+    Outcome,
     ReadyStudy,
     RecordedInstance,
     SpooledFile,
+    StudyAnalysis,
     StudyState,
 )
 
@@ -269,6 +282,259 @@ class Store:
                 .returning(jobs.c.id)
             ).scalar_one()
         return int(job_id)
+
+    # -- job queue ---------------------------------------------------------------------------
+
+    def claim(self, owner: str, now: datetime, lease: timedelta) -> ClaimedJob | None:
+        """Take the oldest runnable job with a lease; None when there is none.
+
+        PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so workers never wait for or share a job.
+        SQLite: the write transaction (BEGIN IMMEDIATE) makes the claim atomic.
+        """
+        with self.engine.begin() as conn:
+            candidate = (
+                select(jobs.c.id)
+                .where(jobs.c.state == JobState.QUEUED.value, jobs.c.run_after <= now)
+                .order_by(jobs.c.run_after, jobs.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            job_id = conn.execute(candidate).scalar_one_or_none()
+            if job_id is None:
+                return None
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+                .values(
+                    state=JobState.RUNNING.value,
+                    lease_owner=owner,
+                    lease_expires_at=now + lease,
+                    attempts=jobs.c.attempts + 1,
+                )
+                .returning(jobs.c.study_id, jobs.c.study_revision, jobs.c.attempts)
+            ).one_or_none()
+            if row is None:
+                return None
+            study_uid = conn.execute(
+                select(studies.c.study_uid).where(studies.c.id == row.study_id)
+            ).scalar_one()
+        return ClaimedJob(job_id, row.study_id, study_uid, row.study_revision, row.attempts)
+
+    def extend_lease(self, job_id: int, owner: str, until: datetime) -> bool:
+        """Keep a long job's lease; False if the lease was lost (another worker took it)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.lease_owner == owner,
+                    jobs.c.state == JobState.RUNNING.value,
+                )
+                .values(lease_expires_at=until)
+            )
+        return result.rowcount == 1
+
+    def requeue_expired(self, now: datetime, max_attempts: int) -> tuple[int, int]:
+        """Jobs whose worker died: back to the queue, or FAILED after *max_attempts*.
+
+        Returns (requeued, failed).
+        """
+        expired = and_(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires_at < now)
+        with self.engine.begin() as conn:
+            failed_ids = list(
+                conn.execute(
+                    select(jobs.c.id).where(expired, jobs.c.attempts >= max_attempts)
+                ).scalars()
+            )
+            for job_id in failed_ids:
+                self._finish_failed(conn, job_id, "worker lost (lease expired) too often", now)
+            requeued = conn.execute(
+                update(jobs)
+                .where(expired, jobs.c.attempts < max_attempts)
+                .values(
+                    state=JobState.QUEUED.value,
+                    lease_owner=None,
+                    run_after=now,
+                    last_error="worker lost (lease expired)",
+                )
+            ).rowcount
+        return int(requeued), len(failed_ids)
+
+    def instances_of(self, study_id: int) -> list[InstanceRef]:
+        query = (
+            select(
+                instances.c.id,
+                instances.c.sop_instance_uid,
+                instances.c.sop_class_uid,
+                instances.c.path,
+                series.c.modality,
+                series.c.body_part,
+            )
+            .join(series, series.c.id == instances.c.series_id)
+            .where(instances.c.study_id == study_id)
+            .order_by(series.c.id, instances.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [InstanceRef(*row) for row in conn.execute(query)]
+
+    def _owns(self, conn: Any, job: ClaimedJob, owner: str) -> bool:
+        return (
+            conn.execute(
+                select(jobs.c.id).where(
+                    jobs.c.id == job.job_id,
+                    jobs.c.lease_owner == owner,
+                    jobs.c.state == JobState.RUNNING.value,
+                )
+            ).scalar_one_or_none()
+            is not None
+        )
+
+    def complete(self, job: ClaimedJob, owner: str, analysis: StudyAnalysis, now: datetime) -> bool:
+        """Store the results and finish the job, in one transaction; False if the lease was lost."""
+        with self.engine.begin() as conn:
+            if not self._owns(conn, job, owner):
+                return False
+            score = analysis.score
+            result_id = conn.execute(
+                study_results.insert()
+                .values(
+                    job_id=job.job_id,
+                    study_id=job.study_id,
+                    study_revision=job.study_revision,
+                    outcome=analysis.outcome.value,
+                    score=score,
+                    operating_point=analysis.operating_point,
+                    positive_high_sensitivity=score is not None
+                    and score >= analysis.threshold_high_sensitivity,
+                    positive_high_specificity=score is not None
+                    and score >= analysis.threshold_high_specificity,
+                    model_name=analysis.model_name,
+                    model_version=analysis.model_version,
+                    provider=analysis.provider,
+                    images=len(analysis.images),
+                    skipped=len(analysis.skipped),
+                    preprocess_ms=sum(i.preprocess_ms for i in analysis.images),
+                    inference_ms=analysis.inference_ms,
+                    created_at=now,
+                )
+                .returning(study_results.c.id)
+            ).scalar_one()
+            rows: list[dict[str, Any]] = [
+                {
+                    "study_result_id": result_id,
+                    "instance_id": i.instance_id,
+                    "probability": i.probability,
+                    "peak_row": i.peak_row,
+                    "peak_column": i.peak_column,
+                    "peak_value": i.peak_value,
+                    "peak_area": i.peak_area,
+                    "skip_reason": None,
+                }
+                for i in analysis.images
+            ] + [
+                {
+                    "study_result_id": result_id,
+                    "instance_id": k.instance_id,
+                    "probability": None,
+                    "peak_row": None,
+                    "peak_column": None,
+                    "peak_value": None,
+                    "peak_area": None,
+                    "skip_reason": k.reason[:1000],
+                }
+                for k in analysis.skipped
+            ]
+            if rows:
+                conn.execute(image_results.insert(), rows)
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job.job_id)
+                .values(state=JobState.DONE.value, finished_at=now, lease_owner=None)
+            )
+            # A study re-opened meanwhile (newer revision) stays RECEIVED/QUEUED for its new job.
+            conn.execute(
+                update(studies)
+                .where(
+                    studies.c.id == job.study_id,
+                    studies.c.revision == job.study_revision,
+                    studies.c.state == StudyState.QUEUED.value,
+                )
+                .values(
+                    state=StudyState.INFERRED.value,
+                    outcome=analysis.outcome.value,
+                    inferred_at=now,
+                )
+            )
+        return True
+
+    def retry_or_fail(
+        self,
+        job: ClaimedJob,
+        owner: str,
+        error: str,
+        now: datetime,
+        *,
+        max_attempts: int,
+        retry_at: datetime,
+    ) -> JobState:
+        """After a failed attempt: back to the queue at *retry_at*, or FAILED at the last one."""
+        with self.engine.begin() as conn:
+            if not self._owns(conn, job, owner):
+                return JobState.RUNNING
+            if job.attempts >= max_attempts:
+                self._finish_failed(conn, job.job_id, error, now)
+                return JobState.FAILED
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job.job_id)
+                .values(
+                    state=JobState.QUEUED.value,
+                    run_after=retry_at,
+                    lease_owner=None,
+                    last_error=error[:4000],
+                )
+            )
+        return JobState.QUEUED
+
+    def release(self, job: ClaimedJob, owner: str, reason: str, retry_at: datetime) -> None:
+        """Give a job back without counting the attempt (this worker cannot do it)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job.job_id, jobs.c.lease_owner == owner)
+                .values(
+                    state=JobState.QUEUED.value,
+                    run_after=retry_at,
+                    lease_owner=None,
+                    attempts=jobs.c.attempts - 1,
+                    last_error=reason[:4000],
+                )
+            )
+
+    @staticmethod
+    def _finish_failed(conn: Any, job_id: int, error: str, now: datetime) -> None:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(
+                state=JobState.FAILED.value,
+                finished_at=now,
+                lease_owner=None,
+                last_error=error[:4000],
+            )
+        )
+        study = conn.execute(
+            select(jobs.c.study_id, jobs.c.study_revision).where(jobs.c.id == job_id)
+        ).one()
+        conn.execute(
+            update(studies)
+            .where(
+                studies.c.id == study.study_id,
+                studies.c.revision == study.study_revision,
+                studies.c.state == StudyState.QUEUED.value,
+            )
+            .values(state=StudyState.INFERRED.value, outcome=Outcome.FAILED.value, inferred_at=now)
+        )
 
     # -- service heartbeat -------------------------------------------------------------------
 

@@ -7,14 +7,16 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "triage_node"
 
 # Lower number = lower layer. A module may import only modules of a lower layer.
 LAYERS = {
-    "cli": 7,
-    "service": 6,
-    "health": 6,
-    "scheduler": 5,
+    "cli": 9,
+    "service": 8,
+    "health": 8,
+    "worker": 7,
+    "scheduler": 7,
+    "pipeline": 6,
     "receive": 4,
-    "preprocess": 4,
-    "infer": 4,
-    "model": 3,
+    "infer": 5,
+    "model": 4,
+    "preprocess": 3,
     "store": 3,
     "spool": 3,
     "db": 2,

@@ -1,0 +1,117 @@
+"""Analyse a study: select the images the model is for, preprocess them, run one batch.
+
+Used by the workers (``worker``) and by ``triage-node infer`` on plain files, so both give the
+same answer for the same image.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from triage_node.domain import ImageResult, Skip, StudyAnalysis
+from triage_node.errors import PreprocessRefused
+from triage_node.infer import Model, cam_peak
+from triage_node.model import Manifest
+from triage_node.preprocess import Geometry, preprocess
+
+OWN_MANUFACTURER = "triage-node"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSource:
+    """One image to consider: its database id (0 for plain files), UID and path."""
+
+    instance_id: int
+    sop_instance_uid: str
+    path: Path
+
+
+def selection_refusal(ds: Dataset, manifest: Manifest) -> str | None:
+    """Why the model is not for this instance, or None when it is."""
+    rules = manifest.selection
+    if str(ds.get("Manufacturer", "")).strip() == OWN_MANUFACTURER:
+        return "the node's own output"
+    modality = str(ds.get("Modality", "")).upper()
+    if rules.modalities and modality not in rules.modalities:
+        return f"modality {modality or 'missing'} is not one the model is for"
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if rules.sop_classes and sop_class not in rules.sop_classes:
+        return f"SOP class {sop_class} is not one the model is for"
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    if rules.body_parts and body_part not in rules.body_parts:
+        return f"body part {body_part or 'missing'} is not one the model is for"
+    view = str(ds.get("ViewPosition", "")).upper()
+    if rules.views and view not in rules.views:
+        return f"view {view or 'missing'} is not one the model is for"
+    return None
+
+
+def _read(path: Path) -> Dataset:
+    with warnings.catch_warnings():  # pydicom's warnings quote values (patient data)
+        warnings.simplefilter("ignore")
+        return dcmread(path)
+
+
+def analyse(sources: Iterable[ImageSource], model: Model, max_batch: int = 8) -> StudyAnalysis:
+    """Per-image probabilities and CAM peaks for every eligible image; the rest skipped."""
+    manifest = model.manifest
+    prepared: list[tuple[ImageSource, np.ndarray, Geometry, float]] = []
+    skipped: list[Skip] = []
+    for source in sources:
+        started = time.perf_counter()
+        try:
+            ds = _read(source.path)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            skipped.append(Skip(source.instance_id, source.sop_instance_uid, f"unreadable: {exc}"))
+            continue
+        reason = selection_refusal(ds, manifest)
+        if reason is not None:
+            skipped.append(Skip(source.instance_id, source.sop_instance_uid, reason))
+            continue
+        try:
+            ready = preprocess(ds, manifest.input)
+        except PreprocessRefused as exc:
+            skipped.append(Skip(source.instance_id, source.sop_instance_uid, str(exc)))
+            continue
+        ms = (time.perf_counter() - started) * 1000
+        prepared.append((source, ready.tensor, ready.geometry, ms))
+
+    images: list[ImageResult] = []
+    inference_ms = 0.0
+    for start in range(0, len(prepared), max_batch):
+        chunk = prepared[start : start + max_batch]
+        probs, cams, ms = model.run(np.stack([tensor for _, tensor, _, _ in chunk]))
+        inference_ms += ms
+        for (source, _, geometry, pre_ms), prob, cam in zip(chunk, probs, cams, strict=True):
+            peak = cam_peak(cam, geometry, manifest.input.size)
+            images.append(
+                ImageResult(
+                    instance_id=source.instance_id,
+                    sop_instance_uid=source.sop_instance_uid,
+                    probability=float(prob),
+                    peak_row=peak.row,
+                    peak_column=peak.column,
+                    peak_value=peak.value,
+                    peak_area=peak.area_fraction,
+                    preprocess_ms=pre_ms,
+                )
+            )
+    return StudyAnalysis(
+        images=tuple(images),
+        skipped=tuple(skipped),
+        model_name=manifest.name,
+        model_version=manifest.version,
+        provider=model.provider,
+        threshold_high_sensitivity=manifest.operating_points["high_sensitivity"].threshold,
+        threshold_high_specificity=manifest.operating_points["high_specificity"].threshold,
+        inference_ms=inference_ms,
+    )

@@ -1,0 +1,196 @@
+"""Analysis workers: claim a job with a lease, analyse its study, store the results.
+
+Several workers, in several processes or on several hosts sharing one PostgreSQL database,
+never process the same job (``store.claim``). A worker that dies loses its lease and the job is
+claimed again; a job that keeps failing ends FAILED with its error kept. Workers on another host
+read the spool through a shared mount; a worker that cannot read a study's files gives the job
+back (without counting an attempt) for a worker that can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+from triage_node.config import WorkerConfig
+from triage_node.domain import ClaimedJob, JobState
+from triage_node.errors import TriageError
+from triage_node.infer import Model
+from triage_node.logs import get_logger, log_event
+from triage_node.pipeline import ImageSource, analyse
+from triage_node.spool import Spool
+from triage_node.store import Store, process_owner
+
+LOG = get_logger(__name__)
+MISSING_FILE_RETRY_SECONDS = 30.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Worker:
+    """One worker: a model, a database and a spool."""
+
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        model: Model,
+        config: WorkerConfig,
+        *,
+        name: str | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.model = model
+        self.config = config
+        self.owner = name or process_owner()
+        self.clock = clock
+        self.lease = timedelta(seconds=config.lease_seconds)
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when the queue had nothing runnable."""
+        job = self.store.claim(self.owner, self.clock(), self.lease)
+        if job is None:
+            return False
+        refs = self.store.instances_of(job.study_id)
+        sources = []
+        for ref in refs:
+            path = self.spool.path_of(ref.path)
+            if not path.is_file():
+                reason = f"cannot read spooled file of {ref.sop_instance_uid} on this host"
+                self.store.release(
+                    job,
+                    self.owner,
+                    reason,
+                    self.clock() + timedelta(seconds=MISSING_FILE_RETRY_SECONDS),
+                )
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "job_released",
+                    reason,
+                    job=job.job_id,
+                    study_uid=job.study_uid,
+                    worker=self.owner,
+                )
+                return True
+            sources.append(ImageSource(ref.instance_id, ref.sop_instance_uid, path))
+        started = time.perf_counter()
+        try:
+            with self._keep_lease(job):
+                analysis = analyse(sources, self.model, self.config.max_batch)
+        except Exception as exc:
+            self._failed(job, f"{type(exc).__name__}: {exc}")
+            return True
+        if not self.store.complete(job, self.owner, analysis, self.clock()):
+            log_event(
+                LOG,
+                logging.WARNING,
+                "lease_lost",
+                "lease lost; results dropped",
+                job=job.job_id,
+                study_uid=job.study_uid,
+                worker=self.owner,
+            )
+            return True
+        log_event(
+            LOG,
+            logging.INFO,
+            "study_inferred",
+            "study analysed",
+            job=job.job_id,
+            study_uid=job.study_uid,
+            outcome=analysis.outcome.value,
+            score=None if analysis.score is None else round(analysis.score, 4),
+            images=len(analysis.images),
+            skipped=len(analysis.skipped),
+            model=analysis.model_name,
+            version=analysis.model_version,
+            provider=analysis.provider,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return True
+
+    def _failed(self, job: ClaimedJob, error: str) -> None:
+        delay = self.config.retry_backoff_seconds * 2 ** (job.attempts - 1)
+        state = self.store.retry_or_fail(
+            job,
+            self.owner,
+            error,
+            self.clock(),
+            max_attempts=self.config.max_attempts,
+            retry_at=self.clock() + timedelta(seconds=delay),
+        )
+        log_event(
+            LOG,
+            logging.ERROR if state == JobState.FAILED else logging.WARNING,
+            "job_failed" if state == JobState.FAILED else "job_retry",
+            f"analysis failed: {error[:200]}",
+            job=job.job_id,
+            study_uid=job.study_uid,
+            attempt=job.attempts,
+            next=state.value,
+            worker=self.owner,
+        )
+
+    @contextlib.contextmanager
+    def _keep_lease(self, job: ClaimedJob) -> Iterator[None]:
+        """Extend the lease every third of its length while the job runs."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.config.lease_seconds / 3):
+                self.store.extend_lease(job.job_id, self.owner, self.clock() + self.lease)
+
+        thread = threading.Thread(target=renew, name=f"lease-{job.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def requeue_expired(self) -> None:
+        requeued, failed = self.store.requeue_expired(self.clock(), self.config.max_attempts)
+        if requeued or failed:
+            log_event(
+                LOG,
+                logging.WARNING,
+                "leases_expired",
+                "jobs of lost workers taken back",
+                requeued=requeued,
+                failed=failed,
+                worker=self.owner,
+            )
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Work until *stop* is set; the job in hand is finished first."""
+        next_sweep = 0.0
+        while not stop.is_set():
+            if time.monotonic() >= next_sweep:  # every worker also looks for dead workers' jobs
+                with contextlib.suppress(Exception):
+                    self.requeue_expired()
+                next_sweep = time.monotonic() + self.config.lease_seconds / 2
+            try:
+                busy = self.run_once()
+            except TriageError as exc:
+                log_event(LOG, logging.ERROR, "worker_error", str(exc), worker=self.owner)
+                busy = False
+            except Exception as exc:
+                log_event(
+                    LOG,
+                    logging.WARNING,
+                    "worker_error",
+                    f"{type(exc).__name__}: {exc}"[:300],
+                    worker=self.owner,
+                )
+                busy = False
+            if not busy:
+                stop.wait(self.config.poll_seconds)
