@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from triage_node import __version__
 from triage_node.config import Config, load_config
 from triage_node.errors import TriageError
+from triage_node.logs import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -41,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the listener (default 5)"
     )
 
+    commands.add_parser("worker", help="run analysis workers only (scale-out hosts)")
+
+    infer = commands.add_parser(
+        "infer", help="run the model on DICOM files, without the network (to check a model)"
+    )
+    infer.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
+    infer.add_argument("--model", type=Path, help="model directory (default: worker.model_dir)")
+    infer.add_argument("--json", action="store_true", help="machine-readable output")
+
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
@@ -52,6 +62,20 @@ def _serve(config: Config, _args: argparse.Namespace) -> int:
     from triage_node.service import serve
 
     return serve(config)
+
+
+def _worker(config: Config, _args: argparse.Namespace) -> int:
+    from triage_node.service import serve_workers
+
+    return serve_workers(config)
+
+
+def _infer(config: Config, args: argparse.Namespace) -> int:
+    from triage_node.files import analyse_files, format_report
+
+    report = analyse_files(args.paths, args.model or config.worker.model_dir, config.worker)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return EXIT_OK
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:
@@ -88,7 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TriageError as exc:
         print(f"triage-node: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    handlers = {"serve": _serve, "status": _status, "db": _db}
+    configure_logging(config.log.level, config.log.format)
+    handlers = {
+        "serve": _serve,
+        "worker": _worker,
+        "infer": _infer,
+        "status": _status,
+        "db": _db,
+    }
     try:
         return handlers[args.command](config, args)
     except TriageError as exc:

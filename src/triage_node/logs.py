@@ -11,6 +11,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from pydicom import config as pydicom_config
+
 ROOT = "triage_node"
 _STANDARD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
@@ -82,5 +84,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger(ROOT).setLevel(level.upper())
     for noisy in ("pynetdicom", "apscheduler", "alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # pydicom's warnings quote element values, which may be patient names or IDs.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # pydicom's warnings quote element values, which may be patient names or IDs; values are
+    # checked by the node itself where it matters.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE

@@ -123,6 +123,7 @@ _GDCM_TYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16":
 def _decode_file_with_gdcm(path: str, rows: int, columns: int) -> np.ndarray:
     import gdcm  # type: ignore[import-untyped]
 
+    gdcm.Trace.WarningOff()  # GDCM prints to stderr otherwise; the outcome is reported here
     reader = gdcm.ImageReader()
     reader.SetFileName(path)
     if not reader.Read():

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -435,9 +434,6 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     Datasets are streamed to files in *incoming_dir* (same file system as the spool, so
     storing is a rename); identifiers of requests are never logged.
     """
-    # Header values are checked by the node itself; pydicom's reading validation would only
-    # add log lines that can quote element values (patient data).
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"

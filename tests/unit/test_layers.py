@@ -11,6 +11,7 @@ LAYERS = {
     "service": 8,
     "health": 8,
     "worker": 7,
+    "files": 7,
     "scheduler": 7,
     "pipeline": 6,
     "receive": 4,

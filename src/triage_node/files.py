@@ -1,0 +1,106 @@
+"""``triage-node infer``: the analysis pipeline on plain files, grouped into studies."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from triage_node.config import WorkerConfig
+from triage_node.infer import Model
+from triage_node.pipeline import ImageSource, analyse
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        else:
+            found.append(path)
+    return found
+
+
+def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> dict[str, Any]:
+    """Analyse every DICOM file under *paths*; a study is the files sharing a Study UID."""
+    model = Model(model_dir, intra_op_threads=config.intra_op_threads)
+    studies: dict[str, list[ImageSource]] = {}
+    names: dict[str, str] = {}
+    unreadable: list[dict[str, str]] = []
+    for index, path in enumerate(_files(paths)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                header = dcmread(path, stop_before_pixels=True)
+            study_uid = str(header.get("StudyInstanceUID", "")) or "(no Study Instance UID)"
+            sop_uid = str(header.get("SOPInstanceUID", "")) or f"(file {index})"
+        except Exception as exc:
+            unreadable.append({"file": str(path), "reason": f"not readable as DICOM: {exc}"})
+            continue
+        studies.setdefault(study_uid, []).append(ImageSource(index, sop_uid, path))
+        names[sop_uid] = str(path)
+
+    manifest = model.manifest
+    report: dict[str, Any] = {
+        "model": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "provider": model.provider,
+            "thresholds": {k: p.threshold for k, p in manifest.operating_points.items()},
+        },
+        "studies": [],
+        "unreadable": unreadable,
+    }
+    for study_uid, sources in studies.items():
+        analysis = analyse(sources, model, config.max_batch)
+        report["studies"].append(
+            {
+                "study_uid": study_uid,
+                "outcome": analysis.outcome.value,
+                "score": analysis.score,
+                "operating_point": analysis.operating_point,
+                "inference_ms": round(analysis.inference_ms, 2),
+                "images": [
+                    {
+                        "file": names[i.sop_instance_uid],
+                        "sop_instance_uid": i.sop_instance_uid,
+                        "probability": round(i.probability, 6),
+                        "peak_row": i.peak_row,
+                        "peak_column": i.peak_column,
+                        "peak_value": round(i.peak_value, 4),
+                        "peak_area": round(i.peak_area, 4),
+                        "preprocess_ms": round(i.preprocess_ms, 2),
+                    }
+                    for i in analysis.images
+                ],
+                "skipped": [
+                    {"file": names[k.sop_instance_uid], "reason": k.reason}
+                    for k in analysis.skipped
+                ],
+            }
+        )
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    model = report["model"]
+    lines = [f"model {model['name']} {model['version']} ({model['provider']})"]
+    for study in report["studies"]:
+        score = "-" if study["score"] is None else f"{study['score']:.4f}"
+        point = f" ({study['operating_point']})" if study["operating_point"] else ""
+        lines.append(
+            f"study {study['study_uid']}: {study['outcome'].upper()} score {score}{point}, "
+            f"{len(study['images'])} analysed, {len(study['skipped'])} skipped"
+        )
+        for image in study["images"]:
+            lines.append(
+                f"  {image['probability']:.4f}  peak row {image['peak_row']} column "
+                f"{image['peak_column']}  {image['file']}"
+            )
+        for skip in study["skipped"]:
+            lines.append(f"  skipped  {skip['file']}: {skip['reason']}")
+    for item in report["unreadable"]:
+        lines.append(f"unreadable  {item['file']}: {item['reason']}")
+    return "\n".join(lines)
