@@ -67,6 +67,7 @@ class Node:
             "study": {"settle_seconds": 0.5},
             "service": {"poll_seconds": 0.1, "heartbeat_seconds": 1, "shutdown_grace_seconds": 10},
             "log": {"format": "json", "level": "DEBUG"},
+            "worker": {"count": 0},
         }
         if database_url:
             base["database"] = {"url": database_url}

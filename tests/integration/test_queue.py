@@ -1,0 +1,163 @@
+"""The job queue on SQLite and PostgreSQL: exclusive claims, leases, retries, results."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from triage_node.db import image_results, jobs, make_engine, studies, study_results, upgrade
+from triage_node.domain import (
+    ImageResult,
+    InstanceHeader,
+    JobState,
+    Skip,
+    SpooledFile,
+    StudyAnalysis,
+)
+from triage_node.store import Store
+
+T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=60)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def queue_studies(store: Store, count: int) -> None:
+    for n in range(count):
+        h = InstanceHeader(
+            study_uid=f"1.2.{n}",
+            series_uid=f"1.2.{n}.1",
+            sop_instance_uid=f"1.2.{n}.1.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            modality="DX",
+            body_part="HAND",
+            series_description="",
+            accession_number="",
+            study_date="",
+        )
+        store.record_instance(h, SpooledFile(f"{n}.dcm", 10, False), None, T0)
+    for ready in store.ready_studies(T0 + timedelta(seconds=10), timedelta(0), timedelta(hours=1)):
+        assert store.enqueue(ready, T0 + timedelta(seconds=10)) is not None
+
+
+def analysis(instance_id: int, probability: float) -> StudyAnalysis:
+    return StudyAnalysis(
+        images=(ImageResult(instance_id, "1.2.0.1.1", probability, 10, 20, 1.0, 0.05, 12.0),),
+        skipped=(Skip(instance_id, "1.2.0.1.1", "example skip"),),
+        model_name="tiny",
+        model_version="1",
+        provider="CPUExecutionProvider",
+        threshold_high_sensitivity=0.3,
+        threshold_high_specificity=0.7,
+        inference_ms=5.0,
+    )
+
+
+def test_two_workers_never_share_a_job(store: Store) -> None:
+    queue_studies(store, 30)
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+    now = T0 + timedelta(minutes=1)
+
+    def work(name: str) -> None:
+        while (job := store.claim(name, now, LEASE)) is not None:
+            claimed[name].append(job.job_id)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    together = claimed["a"] + claimed["b"]
+    assert len(together) == 30 and len(set(together)) == 30
+
+
+def test_expired_lease_is_claimed_again_then_failed(store: Store) -> None:
+    queue_studies(store, 1)
+    now = T0 + timedelta(minutes=1)
+    first = store.claim("dead-worker", now, LEASE)
+    assert first is not None and first.attempts == 1
+    assert store.claim("other", now, LEASE) is None  # leased
+    assert store.requeue_expired(now + LEASE / 2, max_attempts=2) == (0, 0)
+    assert store.requeue_expired(now + LEASE * 2, max_attempts=2) == (1, 0)
+    second = store.claim("other", now + LEASE * 2, LEASE)
+    assert second is not None and second.job_id == first.job_id and second.attempts == 2
+    assert store.requeue_expired(now + LEASE * 4, max_attempts=2) == (0, 1)
+    with store.engine.connect() as conn:
+        state, error = conn.execute(select(jobs.c.state, jobs.c.last_error)).one()
+        study_state, outcome = conn.execute(select(studies.c.state, studies.c.outcome)).one()
+    assert state == JobState.FAILED.value and "lease expired" in error
+    assert (study_state, outcome) == ("INFERRED", "failed")
+
+
+def test_job_that_keeps_failing_ends_failed_with_its_error(store: Store) -> None:
+    queue_studies(store, 1)
+    now = T0 + timedelta(minutes=1)
+    for attempt in (1, 2, 3):
+        job = store.claim("w", now, LEASE)
+        assert job is not None and job.attempts == attempt
+        state = store.retry_or_fail(job, "w", f"boom {attempt}", now, max_attempts=3, retry_at=now)
+        assert state == (JobState.FAILED if attempt == 3 else JobState.QUEUED)
+    assert store.claim("w", now, LEASE) is None
+    with store.engine.connect() as conn:
+        assert conn.execute(select(jobs.c.state, jobs.c.last_error)).one() == ("FAILED", "boom 3")
+
+
+def test_retry_waits_for_its_backoff(store: Store) -> None:
+    queue_studies(store, 1)
+    now = T0 + timedelta(minutes=1)
+    job = store.claim("w", now, LEASE)
+    assert job is not None
+    store.retry_or_fail(job, "w", "x", now, max_attempts=3, retry_at=now + timedelta(seconds=20))
+    assert store.claim("w", now + timedelta(seconds=10), LEASE) is None
+    assert store.claim("w", now + timedelta(seconds=20), LEASE) is not None
+
+
+def test_release_does_not_count_an_attempt(store: Store) -> None:
+    queue_studies(store, 1)
+    now = T0 + timedelta(minutes=1)
+    job = store.claim("w1", now, LEASE)
+    assert job is not None
+    store.release(job, "w1", "cannot read the spool here", now)
+    again = store.claim("w2", now, LEASE)
+    assert again is not None and again.attempts == 1
+
+
+def test_complete_stores_results_and_marks_the_study(store: Store) -> None:
+    queue_studies(store, 1)
+    now = T0 + timedelta(minutes=1)
+    job = store.claim("w", now, LEASE)
+    assert job is not None
+    [ref] = store.instances_of(job.study_id)
+    assert store.complete(job, "w", analysis(ref.instance_id, 0.8), now)
+    assert not store.complete(job, "w", analysis(ref.instance_id, 0.8), now)  # only once
+    with store.engine.connect() as conn:
+        result = conn.execute(select(study_results)).one()
+        images = conn.execute(select(image_results)).all()
+        study = conn.execute(select(studies.c.state, studies.c.outcome)).one()
+    assert result.score == pytest.approx(0.8) and result.outcome == "positive"
+    assert result.operating_point == "high_specificity"
+    assert result.positive_high_sensitivity and result.positive_high_specificity
+    assert len(images) == 2 and {i.skip_reason for i in images} == {None, "example skip"}
+    assert tuple(study) == ("INFERRED", "positive")
+
+
+def test_lost_lease_cannot_complete(store: Store) -> None:
+    queue_studies(store, 1)
+    now = T0 + timedelta(minutes=1)
+    job = store.claim("slow", now, LEASE)
+    assert job is not None
+    store.requeue_expired(now + LEASE * 2, max_attempts=5)
+    assert store.claim("fast", now + LEASE * 2, LEASE) is not None
+    assert not store.extend_lease(job.job_id, "slow", now + LEASE * 3)
+    assert not store.complete(job, "slow", analysis(1, 0.1), now + LEASE * 2)
