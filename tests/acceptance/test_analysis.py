@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,8 +105,6 @@ def test_infer_command_on_files(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    import json
-
     report = json.loads(result.stdout)
     [study] = report["studies"]
     assert len(study["images"]) == 2 and study["outcome"] in ("positive", "negative")
