@@ -145,8 +145,10 @@ def apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     out = arr.astype(np.float32)
-    if slope != 1 or intercept != 0:
-        out = out * np.float32(slope) + np.float32(intercept)
+    if slope != 1:
+        out *= np.float32(slope)
+    if intercept != 0:
+        out += np.float32(intercept)
     return out
 
 
@@ -179,16 +181,24 @@ def apply_voi(arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header") -> 
 
 
 def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Window to [0, 1] as PS3.3 C.11.2.1.2 defines it, in float32."""
-    x = arr.astype(np.float32, copy=False)
+    """Window to [0, 1] as PS3.3 C.11.2.1.2 defines it, in float32 (one copy, then in place)."""
+    x = np.array(arr, dtype=np.float32, copy=True)
     if function == "SIGMOID":
-        return np.asarray(1.0 / (1.0 + np.exp(-4.0 * (x - center) / width)), dtype=np.float32)
+        x -= np.float32(center)
+        x *= np.float32(-4.0 / width)
+        np.exp(x, out=x)
+        x += np.float32(1)
+        return np.reciprocal(x, out=x)
     if function == "LINEAR_EXACT":
-        return np.asarray(np.clip((x - np.float32(center)) / np.float32(width) + 0.5, 0, 1))
-    c, w = np.float32(center - 0.5), np.float32(width - 1)
-    if w <= 0:
-        return (x > c).astype(np.float32)
-    return np.asarray(np.clip((x - c) / w + np.float32(0.5), 0, 1))
+        offset, scale = np.float32(center), np.float32(1.0 / width)
+    else:
+        if width <= 1:
+            return (x > np.float32(center - 0.5)).astype(np.float32)
+        offset, scale = np.float32(center - 0.5), np.float32(1.0 / (width - 1))
+    x -= offset
+    x *= scale
+    x += np.float32(0.5)
+    return np.clip(x, 0, 1, out=x)
 
 
 def apply_presentation(arr: np.ndarray, ds: Dataset) -> np.ndarray:
