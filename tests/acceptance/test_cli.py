@@ -15,6 +15,7 @@ from tests.support.synth import (
     SYNTHETIC_PATIENT_NAME,
     write_study_set,
 )
+from triage_node.db import head_revision
 
 
 def status(node: Node) -> tuple[int, dict]:
@@ -80,7 +81,7 @@ def test_db_upgrade_and_current(tmp_path: Path, database_url: str) -> None:
     before = node.command("db", "current")
     assert before.returncode == 1 and "run 'triage-node db upgrade'" in before.stdout
     upgraded = node.command("db", "upgrade")
-    assert upgraded.returncode == 0 and "empty -> 0001" in upgraded.stdout
+    assert upgraded.returncode == 0 and f"empty -> {head_revision()}" in upgraded.stdout
     after = node.command("db", "current")
     assert after.returncode == 0 and "(current)" in after.stdout
 
