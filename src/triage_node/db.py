@@ -176,6 +176,20 @@ image_results = Table(
     Column("skip_reason", Text),
 )
 
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("owner", String(128), nullable=False, unique=True),  # host:pid of the worker
+    Column("model_name", String(64), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("jobs_done", Integer, nullable=False, server_default="0"),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("stopped_at", UTCDateTime()),
+)
+
 services = Table(
     "services",
     metadata,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from triage_node.db import current_revision, head_revision, make_engine, redact_
 from triage_node.store import Store
 
 SCHEMA_VERSION = 1
+WORKER_STALE_SECONDS = 30.0  # six missed worker heartbeats
 STATUS_AE_TITLE = "TRIAGE_STATUS"
 
 
@@ -165,6 +166,26 @@ def _add_contents(
         "last_received_age_s": _age(totals.last_received_at, now),
     }
     report["associations_open"] = totals.open_associations
+    since = now - timedelta(seconds=WORKER_STALE_SECONDS)
+    live = store.live_workers(since)
+    report["workers"] = [
+        {
+            "owner": w.owner,
+            "model": w.model_name,
+            "model_version": w.model_version,
+            "provider": w.provider,
+            "jobs_done": w.jobs_done,
+            "heartbeat_age_s": _age(w.heartbeat_at, now),
+        }
+        for w in live
+    ]
+    oldest = store.oldest_queued_job()
+    report["queue"] = {
+        "queued": totals.jobs_by_state.get("QUEUED", 0),
+        "oldest_queued_age_s": _age(oldest, now),
+    }
+    if oldest is not None and not live and running:
+        problems.append("jobs are queued but no worker is running (is the model missing?)")
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -200,6 +221,19 @@ def format_status(report: dict[str, Any]) -> str:
         age = f" ({inst['last_received_age_s']} s ago)" if inst["last_received_at"] else ""
         lines.append(f"instances  {inst['count']}; last received {last}{age}")
         lines.append(f"associations open: {report['associations_open']}")
+        queue = report["queue"]
+        age = queue["oldest_queued_age_s"]
+        lines.append(
+            f"queue      {queue['queued']} queued"
+            + (f", oldest {age} s" if age is not None else "")
+        )
+        for w in report["workers"]:
+            lines.append(
+                f"worker     {w['owner']}: {w['model']} {w['model_version']} on {w['provider']}, "
+                f"{w['jobs_done']} jobs, heartbeat {w['heartbeat_age_s']} s ago"
+            )
+        if not report["workers"]:
+            lines.append("worker     none running")
     spool = report["spool"]
     lines.append(
         f"spool      {spool['path']}: {spool['bytes'] / 2**20:.1f} MiB used, "

@@ -24,6 +24,7 @@ from triage_node.db import (
     services,
     studies,
     study_results,
+    workers,
 )
 from triage_node.domain import (
     AssociationEnd,
@@ -54,6 +55,16 @@ class ServiceRecord:
     started_at: datetime
     heartbeat_at: datetime
     stopped_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    owner: str
+    model_name: str
+    model_version: str
+    provider: str
+    jobs_done: int
+    heartbeat_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +566,56 @@ class Store:
                 owner=process_owner(), **{"started_at": now, **values}
             )
             conn.execute(stmt.on_conflict_do_update(index_elements=[services.c.owner], set_=values))
+
+    def worker_heartbeat(
+        self, model: str, version: str, provider: str, jobs_done: int, now: datetime
+    ) -> None:
+        values: dict[str, Any] = {
+            "model_name": model[:64],
+            "model_version": version[:32],
+            "provider": provider[:64],
+            "jobs_done": jobs_done,
+            "heartbeat_at": now,
+            "stopped_at": None,
+        }
+        with self.engine.begin() as conn:
+            stmt = self._dialect_insert(workers).values(
+                owner=process_owner(), **{"started_at": now, **values}
+            )
+            conn.execute(stmt.on_conflict_do_update(index_elements=[workers.c.owner], set_=values))
+
+    def worker_stopped(self, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(workers).where(workers.c.owner == process_owner()).values(stopped_at=now)
+            )
+
+    def live_workers(self, since: datetime) -> list[WorkerRecord]:
+        """Workers that sent a heartbeat after *since* and have not stopped."""
+        query = (
+            select(workers)
+            .where(workers.c.heartbeat_at >= since, workers.c.stopped_at.is_(None))
+            .order_by(workers.c.owner)
+        )
+        with self.engine.connect() as conn:
+            return [
+                WorkerRecord(
+                    owner=r.owner,
+                    model_name=r.model_name,
+                    model_version=r.model_version,
+                    provider=r.provider,
+                    jobs_done=r.jobs_done,
+                    heartbeat_at=r.heartbeat_at,
+                )
+                for r in conn.execute(query)
+            ]
+
+    def oldest_queued_job(self) -> datetime | None:
+        with self.engine.connect() as conn:
+            oldest: datetime | None = conn.execute(
+                select(func.min(jobs.c.created_at)).where(jobs.c.state == JobState.QUEUED.value)
+            ).scalar_one()
+        return oldest
 
     def service_stopped(self, now: datetime) -> None:
         with self.engine.begin() as conn:

@@ -27,6 +27,7 @@ from triage_node.store import Store, process_owner
 
 LOG = get_logger(__name__)
 MISSING_FILE_RETRY_SECONDS = 30.0
+HEARTBEAT_SECONDS = 5.0
 
 
 def utcnow() -> datetime:
@@ -53,6 +54,7 @@ class Worker:
         self.owner = name or process_owner()
         self.clock = clock
         self.lease = timedelta(seconds=config.lease_seconds)
+        self.jobs_done = 0
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue had nothing runnable."""
@@ -170,10 +172,20 @@ class Worker:
                 worker=self.owner,
             )
 
+    def heartbeat(self) -> None:
+        m = self.model.manifest
+        self.store.worker_heartbeat(
+            m.name, m.version, self.model.provider, self.jobs_done, self.clock()
+        )
+
     def run_forever(self, stop: threading.Event) -> None:
         """Work until *stop* is set; the job in hand is finished first."""
-        next_sweep = 0.0
+        next_sweep = next_beat = 0.0
         while not stop.is_set():
+            if time.monotonic() >= next_beat:  # status shows live workers and their provider
+                with contextlib.suppress(Exception):
+                    self.heartbeat()
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
             if time.monotonic() >= next_sweep:  # every worker also looks for dead workers' jobs
                 with contextlib.suppress(Exception):
                     self.requeue_expired()
@@ -194,3 +206,5 @@ class Worker:
                 busy = False
             if not busy:
                 stop.wait(self.config.poll_seconds)
+        with contextlib.suppress(Exception):
+            self.store.worker_stopped(self.clock())

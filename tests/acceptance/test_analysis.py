@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,10 +52,31 @@ def test_serve_analyses_a_received_study(tmp_path: Path) -> None:
         )
         peaks = rows(node.database_url, "select peak_row, peak_column from image_results")
         assert len(peaks) == 3 and all(0 <= r < 128 and 0 <= c < 96 for r, c in peaks)
+        report = json.loads(node.command("status", "--json").stdout)
+        [worker] = report["workers"]
+        assert worker["provider"] == "CPUExecutionProvider" and worker["model"] == "tiny-test"
+        assert report["queue"]["queued"] == 0 and report["healthy"], report["problems"]
     finally:
         assert node.stop() == 0
     actions = [r.get("action") for r in node.log_records()]
     assert "model_loaded" in actions and "study_inferred" in actions
+
+
+def test_status_is_unhealthy_when_jobs_wait_without_a_worker(tmp_path: Path) -> None:
+    missing = tmp_path / "no-model-here"
+    node = Node(tmp_path / "node", worker={"count": 1, "model_dir": str(missing)}).start()
+    try:
+        files = write_study_set(tmp_path / "set", 1, 64, 64, per_study=1)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: rows(node.database_url, "select state from jobs") == [("QUEUED",)], 20)
+        result = node.command("status", "--json")
+        report = json.loads(result.stdout)
+        assert result.returncode == 1 and report["workers"] == []
+        assert "jobs are queued but no worker is running" in " ".join(report["problems"])
+    finally:
+        assert node.stop() == 0
+    unavailable = [r for r in node.log_records() if r.get("action") == "model_unavailable"]
+    assert unavailable and str(missing) in unavailable[0]["message"]
 
 
 def test_job_of_a_dead_worker_is_taken_over(tmp_path: Path) -> None:
@@ -124,3 +147,54 @@ def test_infer_with_a_damaged_model_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "does not match the manifest" in result.stderr
+
+
+def test_worker_killed_mid_job_loses_nothing(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "model", size=256)
+    node = Node(tmp_path / "node").start()  # receive only; workers are started below
+    try:
+        files = write_study_set(tmp_path / "set", 16, 1500, 1500, per_study=16)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: rows(node.database_url, "select state from jobs") == [("QUEUED",)], 20)
+    finally:
+        assert node.stop() == 0
+    env = {
+        **node.env,
+        "TRIAGE_NODE_WORKER_MODEL_DIR": str(model),
+        "TRIAGE_NODE_WORKER_LEASE_SECONDS": "5",
+        "TRIAGE_NODE_WORKER_MAX_BATCH": "16",
+    }
+    command = [triage_node_command(), "--config", str(node.config_path), "worker"]
+    first = subprocess.Popen(
+        command,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: rows(node.database_url, "select state from jobs") == [("RUNNING",)],
+            60,
+            0.01,
+            "a worker to start the job",
+        )
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    assert rows(node.database_url, "select state from jobs") == [("RUNNING",)], "job ended early"
+    assert rows(node.database_url, "select count(*) from study_results") == [(0,)]
+
+    second = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(
+            lambda: rows(node.database_url, "select state, attempts from jobs") == [("DONE", 2)],
+            90,
+            what="the job to be claimed again after the lease and done",
+        )
+    finally:
+        second.terminate()
+        assert second.wait(60) == 0
+    assert rows(node.database_url, "select images from study_results") == [(16,)]

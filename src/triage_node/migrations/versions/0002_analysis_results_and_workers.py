@@ -1,8 +1,8 @@
-"""analysis results
+"""analysis results and workers
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-23 09:16:36.469932
+Create Date: 2026-11-23 09:28:11.849360
 """
 
 from __future__ import annotations
@@ -19,6 +19,20 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_table(
+        "workers",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("owner", sa.String(length=128), nullable=False),
+        sa.Column("model_name", sa.String(length=64), nullable=False),
+        sa.Column("model_version", sa.String(length=32), nullable=False),
+        sa.Column("provider", sa.String(length=64), nullable=False),
+        sa.Column("jobs_done", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("started_at", triage_node.db.UTCDateTime(), nullable=False),
+        sa.Column("heartbeat_at", triage_node.db.UTCDateTime(), nullable=False),
+        sa.Column("stopped_at", triage_node.db.UTCDateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_workers")),
+        sa.UniqueConstraint("owner", name=op.f("uq_workers_owner")),
+    )
     op.create_table(
         "study_results",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -96,3 +110,4 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_study_results_study_id"))
 
     op.drop_table("study_results")
+    op.drop_table("workers")
