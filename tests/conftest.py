@@ -12,6 +12,8 @@ from sqlalchemy.exc import OperationalError
 
 from tests.support.node import Node
 from tests.support.peers import missing
+from triage_node.db import make_engine, upgrade
+from triage_node.store import Store
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -50,6 +52,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'test.sqlite3'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """A Store on a freshly migrated database (SQLite and PostgreSQL)."""
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield Store(engine)
+    engine.dispose()
 
 
 @pytest.fixture

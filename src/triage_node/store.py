@@ -549,46 +549,47 @@ class Store:
 
     # -- service heartbeat -------------------------------------------------------------------
 
+    def _heartbeat(self, table: Table, values: dict[str, Any], now: datetime) -> None:
+        """Insert or refresh this process's row (keyed by ``host:pid``) in *table*."""
+        values = {**values, "heartbeat_at": now, "stopped_at": None}
+        with self.engine.begin() as conn:
+            stmt = self._dialect_insert(table).values(
+                owner=process_owner(), **{"started_at": now, **values}
+            )
+            conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.owner], set_=values))
+
+    def _stopped(self, table: Table, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(table)
+                .where(table.c.owner == process_owner())
+                .values(stopped_at=now, heartbeat_at=now)
+            )
+
     def service_heartbeat(
         self, version: str, ae_title: str, port: int, now: datetime, *, starting: bool = False
     ) -> None:
-        values: dict[str, Any] = {
-            "version": version,
-            "ae_title": ae_title,
-            "port": port,
-            "heartbeat_at": now,
-            "stopped_at": None,
-        }
+        values: dict[str, Any] = {"version": version, "ae_title": ae_title, "port": port}
         if starting:
             values["started_at"] = now
-        with self.engine.begin() as conn:
-            stmt = self._dialect_insert(services).values(
-                owner=process_owner(), **{"started_at": now, **values}
-            )
-            conn.execute(stmt.on_conflict_do_update(index_elements=[services.c.owner], set_=values))
+        self._heartbeat(services, values, now)
+
+    def service_stopped(self, now: datetime) -> None:
+        self._stopped(services, now)
 
     def worker_heartbeat(
         self, model: str, version: str, provider: str, jobs_done: int, now: datetime
     ) -> None:
-        values: dict[str, Any] = {
+        values = {
             "model_name": model[:64],
             "model_version": version[:32],
             "provider": provider[:64],
             "jobs_done": jobs_done,
-            "heartbeat_at": now,
-            "stopped_at": None,
         }
-        with self.engine.begin() as conn:
-            stmt = self._dialect_insert(workers).values(
-                owner=process_owner(), **{"started_at": now, **values}
-            )
-            conn.execute(stmt.on_conflict_do_update(index_elements=[workers.c.owner], set_=values))
+        self._heartbeat(workers, values, now)
 
     def worker_stopped(self, now: datetime) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(workers).where(workers.c.owner == process_owner()).values(stopped_at=now)
-            )
+        self._stopped(workers, now)
 
     def live_workers(self, since: datetime) -> list[WorkerRecord]:
         """Workers that sent a heartbeat after *since* and have not stopped."""
@@ -616,14 +617,6 @@ class Store:
                 select(func.min(jobs.c.created_at)).where(jobs.c.state == JobState.QUEUED.value)
             ).scalar_one()
         return oldest
-
-    def service_stopped(self, now: datetime) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(services)
-                .where(services.c.owner == process_owner())
-                .values(stopped_at=now, heartbeat_at=now)
-            )
 
     def latest_service(self) -> ServiceRecord | None:
         with self.engine.connect() as conn:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 
-from triage_node.db import image_results, jobs, make_engine, studies, study_results, upgrade
+from triage_node.db import image_results, jobs, studies, study_results
 from triage_node.domain import (
     ImageResult,
     InstanceHeader,
@@ -22,14 +21,6 @@ from triage_node.store import Store
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def queue_studies(store: Store, count: int) -> None:

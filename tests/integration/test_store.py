@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import func, select
 
-from triage_node.db import instances, jobs, make_engine, studies, upgrade
+from triage_node.db import instances, jobs, studies
 from triage_node.domain import AssociationEnd, InstanceHeader, JobState, SpooledFile, StudyState
 from triage_node.store import Store
 
 T0 = datetime(2026, 11, 23, 8, 0, 0, 123456, tzinfo=UTC)
 SETTLE = timedelta(seconds=2)
 STALE = timedelta(seconds=300)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def header(study: str = "1.2.3", sop: str = "1.2.3.1.1") -> InstanceHeader:
