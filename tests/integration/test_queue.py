@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from tests.support.records import header
 from triage_node.db import image_results, jobs, studies, study_results
 from triage_node.domain import (
     ImageResult,
-    InstanceHeader,
     JobState,
     Skip,
     SpooledFile,
@@ -25,18 +25,7 @@ LEASE = timedelta(seconds=60)
 
 def queue_studies(store: Store, count: int) -> None:
     for n in range(count):
-        h = InstanceHeader(
-            study_uid=f"1.2.{n}",
-            series_uid=f"1.2.{n}.1",
-            sop_instance_uid=f"1.2.{n}.1.1",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            modality="DX",
-            body_part="HAND",
-            series_description="",
-            accession_number="",
-            study_date="",
-        )
+        h = header(study=f"1.2.{n}", sop=f"1.2.{n}.1.1", modality="DX")
         store.record_instance(h, SpooledFile(f"{n}.dcm", 10, False), None, T0)
     for ready in store.ready_studies(T0 + timedelta(seconds=10), timedelta(0), timedelta(hours=1)):
         assert store.enqueue(ready, T0 + timedelta(seconds=10)) is not None

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 
+from tests.support.records import header
 from triage_node.db import instances, jobs, studies
 from triage_node.domain import AssociationEnd, InstanceHeader, JobState, SpooledFile, StudyState
 from triage_node.store import Store
@@ -13,21 +14,6 @@ from triage_node.store import Store
 T0 = datetime(2026, 11, 23, 8, 0, 0, 123456, tzinfo=UTC)
 SETTLE = timedelta(seconds=2)
 STALE = timedelta(seconds=300)
-
-
-def header(study: str = "1.2.3", sop: str = "1.2.3.1.1") -> InstanceHeader:
-    return InstanceHeader(
-        study_uid=study,
-        series_uid=study + ".1",
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="CR",
-        body_part="HAND",
-        series_description="PA",
-        accession_number="ACC1",
-        study_date="20260101",
-    )
 
 
 def spooled(h: InstanceHeader, size: int = 100, replaced: bool = False) -> SpooledFile:

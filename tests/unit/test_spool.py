@@ -3,24 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from triage_node.domain import InstanceHeader
+from tests.support.records import header
 from triage_node.errors import OutOfResources
 from triage_node.spool import EarlyWriteback, Spool
-
-
-def header(sop: str = "1.2.3.4") -> InstanceHeader:
-    return InstanceHeader(
-        study_uid="1.2.3",
-        series_uid="1.2.3.1",
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="CR",
-        body_part="HAND",
-        series_description="",
-        accession_number="",
-        study_date="20260101",
-    )
 
 
 def partial_file(spool: Spool, content: bytes) -> Path:
@@ -32,7 +17,7 @@ def partial_file(spool: Spool, content: bytes) -> Path:
 def test_commit_moves_into_uid_path_owner_only(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    stored = spool.commit(partial_file(spool, b"first"), header())
+    stored = spool.commit(partial_file(spool, b"first"), header(sop="1.2.3.4"))
     assert stored.relpath == "1.2.3/1.2.3.1/1.2.3.4.dcm"
     assert stored.size == 5 and not stored.replaced
     final = spool.path_of(stored.relpath)
@@ -45,8 +30,8 @@ def test_commit_moves_into_uid_path_owner_only(tmp_path: Path) -> None:
 def test_commit_replaces_a_resend(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    spool.commit(partial_file(spool, b"first"), header())
-    again = spool.commit(partial_file(spool, b"second!"), header())
+    spool.commit(partial_file(spool, b"first"), header(sop="1.2.3.4"))
+    again = spool.commit(partial_file(spool, b"second!"), header(sop="1.2.3.4"))
     assert again.replaced and again.size == 7
     assert spool.path_of(again.relpath).read_bytes() == b"second!"
 
@@ -73,7 +58,7 @@ def test_commit_failure_removes_partial_and_says_out_of_resources(tmp_path: Path
     partial = partial_file(spool, b"data")
     (spool.root / "1.2.3").write_text("a file where the study directory should be")
     with pytest.raises(OutOfResources, match="cannot write to the spool"):
-        spool.commit(partial, header())
+        spool.commit(partial, header(sop="1.2.3.4"))
     assert not partial.exists()
 
 
@@ -102,7 +87,7 @@ def test_early_writeback_runs_beside_a_growing_file_and_stops(tmp_path: Path) ->
             for _ in range(50):
                 handle.write(b"\0" * 65536)
                 handle.flush()
-        stored = spool.commit(incoming / "growing.dcm", header())
+        stored = spool.commit(incoming / "growing.dcm", header(sop="1.2.3.4"))
         assert stored.size == 50 * 65536
     finally:
         writeback.stop()
