@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tests.support.node import Node
+from tests.support.onnx_models import write_model_dir
 from tests.support.peers import storescu, triage_node_command, wait_for
 from tests.support.synth import (
     SYNTHETIC_ACCESSION,
@@ -23,18 +24,29 @@ def status(node: Node) -> tuple[int, dict]:
     return result.returncode, json.loads(result.stdout)
 
 
-def test_status_of_a_healthy_node(node: Node, tmp_path: Path) -> None:
+def test_status_of_a_healthy_node(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "model")
+    node = Node(tmp_path / "node", worker={"count": 1, "model_dir": str(model)}).start()
+    try:
+        check_healthy_node(node, tmp_path)
+    finally:
+        assert node.stop() == 0
+
+
+def check_healthy_node(node: Node, tmp_path: Path) -> None:
     files = write_study_set(tmp_path / "set", 4, 64, 64)
     assert storescu(node.port, files).returncode == 0
-    wait_for(lambda: status(node)[1].get("studies") == {"QUEUED": 1}, 20, what="study queued")
+    wait_for(lambda: status(node)[1].get("studies") == {"INFERRED": 1}, 60, what="analysed")
     code, report = status(node)
-    assert code == 0, report
+    assert code == 0, report["problems"]
     assert report["healthy"] is True and report["problems"] == []
     assert report["listener"]["reachable"] is True
     assert report["listener"]["detail"] == "C-ECHO success"
     assert report["service"]["running"] is True
     assert report["database"]["schema_current"] is True
-    assert report["jobs"] == {"QUEUED": 1}
+    assert report["jobs"] == {"DONE": 1}
+    assert report["queue"] == {"queued": 0, "oldest_queued_age_s": None}
+    assert [w["provider"] for w in report["workers"]] == ["CPUExecutionProvider"]
     assert report["instances"]["count"] == 4
     assert report["instances"]["last_received_age_s"] >= 0
     assert report["spool"]["ok"] is True and report["spool"]["bytes"] > 4 * 64 * 64 * 2
@@ -87,13 +99,16 @@ def test_db_upgrade_and_current(tmp_path: Path, database_url: str) -> None:
 
 
 def test_serve_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
-    node = Node(tmp_path, database_url=postgres_url).start()
+    model = write_model_dir(tmp_path / "model")
+    node = Node(
+        tmp_path / "node",
+        database_url=postgres_url,
+        worker={"count": 1, "model_dir": str(model)},
+    ).start()
     try:
-        files = write_study_set(tmp_path / "set", 4, 64, 64)
-        assert storescu(node.port, files).returncode == 0
-        wait_for(lambda: status(node)[1].get("studies") == {"QUEUED": 1}, 20, what="queued")
-        code, report = status(node)
-        assert code == 0 and report["database"]["url"].startswith("postgresql+psycopg://")
+        check_healthy_node(node, tmp_path)
+        report = status(node)[1]
+        assert report["database"]["url"].startswith("postgresql+psycopg://")
     finally:
         assert node.stop() == 0
 
