@@ -21,6 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from triage_node import __version__
 from triage_node.config import Config
 from triage_node.db import current_revision, head_revision, make_engine, redact_url
+from triage_node.errors import ModelError
+from triage_node.model import load_manifest
 from triage_node.store import Store
 
 SCHEMA_VERSION = 1
@@ -87,6 +89,7 @@ def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
     }
 
     report["database"] = _check_database(report, config, now, problems)
+    report["model"] = _check_model(config)
     _add_spool(report, config, problems)
     report["problems"] = problems
     report["healthy"] = not problems
@@ -117,6 +120,23 @@ def _check_database(
     finally:
         engine.dispose()
     return database
+
+
+def _check_model(config: Config) -> dict[str, Any]:
+    """The configured model directory: usable (manifest valid, SHA-256 matches) or why not."""
+    directory = config.worker.model_dir
+    try:
+        manifest = load_manifest(directory)
+    except ModelError as exc:
+        return {"dir": str(directory), "ok": False, "error": str(exc)}
+    return {
+        "dir": str(directory),
+        "ok": True,
+        "name": manifest.name,
+        "version": manifest.version,
+        "input_size": manifest.input.size,
+        "thresholds": {k: p.threshold for k, p in manifest.operating_points.items()},
+    }
 
 
 def _add_spool(report: dict[str, Any], config: Config, problems: list[str]) -> None:
@@ -234,6 +254,12 @@ def format_status(report: dict[str, Any]) -> str:
             )
         if not report["workers"]:
             lines.append("worker     none running")
+    model = report["model"]
+    lines.append(
+        f"model      {model['name']} {model['version']} ({model['dir']})"
+        if model["ok"]
+        else f"model      not usable: {model['error']}"
+    )
     spool = report["spool"]
     lines.append(
         f"spool      {spool['path']}: {spool['bytes'] / 2**20:.1f} MiB used, "

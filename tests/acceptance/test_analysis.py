@@ -73,6 +73,7 @@ def test_status_is_unhealthy_when_jobs_wait_without_a_worker(tmp_path: Path) -> 
         report = json.loads(result.stdout)
         assert result.returncode == 1 and report["workers"] == []
         assert "jobs are queued but no worker is running" in " ".join(report["problems"])
+        assert report["model"]["ok"] is False and "does not exist" in report["model"]["error"]
     finally:
         assert node.stop() == 0
     unavailable = [r for r in node.log_records() if r.get("action") == "model_unavailable"]

@@ -47,6 +47,7 @@ def check_healthy_node(node: Node, tmp_path: Path) -> None:
     assert report["jobs"] == {"DONE": 1}
     assert report["queue"] == {"queued": 0, "oldest_queued_age_s": None}
     assert [w["provider"] for w in report["workers"]] == ["CPUExecutionProvider"]
+    assert report["model"]["ok"] and report["model"]["name"] == "tiny-test"
     assert report["instances"]["count"] == 4
     assert report["instances"]["last_received_age_s"] >= 0
     assert report["spool"]["ok"] is True and report["spool"]["bytes"] > 4 * 64 * 64 * 2
