@@ -5,9 +5,15 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from triage_node.errors import InvalidUID
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC: the only kind of time the node stores."""
+    return datetime.now(UTC)
+
 
 # PS3.5 Section 9.1: components of digits separated by ".", at most 64 characters.
 # Leading zeros are not allowed by the standard but occur in the wild; they are harmless in a

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from triage_node.config import DicomConfig
-from triage_node.domain import AssociationEnd, InstanceHeader
+from triage_node.domain import AssociationEnd, InstanceHeader, utcnow
 from triage_node.errors import DatasetError, InvalidUID, OutOfResources
 from triage_node.logs import get_logger, log_event
 from triage_node.spool import Spool
@@ -140,10 +140,6 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     if comment:
         rsp.ErrorComment = comment[:ERROR_COMMENT_MAX]
     return rsp
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class StorageHandlers:

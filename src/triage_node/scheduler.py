@@ -11,14 +11,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from triage_node import __version__
 from triage_node.config import Config
+from triage_node.domain import utcnow
 from triage_node.logs import get_logger, log_event
 from triage_node.store import Store
 
 LOG = get_logger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class StudyCompleteness:

@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +27,7 @@ from typing import IO, Any
 from triage_node import __version__
 from triage_node.config import Config, DicomConfig
 from triage_node.db import make_engine, redact_url, require_current_schema, upgrade
+from triage_node.domain import utcnow
 from triage_node.errors import AlreadyRunning, ModelError, TriageError
 from triage_node.infer import Model
 from triage_node.logs import configure_logging, get_logger, log_event
@@ -41,10 +41,6 @@ LOG = get_logger(__name__)
 _PR_SET_PDEATHSIG = 1
 _RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
 MODEL_RETRY_SECONDS = 30.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def receiver_count(config: DicomConfig) -> int:

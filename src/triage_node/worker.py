@@ -14,10 +14,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from triage_node.config import WorkerConfig
-from triage_node.domain import ClaimedJob, JobState
+from triage_node.domain import ClaimedJob, JobState, utcnow
 from triage_node.errors import TriageError
 from triage_node.infer import Model
 from triage_node.logs import get_logger, log_event
@@ -28,10 +28,6 @@ from triage_node.store import Store, process_owner
 LOG = get_logger(__name__)
 MISSING_FILE_RETRY_SECONDS = 30.0
 HEARTBEAT_SECONDS = 5.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Worker:
