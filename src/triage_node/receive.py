@@ -71,6 +71,14 @@ ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO
 # exists for network addresses).
 _REJECT_ADDRESS = (0x01, 0x01, 0x01)
 
+# (source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 Table 9-21) as people read them.
+_REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
+    (1, 3): "calling AE title not allowed",
+    (1, 7): "called AE title is not this node's",
+    (2, 1): "user identity not accepted",
+    (3, 2): "too many associations (local limit exceeded)",
+}
+
 # Everything a radiograph study can arrive in (PS3.5 Section 10 and Annex A).
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
@@ -179,7 +187,13 @@ class StorageHandlers:
                 now=self.clock(),
             )
         except SQLAlchemyError as exc:
-            log_event(LOG, logging.ERROR, "association_record_failed", str(exc.__class__.__name__))
+            log_event(
+                LOG,
+                logging.ERROR,
+                "association_record_failed",
+                "could not record the association",
+                error=type(exc).__name__,
+            )
             return
         with self._lock:
             self._association_ids[event.assoc] = association_id
@@ -202,7 +216,13 @@ class StorageHandlers:
         try:
             self.store.close_association(association_id, how, self.clock())
         except SQLAlchemyError as exc:
-            log_event(LOG, logging.ERROR, "association_record_failed", type(exc).__name__)
+            log_event(
+                LOG,
+                logging.ERROR,
+                "association_record_failed",
+                "could not record the end of the association",
+                error=type(exc).__name__,
+            )
         log_event(
             LOG,
             logging.INFO,
@@ -214,14 +234,18 @@ class StorageHandlers:
 
     def on_rejected(self, event: Any) -> None:
         requestor = event.assoc.requestor
+        sent = event.assoc.acceptor.primitive
+        key = (getattr(sent, "result_source", None), getattr(sent, "diagnostic", None))
         log_event(
             LOG,
             logging.WARNING,
             "association_rejected",
-            "association rejected: calling or called AE title not allowed",
+            f"association rejected: {_REJECT_REASONS.get(key, 'see PS3.8 Table 9-21')}",
             calling_ae=requestor.ae_title,
             called_ae=event.assoc.acceptor.ae_title,
             peer=str(requestor.address),
+            source=key[0],
+            diagnostic=key[1],
         )
 
     # -- C-STORE -----------------------------------------------------------------------------

@@ -188,7 +188,9 @@ def test_not_allowed_calling_ae_is_rejected(tmp_path: Path) -> None:
     finally:
         assert node.stop() == 0
     rejected = [r for r in node.log_records() if r.get("action") == "association_rejected"]
-    assert {r["calling_ae"] for r in rejected} == {"INTRUDER", "PACS1"}
+    reasons = {r["calling_ae"]: r["message"] for r in rejected}
+    assert reasons["INTRUDER"].endswith("calling AE title not allowed")
+    assert reasons["PACS1"].endswith("called AE title is not this node's")
 
 
 def test_source_address_allow_list(tmp_path: Path) -> None:
