@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, case, exists, func, not_, or_, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, case, exists, func, not_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from triage_node.db import (
@@ -79,6 +79,15 @@ class Totals:
     open_associations: int
 
 
+@dataclass(frozen=True, slots=True)
+class _RecordStatements:
+    previous_state: Any
+    study: Any
+    series: Any
+    instance: Any
+    count: Any
+
+
 class Store:
     """The node's database access. Thread-safe; one per process."""
 
@@ -87,6 +96,7 @@ class Store:
         self._dialect_insert: Callable[[Table], Any] = (
             postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         )
+        self._record = self._record_statements()
 
     # -- associations ------------------------------------------------------------------------
 
@@ -136,6 +146,68 @@ class Store:
 
     # -- instances ---------------------------------------------------------------------------
 
+    def _record_statements(self) -> _RecordStatements:
+        """The four statements of :meth:`record_instance`, built once with bound parameters:
+        building them per call cost more than the commit (~1.2 ms per instance, profiled)."""
+        insert = self._dialect_insert
+        received = StudyState.RECEIVED.value
+        study = insert(studies).values(
+            study_uid=bindparam("study_uid"),
+            state=received,
+            revision=1,
+            accession_number=bindparam("accession_number"),
+            study_date=bindparam("study_date"),
+            first_received_at=bindparam("now"),
+            last_received_at=bindparam("now"),
+        )
+        series_insert = insert(series).values(
+            study_id=bindparam("study_id"),
+            series_uid=bindparam("series_uid"),
+            modality=bindparam("modality"),
+            body_part=bindparam("body_part"),
+            description=bindparam("description"),
+        )
+        columns = (
+            "study_id",
+            "series_id",
+            "sop_class_uid",
+            "transfer_syntax_uid",
+            "path",
+            "size_bytes",
+            "association_id",
+            "received_at",
+        )
+        instance_values: dict[str, Any] = {c: bindparam(c) for c in columns}
+        return _RecordStatements(
+            previous_state=select(studies.c.state).where(
+                studies.c.study_uid == bindparam("study_uid")
+            ),
+            study=study.on_conflict_do_update(
+                index_elements=[studies.c.study_uid],
+                set_={
+                    "last_received_at": bindparam("now"),
+                    "revision": case(
+                        (studies.c.state != received, studies.c.revision + 1),
+                        else_=studies.c.revision,
+                    ),
+                    "state": received,
+                },
+            ).returning(studies.c.id),
+            series=series_insert.on_conflict_do_update(
+                index_elements=[series.c.series_uid],
+                set_={"modality": series_insert.excluded.modality},
+            ).returning(series.c.id),
+            instance=insert(instances)
+            .values(sop_instance_uid=bindparam("sop_instance_uid"), **instance_values)
+            .on_conflict_do_update(
+                index_elements=[instances.c.sop_instance_uid], set_=instance_values
+            )
+            .returning(instances.c.id),
+            count=update(associations)
+            .where(associations.c.id == bindparam("association"))
+            .values(instances=associations.c.instances + 1),
+        )
+
     def record_instance(
         self,
         header: InstanceHeader,
@@ -147,72 +219,47 @@ class Store:
 
         One transaction: when it returns, the instance is committed.
         """
-        insert = self._dialect_insert
+        sql = self._record
         with self.engine.begin() as conn:
             previous = conn.execute(
-                select(studies.c.state).where(studies.c.study_uid == header.study_uid)
+                sql.previous_state, {"study_uid": header.study_uid}
             ).one_or_none()
             reopened = previous is not None and previous.state != StudyState.RECEIVED
-            study_stmt = insert(studies).values(
-                study_uid=header.study_uid,
-                state=StudyState.RECEIVED.value,
-                revision=1,
-                accession_number=header.accession_number[:16],
-                study_date=header.study_date[:8],
-                first_received_at=now,
-                last_received_at=now,
-            )
             study_id = conn.execute(
-                study_stmt.on_conflict_do_update(
-                    index_elements=[studies.c.study_uid],
-                    set_={
-                        "last_received_at": now,
-                        "revision": case(
-                            (studies.c.state != StudyState.RECEIVED.value, studies.c.revision + 1),
-                            else_=studies.c.revision,
-                        ),
-                        "state": StudyState.RECEIVED.value,
-                    },
-                ).returning(studies.c.id)
+                sql.study,
+                {
+                    "study_uid": header.study_uid,
+                    "accession_number": header.accession_number[:16],
+                    "study_date": header.study_date[:8],
+                    "now": now,
+                },
             ).scalar_one()
-
-            series_stmt = insert(series).values(
-                study_id=study_id,
-                series_uid=header.series_uid,
-                modality=header.modality[:16],
-                body_part=header.body_part[:64],
-                description=header.series_description[:64],
-            )
             series_id = conn.execute(
-                series_stmt.on_conflict_do_update(
-                    index_elements=[series.c.series_uid],
-                    set_={"modality": series_stmt.excluded.modality},
-                ).returning(series.c.id)
+                sql.series,
+                {
+                    "study_id": study_id,
+                    "series_uid": header.series_uid,
+                    "modality": header.modality[:16],
+                    "body_part": header.body_part[:64],
+                    "description": header.series_description[:64],
+                },
             ).scalar_one()
-
-            values = {
-                "study_id": study_id,
-                "series_id": series_id,
-                "sop_class_uid": header.sop_class_uid,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                "path": spooled.relpath,
-                "size_bytes": spooled.size,
-                "association_id": association_id,
-                "received_at": now,
-            }
             instance_id = conn.execute(
-                insert(instances)
-                .values(sop_instance_uid=header.sop_instance_uid, **values)
-                .on_conflict_do_update(index_elements=[instances.c.sop_instance_uid], set_=values)
-                .returning(instances.c.id)
+                sql.instance,
+                {
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "study_id": study_id,
+                    "series_id": series_id,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "path": spooled.relpath,
+                    "size_bytes": spooled.size,
+                    "association_id": association_id,
+                    "received_at": now,
+                },
             ).scalar_one()
-
             if association_id is not None:
-                conn.execute(
-                    update(associations)
-                    .where(associations.c.id == association_id)
-                    .values(instances=associations.c.instances + 1)
-                )
+                conn.execute(sql.count, {"association": association_id})
         return RecordedInstance(
             study_id=int(study_id),
             instance_id=int(instance_id),
