@@ -47,3 +47,7 @@ class PreprocessRefused(TriageError):
 
 class ModelError(TriageError):
     """The model directory, its manifest or its ONNX file is not usable."""
+
+
+class DatasetFolderError(TriageError):
+    """The labelled data folder is not usable."""

@@ -18,6 +18,8 @@ LAYERS = {
     "infer": 5,
     "model": 4,
     "preprocess": 3,
+    "metrics": 1,
+    "dataset": 1,
     "store": 3,
     "spool": 3,
     "db": 2,

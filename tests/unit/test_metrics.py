@@ -1,0 +1,85 @@
+"""Metrics against independent brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from triage_node.metrics import (
+    auroc,
+    calibration_table,
+    confusion,
+    roc_points,
+    threshold_for_sensitivity,
+    threshold_for_specificity,
+    youden_threshold,
+)
+
+
+def cases(seed: int, n: int = 300, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.3
+    s = rng.normal(0, 1, n) + 1.2 * y
+    if ties:
+        s = np.round(s, 1)
+    return y, 1 / (1 + np.exp(-s))
+
+
+def psi(x: float, yv: float) -> float:
+    return 1.0 if x > yv else 0.5 if x == yv else 0.0
+
+
+def brute_auroc_and_se(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """The O(m*n) definitions: Mann-Whitney and DeLong's structural components."""
+    pos, neg = s[y], s[~y]
+    matrix = np.array([[psi(p, q) for q in neg] for p in pos])
+    v10, v01 = matrix.mean(axis=1), matrix.mean(axis=0)
+    se = np.sqrt(v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg))
+    return float(matrix.mean()), float(se)
+
+
+@pytest.mark.parametrize(("seed", "ties"), [(0, False), (1, True), (2, True)])
+def test_auroc_and_delong_interval_match_the_definitions(seed: int, ties: bool) -> None:
+    y, s = cases(seed, ties=ties)
+    value, se = brute_auroc_and_se(y, s)
+    result = auroc(y, s)
+    assert result.value == pytest.approx(value, abs=1e-12)
+    assert result.low == pytest.approx(value - 1.959963984540054 * se, abs=1e-9)
+    assert result.high == pytest.approx(min(1.0, value + 1.959963984540054 * se), abs=1e-9)
+
+
+def test_auroc_edge_values() -> None:
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])).value == 1.0
+    assert auroc(np.array([0, 1]), np.array([0.5, 0.5])).value == 0.5
+    with pytest.raises(ValueError, match="at least one positive and one negative"):
+        auroc(np.array([1, 1]), np.array([0.2, 0.3]))
+
+
+@pytest.mark.parametrize("wanted", [0.8, 0.9, 0.95])
+def test_operating_point_thresholds_are_the_extreme_ones(wanted: float) -> None:
+    y, s = cases(3)
+    candidates = np.unique(s)
+    sens_ok = [t for t in candidates if confusion(y, s, t).sensitivity >= wanted]
+    assert threshold_for_sensitivity(y, s, wanted) == max(sens_ok)
+    spec_ok = [t for t in candidates if confusion(y, s, t).specificity >= wanted]
+    assert threshold_for_specificity(y, s, wanted) == min(spec_ok)
+
+
+def test_youden_maximises_j() -> None:
+    y, s = cases(4)
+    best = max(
+        confusion(y, s, t).sensitivity + confusion(y, s, t).specificity for t in np.unique(s)
+    )
+    c = confusion(y, s, youden_threshold(y, s))
+    assert c.sensitivity + c.specificity == pytest.approx(best)
+
+
+def test_roc_and_calibration_shapes() -> None:
+    y, s = cases(5)
+    points = roc_points(y, s)
+    assert tuple(points[0]) == (0.0, 0.0) and tuple(points[-1]) == (1.0, 1.0)
+    assert np.all(np.diff(points[:, 0]) >= 0) and np.all(np.diff(points[:, 1]) >= 0)
+    area = float(np.trapezoid(points[:, 1], points[:, 0]))
+    assert area == pytest.approx(auroc(y, s).value, abs=1e-9)
+    table = calibration_table(y, s)
+    assert sum(row[2] for row in table) == len(y)
