@@ -255,8 +255,18 @@ def windowed_image(ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
         raise PreprocessRefused(f"invalid LUT or window in the header: {exc}") from exc
 
 
+def model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
+    """From a [0, 1] bone-bright image to the model's input: resize and normalise.
+
+    Training calls this very function on its images (JPEG/PNG scaled to [0, 1]), so the network
+    sees the same input at run time as it learned from.
+    """
+    resized, geometry = resize(display, spec.size, spec.resize)
+    return normalise(resized, spec), geometry
+
+
 def preprocess(ds: Dataset, spec: InputSpec) -> Preprocessed:
     """The whole chain for one image."""
     display = windowed_image(ds, spec.windowing)
-    resized, geometry = resize(display, spec.size, spec.resize)
-    return Preprocessed(normalise(resized, spec), display, geometry)
+    tensor, geometry = model_input(display, spec)
+    return Preprocessed(tensor, display, geometry)
