@@ -108,13 +108,19 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> None:
-    """Entry point of a receiver process."""
+def _child_process_setup(config: Config) -> threading.Event:
+    """Signals, parent-death and logging of a spawned child; the event is set on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     _die_with_parent()
     configure_logging(config.log.level, config.log.format)
+    return stop
+
+
+def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> None:
+    """Entry point of a receiver process."""
+    stop = _child_process_setup(config)
 
     spool = Spool(config.storage.spool_path)
     incoming = spool.incoming_dir()
@@ -152,11 +158,7 @@ def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> No
 
 def run_worker(config: Config, index: int) -> None:
     """Entry point of a worker process: load the model (retrying while it is missing), work."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _die_with_parent()
-    configure_logging(config.log.level, config.log.format)
+    stop = _child_process_setup(config)
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     model = None
     while model is None and not stop.is_set():
