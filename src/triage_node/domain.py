@@ -147,10 +147,7 @@ class InstanceRef:
 
     instance_id: int
     sop_instance_uid: str
-    sop_class_uid: str
     path: str  # relative to the spool
-    modality: str
-    body_part: str
 
 
 @dataclass(frozen=True, slots=True)

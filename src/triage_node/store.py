@@ -419,18 +419,11 @@ class Store:
         return int(requeued), len(failed_ids)
 
     def instances_of(self, study_id: int) -> list[InstanceRef]:
+        """The study's stored instances in arrival order (selection reads each file's header)."""
         query = (
-            select(
-                instances.c.id,
-                instances.c.sop_instance_uid,
-                instances.c.sop_class_uid,
-                instances.c.path,
-                series.c.modality,
-                series.c.body_part,
-            )
-            .join(series, series.c.id == instances.c.series_id)
+            select(instances.c.id, instances.c.sop_instance_uid, instances.c.path)
             .where(instances.c.study_id == study_id)
-            .order_by(series.c.id, instances.c.id)
+            .order_by(instances.c.id)
         )
         with self.engine.connect() as conn:
             return [InstanceRef(*row) for row in conn.execute(query)]
