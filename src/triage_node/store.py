@@ -445,7 +445,8 @@ class Store:
         with self.engine.begin() as conn:
             if not self._owns(conn, job, owner):
                 return False
-            score = analysis.score
+            # The high-sensitivity threshold decides the outcome; reaching the high-specificity
+            # point means the score passed both (StudyAnalysis.outcome / .operating_point).
             result_id = conn.execute(
                 study_results.insert()
                 .values(
@@ -453,12 +454,10 @@ class Store:
                     study_id=job.study_id,
                     study_revision=job.study_revision,
                     outcome=analysis.outcome.value,
-                    score=score,
+                    score=analysis.score,
                     operating_point=analysis.operating_point,
-                    positive_high_sensitivity=score is not None
-                    and score >= analysis.threshold_high_sensitivity,
-                    positive_high_specificity=score is not None
-                    and score >= analysis.threshold_high_specificity,
+                    positive_high_sensitivity=analysis.outcome == Outcome.POSITIVE,
+                    positive_high_specificity=analysis.operating_point == "high_specificity",
                     model_name=analysis.model_name,
                     model_version=analysis.model_version,
                     provider=analysis.provider,
