@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
-
 from tests.support.peers import free_port, triage_node_command
+from triage_node.health import echo_listener
 
 
 def _toml_value(value: Any) -> str:
@@ -38,19 +35,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def echo_ok(port: int, called: str = "TRIAGE_NODE") -> bool:
-    try:  # pynetdicom leaks its socket when the connection is refused
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except OSError:
-        return False
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 2
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return getattr(status, "Status", None) == 0
+    """True when the node answers C-ECHO with Success (the check ``status`` makes)."""
+    return echo_listener("127.0.0.1", port, called, timeout=2)["detail"] == "C-ECHO success"
 
 
 class Node:
