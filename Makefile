@@ -18,9 +18,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	@touch $@
 
-# Test install: the runtime plus the dev extra.
+# Test install: the runtime plus the dev and train extras (torch 2.13.0, CPU wheel).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,train]'
 	@touch $@
 
 serve: $(VENV)/.installed

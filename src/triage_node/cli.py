@@ -51,11 +51,71 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", type=Path, help="model directory (default: worker.model_dir)")
     infer.add_argument("--json", action="store_true", help="machine-readable output")
 
+    _train_parser(commands)
+    _evaluate_parser(commands)
+
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
     db_commands.add_parser("current", help="print the schema revision of the database")
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    return values
+
+
+def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a fracture model on a labelled image folder (needs the 'train' extra)",
+        description="Train, export to ONNX (parity-checked) and write manifest.json. Defaults "
+        "are the recipe of the bundled model; see docs/model-card.md.",
+    )
+    train.add_argument("--data", type=Path, required=True, help="labelled image folder")
+    train.add_argument("--out", type=Path, required=True, help="model directory to write")
+    train.add_argument("--name", help="model name (default: the --out folder's name)")
+    train.add_argument("--version", dest="model_version", help="model version (default 1.0.0)")
+    train.add_argument("--size", type=int, help="input size in pixels (default 320)")
+    train.add_argument("--epochs", type=int, help="most epochs (default 45)")
+    train.add_argument("--patience", type=int, help="early-stopping patience in epochs (12)")
+    train.add_argument("--batch-size", type=int, help="images per step (default 32)")
+    train.add_argument("--learning-rate", type=float, help="peak AdamW learning rate (2e-3)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.05)")
+    train.add_argument("--seed", type=int, help="seed for split, augmentation, weights (0)")
+    train.add_argument("--block-size", type=int, help="images per split block (default 20)")
+    train.add_argument("--folds", type=int, help="k-fold cross-validation first (default none)")
+    train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    train.add_argument("--widths", type=_int_list, help="stage widths, e.g. 32,64,128,256")
+    train.add_argument("--blocks", type=_int_list, help="blocks per stage, e.g. 1,1,2,1")
+    train.add_argument("--init-weights", type=Path, help="start from these torch weights")
+    train.add_argument("--data-name", help="dataset name for the manifest's provenance")
+    train.add_argument("--data-licence", help="dataset licence for the manifest")
+    train.add_argument("--data-citation", help="dataset citation for the manifest")
+
+
+def _evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="AUROC, operating points, ROC, calibration and CAM localisation"
+    )
+    evaluate.add_argument("--model", type=Path, help="model directory (default: worker.model_dir)")
+    evaluate.add_argument("--data", type=Path, required=True, help="labelled image folder")
+    evaluate.add_argument(
+        "--split",
+        choices=("all", "train", "validation", "test"),
+        default="all",
+        help="evaluate one split as the model's training made it (default: all images)",
+    )
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("evaluation"), help="folder for JSON and PNG"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the JSON document")
 
 
 def _serve(config: Config, _args: argparse.Namespace) -> int:
@@ -75,6 +135,80 @@ def _infer(config: Config, args: argparse.Namespace) -> int:
 
     report = analyse_files(args.paths, args.model or config.worker.model_dir, config.worker)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return EXIT_OK
+
+
+def _train(_config: Config, args: argparse.Namespace) -> int:
+    try:
+        from triage_node.net import NetSpec
+        from triage_node.training import TrainConfig, train, with_overrides
+    except ImportError as exc:
+        print(
+            f"triage-node train needs the 'train' extra ({exc.name} is missing): "
+            "pip install 'triage-node[train]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    provenance = {
+        key: value
+        for key, value in (
+            ("name", args.data_name),
+            ("licence", args.data_licence),
+            ("citation", args.data_citation),
+        )
+        if value
+    }
+    base = TrainConfig(data=args.data, out=args.out, dataset_info=provenance)
+    net = base.net
+    if args.widths or args.blocks:
+        widths = args.widths or net.widths
+        blocks = args.blocks or (
+            net.blocks if len(net.blocks) == len(widths) else (1,) * len(widths)
+        )
+        try:
+            net = NetSpec(widths=widths, blocks=blocks, stem=net.stem)
+        except ValueError as exc:
+            print(f"triage-node train: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    config = with_overrides(
+        base,
+        net=net,
+        name=args.name,
+        version=args.model_version,
+        size=args.size,
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        block_size=args.block_size,
+        folds=args.folds,
+        threads=args.threads,
+        init_weights=args.init_weights,
+    )
+    try:
+        config.check()
+    except ValueError as exc:
+        print(f"triage-node train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    train(config)
+    return EXIT_OK
+
+
+def _evaluate(config: Config, args: argparse.Namespace) -> int:
+    from triage_node.evaluate import evaluate, format_evaluation
+
+    document = evaluate(
+        args.model or config.worker.model_dir,
+        args.data,
+        args.out,
+        split=args.split,
+        intra_op_threads=config.worker.intra_op_threads,
+    )
+    print(json.dumps(document, indent=2) if args.json else format_evaluation(document))
+    if not args.json:
+        print(f"\nwritten: {args.out / 'evaluation.json'}, {args.out / 'roc.png'}")
     return EXIT_OK
 
 
@@ -117,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "worker": _worker,
         "infer": _infer,
+        "train": _train,
+        "evaluate": _evaluate,
         "status": _status,
         "db": _db,
     }

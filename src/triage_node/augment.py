@@ -1,0 +1,53 @@
+"""Training-time augmentation of a batch, in torch (training only).
+
+Applied to model-sized [0, 1] images (after the runtime's own resize), on the whole batch at once so
+it costs little beside the network: random flips, rotation, shift and zoom as one affine resampling
+(Kim & MacKinnon 2018 used the same family), then brightness and contrast. Letterbox padding stays
+black, as it is at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class AugmentSpec:
+    hflip: float = 0.5  # probability
+    vflip: float = 0.2
+    rotation_deg: float = 25.0
+    shift: float = 0.08  # fraction of the side
+    zoom: tuple[float, float] = (0.85, 1.2)
+    brightness: float = 0.1  # added, +-
+    contrast: tuple[float, float] = (0.75, 1.3)  # multiplied around mid-grey
+
+
+def augment(
+    images: torch.Tensor, masks: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
+) -> torch.Tensor:
+    """Augment (N, 1, S, S) images in [0, 1]; *masks* mark the image area inside the padding."""
+    n = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    contrast = uniform(*spec.contrast).view(n, 1, 1, 1)
+    brightness = uniform(-spec.brightness, spec.brightness).view(n, 1, 1, 1)
+    x = ((images - 0.5) * contrast + 0.5 + brightness).clamp(0, 1) * masks
+
+    angle = uniform(-spec.rotation_deg, spec.rotation_deg) * (math.pi / 180)
+    scale = 1 / uniform(*spec.zoom)  # the grid samples a smaller area to zoom in
+    flip_x = torch.where(torch.rand(n, generator=generator) < spec.hflip, -1.0, 1.0)
+    flip_y = torch.where(torch.rand(n, generator=generator) < spec.vflip, -1.0, 1.0)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
+    theta[:, 0, 2] = uniform(-spec.shift, spec.shift) * 2
+    theta[:, 1, 2] = uniform(-spec.shift, spec.shift) * 2
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

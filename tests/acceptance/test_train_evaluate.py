@@ -1,0 +1,204 @@
+"""``triage-node train`` / ``evaluate`` end to end through the installed command (tiny, 1 epoch).
+
+A smoke test of the whole recipe on CPU: read a labelled folder, split by blocks, augment, train,
+export to ONNX with the parity check, measure thresholds and metrics through ONNX Runtime, write
+the manifest; then evaluate the result and run it on a DICOM file with ``triage-node infer``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.peers import SHARED, triage_node_command
+from tests.support.synth import write_study_set
+from triage_node.model import load_manifest
+
+pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
+
+FRACATLAS = SHARED / "data" / "fracatlas"
+TINY_NET = ["--widths", "16,16,16,16", "--blocks", "1,1,1,1", "--size", "64", "--threads", "1"]
+
+
+def run(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [triage_node_command(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def class_folders(root: Path, per_class: int = 30) -> Path:
+    """'fractured/' and 'normal/' PNGs: a bright bone, broken by a dark gap when fractured."""
+    rng = np.random.default_rng(0)
+    for name in ("fractured", "normal"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.normal(40, 8, (80, 64))
+            image[10:70, 26:38] += 150
+            if name == "fractured":
+                row = int(rng.integers(20, 60))
+                image[row : row + 3, 26:38] = 40
+            pixels = np.clip(image, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_train_evaluate_infer_on_class_folders(tmp_path: Path) -> None:
+    data = class_folders(tmp_path / "data")
+    out = tmp_path / "models" / "tiny-v0"
+    result = run(
+        "train", "--data", data, "--out", out, "--epochs", "1", "--block-size", "2", *TINY_NET
+    )
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1" in result.stdout and "parity torch vs ONNX Runtime" in result.stdout
+
+    manifest = load_manifest(out)  # the runtime's own loader, SHA-256 checked
+    assert manifest.name == "tiny-v0" and manifest.input.size == 64
+    points = manifest.operating_points
+    assert 0 <= points["high_sensitivity"].threshold <= points["high_specificity"].threshold <= 1
+    assert manifest.metrics["export_parity_max_abs_diff"] < 1e-4
+    validation = manifest.metrics["validation"]
+    assert 0 <= validation["auroc"] <= 1
+    assert validation["operating_points"]["high_sensitivity"]["sensitivity"] >= 0.9
+    assert validation["operating_points"]["high_specificity"]["specificity"] >= 0.9
+    split = manifest.training_data["split"]
+    assert split["train"]["images"] + split["validation"]["images"] + split["test"]["images"] == 60
+    log = [json.loads(line) for line in (out / "train-log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+
+    evaluation = tmp_path / "evaluation"
+    result = run("evaluate", "--model", out, "--data", data, "--out", evaluation)
+    assert result.returncode == 0, result.stderr
+    assert "AUROC" in result.stdout and "high_specificity" in result.stdout
+    document = json.loads((evaluation / "evaluation.json").read_text())
+    assert document["images"] == 60 and document["fractured"] == 30
+    low, high = document["auroc_ci95"]
+    assert low <= document["auroc"] <= high
+    assert set(document["operating_points"]) == {"high_sensitivity", "high_specificity", "youden"}
+    assert (evaluation / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    files = write_study_set(tmp_path / "dicom", 2, 96, 80)
+    result = run("infer", "--model", out, "--json", *files)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"]["name"] == "tiny-v0" and len(report["studies"][0]["images"]) == 2
+
+
+@pytest.mark.skipif(not FRACATLAS.is_dir(), reason=f"{FRACATLAS} not found")
+def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path) -> None:
+    """A small FracAtlas subset (labels.csv + images/ + boxes.csv), 2-fold cross-validation."""
+    data = tmp_path / "fracatlas-subset"
+    data.mkdir()
+    (data / "images").symlink_to(FRACATLAS / "images")
+    with open(FRACATLAS / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[::25]
+    ids = {r["image_id"] for r in rows}
+    with open(data / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    boxes = (FRACATLAS / "boxes.csv").read_text().splitlines()
+    kept = [boxes[0], *(line for line in boxes[1:] if line.split(",")[0] in ids)]
+    (data / "boxes.csv").write_text("\n".join(kept) + "\n")
+
+    out = tmp_path / "fa-tiny"
+    result = run(
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--folds",
+        "2",
+        "--block-size",
+        "5",
+        "--data-name",
+        "FracAtlas subset",
+        "--data-licence",
+        "CC BY 4.0",
+        *TINY_NET,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(out)
+    assert len(manifest.metrics["cross_validation"]["auroc"]) == 2
+    assert manifest.training_data["licence"] == "CC BY 4.0"
+
+    result = run(
+        "evaluate",
+        "--model",
+        out,
+        "--data",
+        data,
+        "--split",
+        "validation",
+        "--out",
+        tmp_path / "ev",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["images"] == manifest.training_data["split"]["validation"]["images"]
+    localisation = document["cam_localisation"]
+    assert localisation["images_with_boxes"] > 0
+    assert 0 <= localisation["peak_inside_box"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("missing_column", "missing column(s) fractured"),
+        ("missing_image", "does not exist"),
+        ("one_class", "needs both fractured and normal images"),
+        ("empty", "expected labels.csv"),
+        ("bad_label", "fractured must be 0 or 1"),
+    ],
+)
+def test_evaluate_and_train_fail_clearly_on_a_malformed_folder(
+    tmp_path: Path, layout: str, message: str
+) -> None:
+    data = class_folders(tmp_path / "good", per_class=2)
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    png = data / "normal" / "000.png"
+    (bad / "images" / "a.png").write_bytes(png.read_bytes())
+    labels = {
+        "missing_column": "image_id,label\na.png,1\n",
+        "missing_image": "image_id,fractured\na.png,0\nb.png,1\n",
+        "one_class": "image_id,fractured\na.png,0\n",
+        "bad_label": "image_id,fractured\na.png,yes\n",
+    }
+    if layout in labels:
+        (bad / "labels.csv").write_text(labels[layout])
+    from tests.support.onnx_models import write_model_dir
+
+    model = write_model_dir(tmp_path / "model")
+    result = run("evaluate", "--model", model, "--data", bad, "--out", tmp_path / "ev")
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    result = run("train", "--data", bad, "--out", tmp_path / "m", *TINY_NET)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_runtime_path_never_imports_torch() -> None:
+    code = (
+        "import sys\n"
+        "import triage_node.cli, triage_node.service, triage_node.worker, triage_node.files\n"
+        "import triage_node.evaluate, triage_node.health\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
