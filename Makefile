@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: serve test test-tools lint typecheck unit bench-ingest clean
+.PHONY: serve test test-tools lint typecheck unit bench-ingest bench-infer clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -53,6 +53,9 @@ unit: $(VENV)/.installed-dev
 
 bench-ingest: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/ingest.py
+
+bench-infer: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/infer.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -83,8 +83,9 @@ def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     train.add_argument("--name", help="model name (default: the --out folder's name)")
     train.add_argument("--version", dest="model_version", help="model version (default 1.0.0)")
     train.add_argument("--size", type=int, help="input size in pixels (default 320)")
-    train.add_argument("--epochs", type=int, help="most epochs (default 45)")
-    train.add_argument("--patience", type=int, help="early-stopping patience in epochs (12)")
+    train.add_argument("--epochs", type=int, help="most epochs (default 50)")
+    train.add_argument("--patience", type=int, help="early-stopping patience in epochs (15)")
+    train.add_argument("--min-epochs", type=int, help="no early stop before this epoch (20)")
     train.add_argument("--batch-size", type=int, help="images per step (default 32)")
     train.add_argument("--learning-rate", type=float, help="peak AdamW learning rate (2e-3)")
     train.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.05)")
@@ -178,6 +179,7 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
         size=args.size,
         epochs=args.epochs,
         patience=args.patience,
+        min_epochs=args.min_epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,

@@ -39,10 +39,3 @@ def read_display(path: Path, windowing: WindowPolicy = "header") -> np.ndarray:
         return _picture(path)
     except (OSError, UnidentifiedImageError, InvalidDicomError, PreprocessRefused) as exc:
         raise DatasetFolderError(f"{path}: cannot be read as an image: {exc}") from None
-
-
-def allow_truncated_jpeg(allowed: bool) -> None:
-    """FracAtlas holds a few truncated JPEGs that decode partially; let them (grey fill)."""
-    from PIL import ImageFile
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = allowed

@@ -51,13 +51,14 @@ class TrainConfig:
     name: str = ""  # default: the output directory's name
     version: str = "1.0.0"
     size: int = 320
-    epochs: int = 45
-    patience: int = 12  # epochs without a better validation AUROC before stopping
+    epochs: int = 50
+    patience: int = 15  # epochs without a better validation AUROC before stopping ...
+    min_epochs: int = 20  # ... but never before this many: from scratch, learning starts slowly
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 2
-    ema_decay: float = 0.995  # 0 disables the moving average
+    ema_decay: float = 0.99  # per step; 0 disables the moving average
     seed: int = 0
     block_size: int = 20
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -245,7 +246,7 @@ def fit(
         if log_path is not None:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if epoch - best["epoch"] >= config.patience:
+        if epoch >= config.min_epochs and epoch - best["epoch"] >= config.patience:
             report(f"early stop: no better validation AUROC for {config.patience} epochs")
             break
     final = FractureNet(config.net)
@@ -345,6 +346,7 @@ def _manifest(
                 "schedule": "cosine",
                 "ema_decay": config.ema_decay,
                 "patience": config.patience,
+                "min_epochs": config.min_epochs,
                 "loss": "binary cross-entropy, positive class weighted by negatives/positives",
                 "augmentation": asdict(config.augment),
                 "init_weights": str(config.init_weights) if config.init_weights else None,
