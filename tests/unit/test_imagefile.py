@@ -42,9 +42,9 @@ def test_dicom_files_with_a_labels_csv_use_the_runtime_pipeline(tmp_path: Path) 
 def test_unreadable_images_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(DatasetFolderError, match="broken.png: cannot be read as an image"):
+    with pytest.raises(DatasetFolderError, match=r"broken\.png: cannot be read as an image"):
         read_display(bad)
     dicom = tmp_path / "broken.dcm"
     dicom.write_bytes(b"nothing like DICOM")
-    with pytest.raises(DatasetFolderError, match="broken.dcm"):
+    with pytest.raises(DatasetFolderError, match=r"broken\.dcm"):
         read_display(dicom)
