@@ -16,7 +16,7 @@ LAYERS = {
     "pipeline": 6,
     "training": 7,
     "evaluate": 6,
-    "export": 5,
+    "onnxexport": 5,
     "imagefile": 4,
     "net": 1,
     "augment": 1,
