@@ -34,11 +34,11 @@ from triage_node.augment import AugmentSpec, augment
 from triage_node.dataset import Example, block_folds, block_split, load_folder
 from triage_node.errors import DatasetFolderError, ModelError
 from triage_node.evaluate import operating_thresholds, predict, summarise
-from triage_node.onnxexport import export_checked, input_section, write_manifest
 from triage_node.imagefile import read_display
 from triage_node.infer import Model
 from triage_node.metrics import auroc
 from triage_node.net import FractureNet, NetSpec
+from triage_node.onnxexport import export_checked, input_section, write_manifest
 from triage_node.preprocess import InputSpec, resize
 
 Report = Callable[[str], None]

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not in
 
 from triage_node.augment import AugmentSpec, augment  # noqa: E402
 from triage_node.errors import ModelError  # noqa: E402
-from triage_node.onnxexport import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
 from triage_node.infer import Model  # noqa: E402
 from triage_node.net import FractureNet, NetSpec, spec_from_dict  # noqa: E402
+from triage_node.onnxexport import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
 from triage_node.preprocess import InputSpec  # noqa: E402
 from triage_node.training import TrainConfig, _load_init_weights  # noqa: E402
 
