@@ -22,8 +22,7 @@ from triage_node.errors import PreprocessRefused
 from triage_node.infer import Model, cam_peak
 from triage_node.model import Manifest
 from triage_node.preprocess import Geometry, preprocess
-
-OWN_MANUFACTURER = "triage-node"
+from triage_node.report import MANUFACTURER
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +37,7 @@ class ImageSource:
 def selection_refusal(ds: Dataset, manifest: Manifest) -> str | None:
     """Why the model is not for this instance, or None when it is."""
     rules = manifest.selection
-    if str(ds.get("Manufacturer", "")).strip() == OWN_MANUFACTURER:
+    if str(ds.get("Manufacturer", "")).strip() == MANUFACTURER:
         return "the node's own output"
     modality = str(ds.get("Modality", "")).upper()
     if rules.modalities and modality not in rules.modalities:

@@ -21,6 +21,8 @@ LAYERS = {
     "net": 1,
     "augment": 1,
     "plot": 1,
+    "render": 4,
+    "report": 4,
     "receive": 4,
     "infer": 5,
     "model": 4,

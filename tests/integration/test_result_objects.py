@@ -1,0 +1,162 @@
+"""SR, heatmap SC and KOS built from the shared radiographs: dciodvfy-clean, readable, stable UIDs.
+
+Real peers: dicom3tools ``dciodvfy`` validates every object, DCMTK ``dsrdump`` prints the SR tree,
+and highdicom reads the SR back.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from tests.support.peers import require_shared_dicom, require_tool
+from triage_node.preprocess import InputSpec, preprocess
+from triage_node.render import LEGEND_TEXT, heatmap
+from triage_node.report import (
+    CERTAINTY,
+    FRACTURE,
+    MANUFACTURER,
+    PRESENT,
+    Algorithm,
+    AnalysedImage,
+    ResultUIDs,
+    heatmap_capture,
+    key_objects,
+    structured_report,
+)
+
+SOURCES = (
+    "CR_RG3_extremityAP_mono1_10bit_JPEG-lossless.dcm",
+    "CR_RG2_hip_mono2_10bit_uncompressed.dcm",
+    "DX_mono1_8bit_small_highdicom.dcm",
+    "CR_RG1_chestPA_mono1_15bit_J2K-lossy.dcm",
+)
+ALGORITHM = Algorithm("fracture-v1", "1.0.0", "high_sensitivity", 0.31)
+
+
+def dciodvfy_problems(path: Path) -> list[str]:
+    result = subprocess.run(
+        [require_tool("dciodvfy", "dicom3tools"), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line for line in result.stderr.splitlines() if line.startswith("Error")]
+
+
+def analysed(path: Path, probability: float, positive: bool) -> tuple[AnalysedImage, np.ndarray]:
+    ds = pydicom.dcmread(path)
+    ready = preprocess(ds, InputSpec(size=64))
+    cam = np.zeros((8, 8), np.float32)
+    cam[3, 5] = 2.0
+    pixels = heatmap(ready.display, cam, ready.geometry, 64)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    rows, columns = int(header.Rows), int(header.Columns)
+    image = AnalysedImage(header, probability, positive, rows // 3, columns // 2, 0.05)
+    return image, pixels
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_every_object_passes_dciodvfy_and_reads_back(name: str, tmp_path: Path) -> None:
+    source = require_shared_dicom() / name
+    image, pixels = analysed(source, 0.83, True)
+    uids = ResultUIDs(str(image.source.StudyInstanceUID), ALGORITHM.version, 1)
+
+    objects: dict[str, Dataset] = {
+        "sr": structured_report([image], ALGORITHM, uids),
+        "sc": heatmap_capture(image, pixels, ALGORITHM, uids, 0),
+        "ko": key_objects([image], ALGORITHM, uids),
+    }
+    for kind, dataset in objects.items():
+        path = tmp_path / f"{kind}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        assert dciodvfy_problems(path) == [], kind
+        written = pydicom.dcmread(path)
+        assert written.StudyInstanceUID == image.source.StudyInstanceUID
+        assert written.PatientID == image.source.get("PatientID", "")
+        assert written.Manufacturer == MANUFACTURER
+
+    sc = pydicom.dcmread(tmp_path / "sc.dcm")
+    assert sc.BurnedInAnnotation == "YES" and "NOT FOR DIAGNOSTIC USE" in sc.SeriesDescription
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == image.source.SOPInstanceUID
+    assert "Class-activation map" in sc.DerivationDescription
+
+    ko = pydicom.dcmread(tmp_path / "ko.dcm")
+    assert ko.ConceptNameCodeSequence[0].CodeValue == "113000"
+
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    assert report.VerificationFlag == "UNVERIFIED" and report.PreliminaryFlag == "PRELIMINARY"
+    groups = report.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    group = groups[0]
+    assert group.finding_type == FRACTURE
+    [evaluation] = group.get_qualitative_evaluations(name=FRACTURE)
+    assert evaluation.value == PRESENT
+    [certainty] = group.get_measurements(name=CERTAINTY)
+    assert certainty.value == pytest.approx(0.83)
+    assert group.source_images[0].referenced_sop_instance_uid == image.source.SOPInstanceUID
+    [region] = report.content.get_planar_roi_measurement_groups()
+    assert region.reference_type == hd.sr.CodedConcept("111030", "DCM", "Image Region")
+    assert region.roi.GraphicType == "CIRCLE"
+
+
+def test_dsrdump_prints_the_tree(tmp_path: Path) -> None:
+    image, _ = analysed(require_shared_dicom() / SOURCES[1], 0.12, False)
+    uids = ResultUIDs(str(image.source.StudyInstanceUID), "1.0.0", 1)
+    structured_report([image], ALGORITHM, uids).save_as(tmp_path / "sr.dcm")
+    result = subprocess.run(
+        [require_tool("dsrdump", "dcmtk"), str(tmp_path / "sr.dcm")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Imaging Measurement Report" in result.stdout
+    assert '(125605004,SCT,"Fracture of bone")' in result.stdout
+    assert '(272519000,SCT,"Absent")' in result.stdout
+    assert "Verification Flag   : UNVERIFIED" in result.stdout
+
+
+def test_uids_are_deterministic_and_a_new_result_version_supersedes() -> None:
+    image, _ = analysed(require_shared_dicom() / SOURCES[1], 0.6, True)
+    study = str(image.source.StudyInstanceUID)
+    first = structured_report([image], ALGORITHM, ResultUIDs(study, "1.0.0", 1))
+    again = structured_report([image], ALGORITHM, ResultUIDs(study, "1.0.0", 1))
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    assert first.SeriesInstanceUID == again.SeriesInstanceUID
+    other_model = ResultUIDs(study, "1.1.0", 1)
+    assert other_model.instance("sr") != first.SOPInstanceUID
+    second = structured_report([image], ALGORITHM, ResultUIDs(study, "1.0.0", 2), predecessor=first)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    [predecessor] = second.PredecessorDocumentsSequence
+    referenced = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+def test_negative_studies_get_a_report_but_no_key_objects() -> None:
+    image, _ = analysed(require_shared_dicom() / SOURCES[1], 0.05, False)
+    uids = ResultUIDs(str(image.source.StudyInstanceUID), "1.0.0", 1)
+    report = structured_report([image], ALGORITHM, uids)
+    assert len(report.ContentSequence) > 0
+    with pytest.raises(ValueError, match="positive"):
+        key_objects([image], ALGORITHM, uids)
+
+
+def test_heatmap_pixels_hold_no_patient_data_and_show_a_legend() -> None:
+    """render.heatmap sees only pixels and the CAM, never the dataset: no patient text can get
+    into the picture. The legend (colour bar on a dark box) sits bottom left."""
+    display = np.full((600, 400), 0.9, np.float32)
+    cam = np.zeros((4, 4), np.float32)
+    cam[1, 2] = 1
+    from triage_node.preprocess import Geometry
+
+    pixels = heatmap(display, cam, Geometry(600, 400, 64 / 600, 64 / 600, 0, 10), 64)
+    assert pixels.shape == (600, 400, 3) and pixels.dtype == np.uint8
+    legend_row = pixels[600 - 24 - 7]
+    assert legend_row[8, 2] > 100 and legend_row[8 + 90, 0] > 100  # blue end, then red end
+    assert "NOT FOR DIAGNOSTIC USE" in LEGEND_TEXT
