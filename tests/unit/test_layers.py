@@ -22,6 +22,7 @@ LAYERS = {
     "augment": 1,
     "plot": 1,
     "render": 4,
+    "deliver": 1,
     "report": 4,
     "receive": 4,
     "infer": 5,

@@ -1,0 +1,120 @@
+"""Sending result objects to a PACS: C-STORE SCU over one association per batch (PS3.4 B.2).
+
+Each file's answer is classified once, here, so callers only decide what to do next:
+
+- ``sent``: Success (0x0000), or a Warning (0x0001, 0xB000, 0xB006, 0xB007): the PACS kept it;
+- ``failed``: a Failure status (0xA7xx out of resources, 0xA9xx mismatch, 0xCxxx cannot
+  understand, others): kept with the status and its Error Comment, retried later;
+- ``unreachable``: no association (refused, timed out, no answer): the destination is down.
+
+Nothing here blocks receiving or inference: it runs from the scheduler, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+
+SENT, FAILED, UNREACHABLE = "sent", "failed", "unreachable"
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+_DESTINATION = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A PACS to send results to: ``AE_TITLE@host:port`` in the configuration."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = _DESTINATION.match(text.strip())
+        if match is None or not 0 < int(match["port"]) < 65536 or not match["ae"].strip():
+            raise ValueError(f"{text!r} is not AE_TITLE@host:port")
+        return cls(match["ae"].strip(), match["host"], int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What happened to one file."""
+
+    path: Path
+    outcome: str  # SENT, FAILED or UNREACHABLE
+    status: int | None = None
+    detail: str = ""
+
+
+def classify(status: int) -> str:
+    return SENT if status == 0x0000 or status in WARNING_STATUSES else FAILED
+
+
+def send_files(
+    files: Sequence[Path],
+    destination: Destination,
+    *,
+    calling_ae: str,
+    timeout: float = 30.0,
+) -> list[Sent]:
+    """C-STORE every file to *destination* over one association; one :class:`Sent` per file."""
+    datasets = []
+    results: list[Sent] = []
+    for path in files:
+        try:
+            datasets.append((path, dcmread(path)))
+        except (OSError, InvalidDicomError) as exc:
+            results.append(Sent(path, FAILED, None, f"cannot read the result file: {exc}"))
+    if not datasets:
+        return results
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    contexts = {
+        str(ds.SOPClassUID): sorted(
+            {str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+        )
+        for _, ds in datasets
+    }
+    ae.requested_contexts = [build_context(sop, syntaxes) for sop, syntaxes in contexts.items()]
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        return results + [
+            Sent(path, UNREACHABLE, None, f"association {why}: {destination}")
+            for path, _ in datasets
+        ]
+    try:
+        for path, ds in datasets:
+            results.append(_store_one(assoc, path, ds))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def _store_one(assoc: Association, path: Path, ds: Dataset) -> Sent:
+    if not assoc.is_established:
+        return Sent(path, UNREACHABLE, None, "association lost")
+    try:
+        answer = assoc.send_c_store(ds)
+    except (ValueError, RuntimeError) as exc:  # no accepted context for this SOP class / syntax
+        return Sent(path, FAILED, None, f"not sent: {exc}")
+    if "Status" not in answer:
+        return Sent(path, UNREACHABLE, None, "no response (timeout or association aborted)")
+    status = int(answer.Status)
+    comment = str(answer.get("ErrorComment", ""))
+    return Sent(path, classify(status), status, comment)
