@@ -299,7 +299,7 @@ def _manifest(
         "labels": ["no fracture", "fracture"],
         "operating_points": {
             name: {
-                "threshold": round(threshold, 6),
+                "threshold": float(threshold),  # unrounded: rounding up loses a case
                 **(
                     {"sensitivity": validation[name]["sensitivity"]}
                     if name == "high_sensitivity" and name in validation
