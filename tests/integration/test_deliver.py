@@ -79,9 +79,6 @@ def test_storescp_receives_sr_sc_and_ko(tmp_path: Path, result_files: list[Path]
     assert received == {pydicom.dcmread(p).SOPInstanceUID for p in result_files}
 
 
-# pynetdicom 3.0 drops the socket of a refused connection without closing it (transport.py,
-# AssociationSocket.connect); Python closes it when collected, with a ResourceWarning.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_nobody_listening_is_unreachable(result_files: list[Path]) -> None:
     sent = send_files(
         result_files, Destination("NOBODY", "127.0.0.1", free_port()), calling_ae="T", timeout=5
