@@ -6,6 +6,7 @@ import enum
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from triage_node.errors import InvalidUID
 
@@ -64,6 +65,41 @@ class JobState(enum.StrEnum):
     DONE = "DONE"
     FAILED = "FAILED"
     SUPERSEDED = "SUPERSEDED"  # a newer job for the same study replaced it before it ran
+
+
+class OutboxState(enum.StrEnum):
+    """Life of one result object on its way to one destination."""
+
+    PENDING = "PENDING"  # to send, at next_attempt_at
+    SENT = "SENT"  # the destination answered Success or Warning
+    DEAD = "DEAD"  # gave up after the maximum attempts; `triage-node outbox retry` revives it
+
+
+@dataclass(frozen=True, slots=True)
+class ResultFile:
+    """A result object written to the spool, to be sent."""
+
+    kind: str  # sr, sc or ko
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    id: int
+    study_uid: str
+    result_version: int
+    kind: str
+    sop_instance_uid: str
+    path: Path
+    destination: str
+    state: OutboxState
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    sent_at: datetime | None
 
 
 class AssociationEnd(enum.StrEnum):

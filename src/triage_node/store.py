@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Table, and_, bindparam, case, exists, func, not_, or_, select, update
@@ -20,6 +21,7 @@ from triage_node.db import (
     image_results,
     instances,
     jobs,
+    outbox,
     series,
     services,
     studies,
@@ -32,9 +34,12 @@ from triage_node.domain import (
     InstanceHeader,
     InstanceRef,
     JobState,
+    OutboxItem,
+    OutboxState,
     Outcome,
     ReadyStudy,
     RecordedInstance,
+    ResultFile,
     SpooledFile,
     StudyAnalysis,
     StudyState,
@@ -673,6 +678,150 @@ class Store:
             heartbeat_at=row.heartbeat_at,
             stopped_at=row.stopped_at,
         )
+
+    # -- outbox: result objects on their way to the PACS ----------------------------------------
+    # One process delivers (the service's scheduler), so rows are not claimed, only updated.
+
+    def add_outbox(
+        self,
+        study_id: int,
+        result_version: int,
+        files: Sequence[ResultFile],
+        destinations: Sequence[str],
+        now: datetime,
+    ) -> None:
+        """One PENDING row per file and destination; an object already there is left as it is
+        (same UID = same object: a resend replaces nothing and duplicates nothing)."""
+        rows = [
+            {
+                "study_id": study_id,
+                "result_version": result_version,
+                "kind": f.kind,
+                "sop_class_uid": f.sop_class_uid,
+                "sop_instance_uid": f.sop_instance_uid,
+                "path": str(f.path),
+                "destination": destination,
+                "state": OutboxState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for f in files
+            for destination in destinations
+        ]
+        if not rows:
+            return
+        statement = self._dialect_insert(outbox).on_conflict_do_nothing(
+            index_elements=[outbox.c.destination, outbox.c.sop_instance_uid]
+        )
+        with self.engine.begin() as conn:
+            conn.execute(statement, rows)
+
+    def _outbox_query(self) -> Any:
+        return select(outbox, studies.c.study_uid).join(studies, studies.c.id == outbox.c.study_id)
+
+    @staticmethod
+    def _outbox_item(row: Any) -> OutboxItem:
+        return OutboxItem(
+            id=row.id,
+            study_uid=row.study_uid,
+            result_version=row.result_version,
+            kind=row.kind,
+            sop_instance_uid=row.sop_instance_uid,
+            path=Path(row.path),
+            destination=row.destination,
+            state=OutboxState(row.state),
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
+            last_status=row.last_status,
+            last_error=row.last_error,
+            sent_at=row.sent_at,
+        )
+
+    def due_outbox(self, now: datetime, limit: int = 100) -> list[OutboxItem]:
+        """PENDING items whose time has come, oldest first (results of a study stay together)."""
+        query = (
+            self._outbox_query()
+            .where(outbox.c.state == OutboxState.PENDING.value, outbox.c.next_attempt_at <= now)
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [self._outbox_item(row) for row in conn.execute(query)]
+
+    def outbox_items(self, state: OutboxState | None = None, limit: int = 500) -> list[OutboxItem]:
+        query = self._outbox_query().order_by(outbox.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(outbox.c.state == state.value)
+        with self.engine.connect() as conn:
+            return [self._outbox_item(row) for row in conn.execute(query)]
+
+    def outbox_sent(self, item_id: int, status: int, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id == item_id)
+                .values(
+                    state=OutboxState.SENT.value,
+                    attempts=outbox.c.attempts + 1,
+                    last_status=status,
+                    last_error=None,
+                    sent_at=now,
+                )
+            )
+
+    def outbox_failed(
+        self,
+        item_id: int,
+        status: int | None,
+        error: str,
+        *,
+        retry_at: datetime,
+        max_attempts: int,
+    ) -> OutboxState:
+        """Count a failed attempt: PENDING again at *retry_at*, or DEAD at the last one."""
+        dead = OutboxState.DEAD.value
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id == item_id)
+                .values(
+                    attempts=outbox.c.attempts + 1,
+                    last_status=status,
+                    last_error=error[:4000],
+                    next_attempt_at=retry_at,
+                    state=case(
+                        (outbox.c.attempts + 1 >= max_attempts, dead),
+                        else_=OutboxState.PENDING.value,
+                    ),
+                )
+            )
+            state = conn.execute(select(outbox.c.state).where(outbox.c.id == item_id)).scalar_one()
+        return OutboxState(state)
+
+    def outbox_retry(self, now: datetime, ids: Sequence[int] | None = None) -> int:
+        """DEAD items (all, or those of *ids*) back to PENDING with a fresh attempt count."""
+        condition = outbox.c.state == OutboxState.DEAD.value
+        if ids is not None:
+            condition = and_(condition, outbox.c.id.in_(list(ids)))
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(outbox)
+                .where(condition)
+                .values(state=OutboxState.PENDING.value, attempts=0, next_attempt_at=now)
+            )
+            return int(result.rowcount or 0)
+
+    def outbox_counts(self) -> dict[str, dict[str, int]]:
+        """destination -> state -> number of items."""
+        query = select(outbox.c.destination, outbox.c.state, func.count()).group_by(
+            outbox.c.destination, outbox.c.state
+        )
+        counts: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for destination, state, number in conn.execute(query):
+                counts.setdefault(destination, {})[state] = int(number)
+        return counts
 
     # -- status ------------------------------------------------------------------------------
 
