@@ -19,6 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from triage_node.domain import Destination
 from triage_node.errors import ConfigError
 
 ENV_PREFIX = "TRIAGE_NODE_"
@@ -73,6 +74,15 @@ def _log_format(value: Any) -> str | None:
 def _db_url(value: Any) -> str | None:
     if value and not value.startswith(("sqlite", "postgresql")):
         return "must be empty (embedded SQLite), a sqlite:/// URL or a postgresql+psycopg:// URL"
+    return None
+
+
+def _destinations(value: Any) -> str | None:
+    for item in value:
+        try:
+            Destination.parse(item)
+        except ValueError as exc:
+            return f"entry {exc}"
     return None
 
 
@@ -190,6 +200,31 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """``[delivery]``: sending the result objects (SR, heatmap SC, KOS) to the PACS."""
+
+    destinations: list[str] = _list_setting(
+        _destinations, "where results go, each AE_TITLE@host:port; empty = keep them only"
+    )
+    interval_seconds: float = _setting(
+        2.0, _between(0.1, 3600), "how often the outbox is looked at"
+    )
+    timeout_seconds: float = _setting(
+        30.0, _between(1, 3600), "connection and response timeout per association"
+    )
+    max_attempts: int = _setting(12, _between(1, 1000), "attempts before an item is dead")
+    retry_backoff_seconds: float = _setting(
+        10.0, _between(0, 86400), "wait after the first failure; doubles, with jitter"
+    )
+    retry_max_seconds: float = _setting(1800.0, _between(1, 86400), "longest wait between tries")
+    batch_size: int = _setting(50, _between(1, 10000), "items sent per association")
+
+    @property
+    def parsed_destinations(self) -> list[Destination]:
+        return [Destination.parse(d) for d in self.destinations]
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``[log]``: structured logs on standard error."""
 
@@ -207,6 +242,7 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -224,6 +260,7 @@ SECTIONS: dict[str, type] = {
     "study": StudyConfig,
     "service": ServiceConfig,
     "worker": WorkerConfig,
+    "delivery": DeliveryConfig,
     "log": LogConfig,
 }
 

@@ -12,7 +12,6 @@ Nothing here blocks receiving or inference: it runs from the scheduler, one batc
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +24,10 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
+from triage_node.domain import Destination
+
 SENT, FAILED, UNREACHABLE = "sent", "failed", "unreachable"
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
-_DESTINATION = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """A PACS to send results to: ``AE_TITLE@host:port`` in the configuration."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        match = _DESTINATION.match(text.strip())
-        if match is None or not 0 < int(match["port"]) < 65536 or not match["ae"].strip():
-            raise ValueError(f"{text!r} is not AE_TITLE@host:port")
-        return cls(match["ae"].strip(), match["host"], int(match["port"]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

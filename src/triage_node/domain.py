@@ -67,6 +67,28 @@ class JobState(enum.StrEnum):
     SUPERSEDED = "SUPERSEDED"  # a newer job for the same study replaced it before it ran
 
 
+_DESTINATION = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A PACS to send results to: ``AE_TITLE@host:port`` in the configuration."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = _DESTINATION.match(text.strip())
+        if match is None or not 0 < int(match["port"]) < 65536 or not match["ae"].strip():
+            raise ValueError(f"{text!r} is not AE_TITLE@host:port")
+        return cls(match["ae"].strip(), match["host"], int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
 class OutboxState(enum.StrEnum):
     """Life of one result object on its way to one destination."""
 
