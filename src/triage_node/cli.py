@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -53,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
 
     _train_parser(commands)
     _evaluate_parser(commands)
+
+    outbox = commands.add_parser("outbox", help="result objects waiting for or sent to the PACS")
+    outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    listing = outbox_commands.add_parser("list", help="items, newest first")
+    listing.add_argument("--state", choices=("PENDING", "SENT", "DEAD"), help="only this state")
+    listing.add_argument("--limit", type=int, default=200, help="most items shown (default 200)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = outbox_commands.add_parser("retry", help="send DEAD items again")
+    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="items (default: all DEAD)")
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -222,6 +232,54 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if report["healthy"] else EXIT_FAILED
 
 
+def _outbox(config: Config, args: argparse.Namespace) -> int:
+    from triage_node.db import make_engine, require_current_schema
+    from triage_node.domain import OutboxState, utcnow
+    from triage_node.store import Store
+
+    engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    try:
+        require_current_schema(engine)
+        store = Store(engine)
+        if args.outbox_command == "retry":
+            revived = store.outbox_retry(utcnow(), args.ids or None)
+            print(f"{revived} dead item(s) queued again")
+            return EXIT_OK
+        state = OutboxState(args.state) if args.state else None
+        items = store.outbox_items(state, args.limit)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps([_outbox_json(i) for i in items], indent=2))
+        return EXIT_OK
+    print(f"{'id':>6}  {'state':<8}{'kind':<5}{'tries':>5}  {'destination':<28}{'study':<30}last")
+    for i in items:
+        last = "" if i.last_status is None else f"0x{i.last_status:04X} "
+        last += (i.last_error or "")[:60]
+        print(
+            f"{i.id:>6}  {i.state.value:<8}{i.kind:<5}{i.attempts:>5}  {i.destination:<28}"
+            f"{i.study_uid[:29]:<30}{last}"
+        )
+    return EXIT_OK
+
+
+def _outbox_json(item: Any) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "state": item.state.value,
+        "kind": item.kind,
+        "study_uid": item.study_uid,
+        "sop_instance_uid": item.sop_instance_uid,
+        "result_version": item.result_version,
+        "destination": item.destination,
+        "attempts": item.attempts,
+        "next_attempt_at": item.next_attempt_at.isoformat(),
+        "last_status": item.last_status,
+        "last_error": item.last_error,
+        "sent_at": None if item.sent_at is None else item.sent_at.isoformat(),
+    }
+
+
 def _db(config: Config, args: argparse.Namespace) -> int:
     from triage_node.db import current_revision, head_revision, make_engine, redact_url, upgrade
 
@@ -256,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "evaluate": _evaluate,
         "status": _status,
+        "outbox": _outbox,
         "db": _db,
     }
     try:

@@ -22,6 +22,7 @@ from triage_node.errors import PreprocessRefused
 from triage_node.infer import Model, cam_peak
 from triage_node.model import Manifest
 from triage_node.preprocess import Geometry, preprocess
+from triage_node.render import heatmap, shrink
 from triage_node.report import MANUFACTURER
 
 
@@ -60,10 +61,20 @@ def _read(path: Path) -> Dataset:
         return dcmread(path)
 
 
-def analyse(sources: Iterable[ImageSource], model: Model, max_batch: int = 8) -> StudyAnalysis:
-    """Per-image probabilities and CAM peaks for every eligible image; the rest skipped."""
+def analyse(
+    sources: Iterable[ImageSource],
+    model: Model,
+    max_batch: int = 8,
+    pictures: dict[str, np.ndarray] | None = None,
+) -> StudyAnalysis:
+    """Per-image probabilities and CAM peaks for every eligible image; the rest skipped.
+
+    With *pictures*, the heatmap of each analysed image (RGB, see :mod:`triage_node.render`) is
+    put there under its SOP Instance UID.
+    """
     manifest = model.manifest
     prepared: list[tuple[ImageSource, np.ndarray, Geometry, float]] = []
+    displays: dict[str, np.ndarray] = {}
     skipped: list[Skip] = []
     for source in sources:
         started = time.perf_counter()
@@ -81,6 +92,8 @@ def analyse(sources: Iterable[ImageSource], model: Model, max_batch: int = 8) ->
         except PreprocessRefused as exc:
             skipped.append(Skip(source.instance_id, source.sop_instance_uid, str(exc)))
             continue
+        if pictures is not None:
+            displays[source.sop_instance_uid] = shrink(ready.display)
         ms = (time.perf_counter() - started) * 1000
         prepared.append((source, ready.tensor, ready.geometry, ms))
 
@@ -92,6 +105,11 @@ def analyse(sources: Iterable[ImageSource], model: Model, max_batch: int = 8) ->
         inference_ms += ms
         for (source, _, geometry, pre_ms), prob, cam in zip(chunk, probs, cams, strict=True):
             peak = cam_peak(cam, geometry, manifest.input.size)
+            if pictures is not None:
+                display = displays.pop(source.sop_instance_uid)
+                pictures[source.sop_instance_uid] = heatmap(
+                    display, cam, geometry, manifest.input.size
+                )
             images.append(
                 ImageResult(
                     instance_id=source.instance_id,

@@ -46,6 +46,17 @@ def cam_over_image(cam: np.ndarray, geometry: Geometry, input_size: int) -> np.n
     )
 
 
+def shrink(display: np.ndarray) -> np.ndarray:
+    """The display image at heatmap size (at most MAX_SIDE): what :func:`heatmap` needs of it."""
+    rows, columns = display.shape
+    scale = min(1.0, MAX_SIDE / max(rows, columns))
+    if scale == 1.0:
+        return display
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    image = Image.fromarray(np.asarray(display, dtype=np.float32), mode="F")
+    return np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+
 def heatmap(
     display: np.ndarray, cam: np.ndarray, geometry: Geometry, input_size: int
 ) -> np.ndarray:

@@ -101,6 +101,33 @@ def _tolerant_of_source_names() -> Iterator[None]:
         yield
 
 
+# Type 2 attributes of the Patient and General Study modules that the result objects copy from
+# their source (PS3.3 C.7.1.1, C.7.2.1). A source that lacks one gets it empty, as Type 2 allows.
+_COPIED_TYPE_2 = (
+    ("PatientName", "PN"),
+    ("PatientID", "LO"),
+    ("PatientBirthDate", "DA"),
+    ("PatientSex", "CS"),
+    ("StudyDate", "DA"),
+    ("StudyTime", "TM"),
+    ("ReferringPhysicianName", "PN"),
+    ("StudyID", "SH"),
+    ("AccessionNumber", "SH"),
+)
+
+
+def evidence_header(source: Dataset) -> Dataset:
+    """A copy of a source header with the Type 2 attributes the result objects copy present."""
+    header = Dataset()
+    header.update(source)
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
+    for keyword, vr in _COPIED_TYPE_2:
+        if keyword not in header:
+            header.add_new(keyword, vr, "")
+    return header
+
+
 def _device_observer(algorithm: Algorithm) -> hd.sr.ObserverContext:
     return hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -13,6 +13,7 @@ from triage_node import __version__
 from triage_node.config import Config
 from triage_node.domain import utcnow
 from triage_node.logs import get_logger, log_event
+from triage_node.outbox import OutboxDelivery
 from triage_node.store import Store
 
 LOG = get_logger(__name__)
@@ -63,6 +64,13 @@ class ServiceScheduler:
             "interval",
             seconds=config.service.poll_seconds,
             id="promote-ready-studies",
+        )
+        self.delivery = OutboxDelivery(store, config.delivery, config.dicom.ae_title)
+        self._scheduler.add_job(
+            self._guarded(self.delivery.deliver_due, "delivery_failed"),
+            "interval",
+            seconds=config.delivery.interval_seconds,
+            id="deliver-outbox",
         )
         self._scheduler.add_job(
             self._guarded(self.heartbeat, "heartbeat_failed"),

@@ -174,7 +174,13 @@ def run_worker(config: Config, index: int) -> None:
             )
             stop.wait(MODEL_RETRY_SECONDS)
     if model is not None:
-        worker = Worker(Store(engine), Spool(config.storage.spool_path), model, config.worker)
+        worker = Worker(
+            Store(engine),
+            Spool(config.storage.spool_path),
+            model,
+            config.worker,
+            destinations=config.delivery.destinations,
+        )
         log_event(LOG, logging.INFO, "worker_started", "worker ready", worker=index)
         worker.run_forever(stop)
     log_event(LOG, logging.INFO, "worker_stopped", "worker stopped", worker=index)

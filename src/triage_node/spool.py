@@ -22,6 +22,7 @@ from triage_node.domain import InstanceHeader, SpooledFile, validate_uid
 from triage_node.errors import OutOfResources
 
 INCOMING = "incoming"
+RESULTS = "results"  # the objects the node made, per study; never a UID, so never a study
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,6 +205,30 @@ class Spool:
                 raise OutOfResources("the spool's disk is full") from exc
             raise OutOfResources(f"cannot write to the spool: {exc.strerror}") from exc
         return SpooledFile(relpath=relpath, size=size, replaced=replaced)
+
+    def write_result(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
+        """Durably write a result object the node made: ``results/<study>/<sop>.dcm``.
+
+        Written to this process's incoming directory, fsynced, renamed into place (replacing an
+        earlier identical result), directory fsynced: after this returns, it survives a crash.
+        """
+        name = validate_uid(sop_instance_uid, "SOP Instance UID") + ".dcm"
+        final = self.path_of(f"{RESULTS}/{validate_uid(study_uid, 'Study Instance UID')}/{name}")
+        partial = self.incoming_dir() / f"result-{name}"
+        try:
+            with open(partial, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._makedirs_durable(final.parent)
+            partial.chmod(0o600)
+            partial.replace(final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise OutOfResources(f"cannot write a result to the spool: {exc.strerror}") from exc
+        return final
 
     def remove(self, relpath: str) -> None:
         """Remove a spooled file (used when its database row could not be written)."""

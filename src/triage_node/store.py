@@ -738,6 +738,22 @@ class Store:
             sent_at=row.sent_at,
         )
 
+    def previous_report(self, study_id: int, before_version: int) -> Path | None:
+        """The file of the latest SR made for an earlier revision of the study, if any."""
+        query = (
+            select(outbox.c.path)
+            .where(
+                outbox.c.study_id == study_id,
+                outbox.c.kind == "sr",
+                outbox.c.result_version < before_version,
+            )
+            .order_by(outbox.c.result_version.desc(), outbox.c.id.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            path = conn.execute(query).scalar()
+        return None if path is None else Path(path)
+
     def due_outbox(self, now: datetime, limit: int = 100) -> list[OutboxItem]:
         """PENDING items whose time has come, oldest first (results of a study stay together)."""
         query = (

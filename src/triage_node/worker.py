@@ -13,15 +13,20 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 
+import numpy as np
+from pydicom import dcmread
+
 from triage_node.config import WorkerConfig
-from triage_node.domain import ClaimedJob, JobState, utcnow
+from triage_node.domain import ClaimedJob, JobState, ResultFile, StudyAnalysis, utcnow
 from triage_node.errors import TriageError
 from triage_node.infer import Model
 from triage_node.logs import get_logger, log_event
 from triage_node.pipeline import ImageSource, analyse
+from triage_node.results import read_predecessor, result_objects, write_results
 from triage_node.spool import Spool
 from triage_node.store import Store, process_owner
 
@@ -40,6 +45,7 @@ class Worker:
         model: Model,
         config: WorkerConfig,
         *,
+        destinations: Sequence[str] = (),
         name: str | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -47,6 +53,7 @@ class Worker:
         self.spool = spool
         self.model = model
         self.config = config
+        self.destinations = list(destinations)
         self.owner = name or process_owner()
         self.clock = clock
         self.lease = timedelta(seconds=config.lease_seconds)
@@ -81,12 +88,19 @@ class Worker:
                 return True
             sources.append(ImageSource(ref.instance_id, ref.sop_instance_uid, path))
         started = time.perf_counter()
+        pictures: dict[str, np.ndarray] = {}
         try:
             with self._keep_lease(job):
-                analysis = analyse(sources, self.model, self.config.max_batch)
+                analysis = analyse(sources, self.model, self.config.max_batch, pictures)
+                results = self._results(job, analysis, sources, pictures)
         except Exception as exc:
             self._failed(job, f"{type(exc).__name__}: {exc}")
             return True
+        # The outbox rows go in before the job is marked done: a crash in between re-runs the
+        # job, which writes the same objects (same UIDs) and adds no second row.
+        self.store.add_outbox(
+            job.study_id, job.study_revision, results, self.destinations, self.clock()
+        )
         if not self.store.complete(job, self.owner, analysis, self.clock()):
             log_event(
                 LOG,
@@ -115,6 +129,30 @@ class Worker:
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return True
+
+    def _results(
+        self,
+        job: ClaimedJob,
+        analysis: StudyAnalysis,
+        sources: list[ImageSource],
+        pictures: dict[str, np.ndarray],
+    ) -> list[ResultFile]:
+        """Build and durably write the SR, heatmaps and KOS of an analysed study."""
+        if not analysis.images:
+            return []
+        analysed = {i.sop_instance_uid for i in analysis.images}
+        headers = {
+            s.sop_instance_uid: dcmread(s.path, stop_before_pixels=True)
+            for s in sources
+            if s.sop_instance_uid in analysed
+        }
+        predecessor = read_predecessor(self.store.previous_report(job.study_id, job.study_revision))
+        with warnings.catch_warnings():  # pydicom's warnings can quote values (patient data)
+            warnings.simplefilter("ignore")
+            objects = result_objects(
+                job.study_uid, job.study_revision, analysis, headers, pictures, predecessor
+            )
+        return write_results(self.spool, job.study_uid, objects)
 
     def _failed(self, job: ClaimedJob, error: str) -> None:
         delay = self.config.retry_backoff_seconds * 2 ** (job.attempts - 1)

@@ -121,10 +121,10 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 class StoreSCP:
     """DCMTK ``storescp`` in bit-preserving mode: the reference for what storescu sent."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    def __init__(self, directory: Path, *extra: str, port: int | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.process = subprocess.Popen(
             [require_tool("storescp", "dcmtk"), *extra, "-od", str(directory), str(self.port)],
             stdout=subprocess.DEVNULL,

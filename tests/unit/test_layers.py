@@ -22,6 +22,8 @@ LAYERS = {
     "augment": 1,
     "plot": 1,
     "render": 4,
+    "results": 6,
+    "outbox": 6,
     "deliver": 2,
     "report": 4,
     "receive": 4,

@@ -1,0 +1,106 @@
+"""Results written back: the node sends SR, heatmap SCs and KOS to a real SCP (DCMTK storescp),
+each valid for dciodvfy; a destination that is down gets them once it is back."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+
+from tests.support.node import Node
+from tests.support.onnx_models import write_model_dir
+from tests.support.peers import StoreSCP, free_port, require_tool, storescu, wait_for
+from tests.support.synth import write_study_set
+
+EVERYTHING_POSITIVE = {
+    "high_sensitivity": {"threshold": 0.0, "sensitivity": 1.0},
+    "high_specificity": {"threshold": 1.0, "specificity": 1.0},
+}
+SR, SC, KO = (
+    "1.2.840.10008.5.1.4.1.1.88.34",
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.88.59",
+)
+
+
+def received(directory: Path) -> list[pydicom.Dataset]:
+    if not directory.is_dir():
+        return []
+    return [pydicom.dcmread(p) for p in sorted(directory.iterdir()) if p.is_file()]
+
+
+def by_class(datasets: list[pydicom.Dataset]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ds in datasets:
+        counts[str(ds.SOPClassUID)] = counts.get(str(ds.SOPClassUID), 0) + 1
+    return counts
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run(
+        [require_tool("dciodvfy", "dicom3tools"), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line for line in result.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_results_reach_the_destination_and_are_valid(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
+    pacs = StoreSCP(tmp_path / "pacs")
+    node = Node(
+        tmp_path / "node",
+        worker={"count": 1, "model_dir": str(model)},
+        delivery={"destinations": [f"PACS@127.0.0.1:{pacs.port}"], "interval_seconds": 0.2},
+    ).start()
+    try:
+        files = write_study_set(tmp_path / "set", 2, 128, 96, per_study=2)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(
+            lambda: by_class(received(tmp_path / "pacs")) == {SR: 1, SC: 2, KO: 1},
+            60,
+            what="SR, 2 heatmaps and KOS at the PACS",
+        )
+        study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+        for path in sorted((tmp_path / "pacs").iterdir()):
+            assert pydicom.dcmread(path).StudyInstanceUID == study_uid
+            assert dciodvfy_errors(path) == [], path.name
+        listing = node.command("outbox", "list")
+        assert listing.returncode == 0 and listing.stdout.count("SENT") == 4
+    finally:
+        assert node.stop() == 0
+        pacs.stop()
+
+
+def test_a_pacs_that_is_down_gets_the_results_when_it_is_back(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
+    port = free_port()
+    node = Node(
+        tmp_path / "node",
+        worker={"count": 1, "model_dir": str(model)},
+        delivery={
+            "destinations": [f"PACS@127.0.0.1:{port}"],
+            "interval_seconds": 0.2,
+            "retry_backoff_seconds": 0.5,
+            "retry_max_seconds": 1,
+        },
+    ).start()
+    pacs = None
+    try:
+        files = write_study_set(tmp_path / "set", 1, 64, 64, per_study=1)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: "result_retry" in node.log_path.read_text(), 60, what="a failed delivery")
+        pacs = StoreSCP(tmp_path / "pacs", port=port)
+        wait_for(
+            lambda: by_class(received(tmp_path / "pacs")) == {SR: 1, SC: 1, KO: 1},
+            60,
+            what="the results once the PACS is back",
+        )
+        listing = node.command("outbox", "list")
+        assert listing.stdout.count("SENT") == 3 and "PENDING" not in listing.stdout
+    finally:
+        assert node.stop() == 0
+        if pacs is not None:
+            pacs.stop()
