@@ -30,9 +30,10 @@ serve: $(VENV)/.installed
 # elsewhere the tests that need a missing one skip and name it.
 test-tools:
 ifeq ($(CI),true)
-	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null || { \
+	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && \
+		test -x /usr/sbin/Orthanc || { \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends dcmtk dicom3tools; }
+			--no-install-recommends dcmtk dicom3tools orthanc; }
 	@pg_isready -q -h 127.0.0.1 -p 5432 || \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
 endif

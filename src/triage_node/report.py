@@ -78,7 +78,7 @@ class ResultUIDs:
 
     study_uid: str
     model_version: str
-    result_version: int
+    result_version: str | int  # changes exactly when the analysed content changes
 
     def uid(self, *parts: str) -> str:
         return derived_uid(

@@ -3,14 +3,16 @@
 For every study with at least one analysed image: the SR (negatives included), one heatmap SC per
 analysed image, and a KOS when an image reaches the high-sensitivity threshold (the triage flag).
 A study that was not analysed (every image skipped, or the analysis failed) gets nothing. The
-result version is the study's revision: a study re-opened by late instances gets new objects,
-and its new SR names the earlier one in Predecessor Documents Sequence.
+result version is a digest of the analysed instances (:func:`content_key`): a study re-opened by
+late instances gets new objects, and its new SR names the earlier one in Predecessor Documents
+Sequence; the same study sent again gets the same objects.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +51,17 @@ def algorithm_of(analysis: StudyAnalysis) -> Algorithm:
     )
 
 
+def content_key(sop_instance_uids: Iterable[str]) -> str:
+    """The result version: a digest of the analysed instances. Sending the same study again
+    gives the same key, so the same UIDs (the PACS replaces, nothing doubles); a study with
+    new instances gets a new key, new objects, and an SR naming its predecessor."""
+    digest = hashlib.sha256("\n".join(sorted(set(sop_instance_uids))).encode())
+    return digest.hexdigest()[:32]
+
+
 def result_objects(
     study_uid: str,
-    result_version: int,
+    result_version: str,
     analysis: StudyAnalysis,
     headers: Mapping[str, Dataset],
     pictures: Mapping[str, np.ndarray],
@@ -73,6 +83,8 @@ def result_objects(
         )
         for i in analysis.images
     ]
+    if predecessor is not None and predecessor.SOPInstanceUID == uids.instance("sr"):
+        predecessor = None  # the same content sent again: this *is* that report
     objects: list[tuple[str, Dataset]] = [
         ("sr", structured_report(images, algorithm, uids, predecessor))
     ]

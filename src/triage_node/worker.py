@@ -26,7 +26,7 @@ from triage_node.errors import TriageError
 from triage_node.infer import Model
 from triage_node.logs import get_logger, log_event
 from triage_node.pipeline import ImageSource, analyse
-from triage_node.results import read_predecessor, result_objects, write_results
+from triage_node.results import content_key, read_predecessor, result_objects, write_results
 from triage_node.spool import Spool
 from triage_node.store import Store, process_owner
 
@@ -149,8 +149,11 @@ class Worker:
         predecessor = read_predecessor(self.store.previous_report(job.study_id, job.study_revision))
         with warnings.catch_warnings():  # pydicom's warnings can quote values (patient data)
             warnings.simplefilter("ignore")
+            # Keyed on the analysed images only: the node's own objects coming back inside a
+            # resent study, or images the model is not for, do not make a new result.
+            version = content_key(i.sop_instance_uid for i in analysis.images)
             objects = result_objects(
-                job.study_uid, job.study_revision, analysis, headers, pictures, predecessor
+                job.study_uid, version, analysis, headers, pictures, predecessor
             )
         return write_results(self.spool, job.study_uid, objects)
 

@@ -65,6 +65,10 @@ class Node:
         self.process: subprocess.Popen[bytes] | None = None
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_NODE_")}
 
+    def rewrite_config(self) -> None:
+        """Write ``self.sections`` again (after changing them, before ``start``)."""
+        self.config_path = write_config(self.workdir / "triage-node.toml", self.sections)
+
     @property
     def spool(self) -> Path:
         return self.data_dir / "spool"

@@ -84,3 +84,21 @@ def write_study_set(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def dx_from_picture(
+    picture: Path, study_uid: str, series_uid: str, number: int, *, body_part: str = "HAND"
+) -> Dataset:
+    """A labelled picture (e.g. a FracAtlas JPEG) wrapped as an 8-bit DX instance."""
+    from PIL import Image
+
+    with Image.open(picture) as image:
+        pixels = np.asarray(image.convert("L"), dtype=np.uint8)
+    ds = radiograph(1, 1, study_uid=study_uid, series_uid=series_uid)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    ds.BodyPartExamined = body_part
+    ds.InstanceNumber = number
+    ds.PixelData = pixels.tobytes()
+    return ds

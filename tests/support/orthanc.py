@@ -1,0 +1,110 @@
+"""Orthanc (Debian package ``orthanc``) as the PACS in tests: DICOM and REST on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tests.support.peers import dcmtk_env, free_port, missing, wait_for
+
+ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+
+
+class Orthanc:
+    def __init__(self, workdir: Path, modalities: dict[str, tuple[str, str, int]]) -> None:
+        binary = next((b for b in ORTHANC_BINARIES if os.access(b, os.X_OK)), None)
+        if binary is None:
+            missing("Orthanc", "apt-get install orthanc")
+        self.binary = str(binary)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.ae_title = "ORTHANC"
+        config = {
+            "Name": "triage-node-test",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {name: list(value) for name, value in modalities.items()},
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "OverwriteInstances": True,
+            "SyncStorageArea": True,
+            "Plugins": [],
+        }
+        self.config_path = workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log: BinaryIO | None = None
+
+    def start(self) -> Orthanc:
+        self.log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115 - closed by stop()
+        self.process = subprocess.Popen(
+            [self.binary, str(self.config_path)],
+            stdout=self.log,
+            stderr=self.log,
+            env=dcmtk_env(),
+        )
+        wait_for(self._answers, 30, what="Orthanc to answer on its REST port")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        self.process = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def _answers(self) -> bool:
+        try:
+            self.get("/system")
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+        return True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:  # noqa: S310
+            return json.loads(response.read())
+
+    def post(self, path: str, body: bytes | dict[str, Any] | list[Any] | str) -> Any:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def upload(self, path: Path) -> str:
+        """Store a file through the REST API; returns Orthanc's study id."""
+        return str(self.post("/instances", path.read_bytes())["ParentStudy"])
+
+    def send_study(self, modality: str, study_id: str) -> None:
+        """C-STORE the study to a configured modality (synchronously)."""
+        self.post(f"/modalities/{modality}/store", {"Resources": [study_id], "Synchronous": True})
+
+    def series_of(self, study_id: str) -> list[dict[str, Any]]:
+        return list(self.get(f"/studies/{study_id}/series?expand"))
+
+    def instance_tags(self, instance_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/instances/{instance_id}/simplified-tags"))
+
+    def instance_file(self, instance_id: str) -> bytes:
+        with urllib.request.urlopen(  # noqa: S310
+            f"{self.url}/instances/{instance_id}/file", timeout=30
+        ) as response:
+            return bytes(response.read())
