@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: serve test test-tools lint typecheck unit bench-ingest bench-infer clean
+.PHONY: serve test test-tools lint typecheck unit bench-ingest bench-infer bench-e2e clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -57,6 +57,9 @@ bench-ingest: $(VENV)/.installed-dev
 
 bench-infer: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/infer.py
+
+bench-e2e: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/e2e.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

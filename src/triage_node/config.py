@@ -207,7 +207,7 @@ class DeliveryConfig:
         _destinations, "where results go, each AE_TITLE@host:port; empty = keep them only"
     )
     interval_seconds: float = _setting(
-        2.0, _between(0.1, 3600), "how often the outbox is looked at"
+        0.25, _between(0.05, 3600), "how often the outbox is looked at"
     )
     timeout_seconds: float = _setting(
         30.0, _between(1, 3600), "connection and response timeout per association"
