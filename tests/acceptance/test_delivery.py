@@ -104,3 +104,29 @@ def test_a_pacs_that_is_down_gets_the_results_when_it_is_back(tmp_path: Path) ->
         assert node.stop() == 0
         if pacs is not None:
             pacs.stop()
+
+
+def test_late_images_give_a_new_report_that_names_the_earlier_one(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
+    pacs = StoreSCP(tmp_path / "pacs")
+    node = Node(
+        tmp_path / "node",
+        worker={"count": 1, "model_dir": str(model)},
+        delivery={"destinations": [f"PACS@127.0.0.1:{pacs.port}"], "interval_seconds": 0.2},
+    ).start()
+    try:
+        files = write_study_set(tmp_path / "set", 2, 64, 64, per_study=2)
+        assert storescu(node.port, files[:1]).returncode == 0
+        wait_for(lambda: by_class(received(tmp_path / "pacs")).get(SR) == 1, 60, what="first SR")
+        assert storescu(node.port, files[1:]).returncode == 0  # a late image of the same study
+        wait_for(lambda: by_class(received(tmp_path / "pacs")).get(SR) == 2, 60, what="second SR")
+        reports = [ds for ds in received(tmp_path / "pacs") if ds.SOPClassUID == SR]
+        first = next(ds for ds in reports if "PredecessorDocumentsSequence" not in ds)
+        second = next(ds for ds in reports if "PredecessorDocumentsSequence" in ds)
+        [study] = second.PredecessorDocumentsSequence
+        referenced = study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == first.SOPInstanceUID
+        assert second.SOPInstanceUID != first.SOPInstanceUID
+    finally:
+        assert node.stop() == 0
+        pacs.stop()
