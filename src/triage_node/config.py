@@ -218,6 +218,13 @@ class DeliveryConfig:
     )
     retry_max_seconds: float = _setting(1800.0, _between(1, 86400), "longest wait between tries")
     batch_size: int = _setting(50, _between(1, 10000), "items sent per association")
+    tls_ca_file: Path | None = _setting(
+        None, None, "CA certificates (PEM) that sign +tls destinations; default: the system's"
+    )
+    tls_cert_file: Path | None = _setting(
+        None, None, "the node's client certificate (PEM) for +tls destinations that ask for one"
+    )
+    tls_key_file: Path | None = _setting(None, None, "private key (PEM) of tls_cert_file")
 
     @property
     def parsed_destinations(self) -> list[Destination]:

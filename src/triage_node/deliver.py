@@ -12,6 +12,7 @@ Nothing here blocks receiving or inference: it runs from the scheduler, one batc
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,34 @@ def classify(status: int) -> str:
     return SENT if status == 0x0000 or status in WARNING_STATUSES else FAILED
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for DICOM TLS (PS3.15 B.1): CAs to trust, and an optional client identity."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the PACS's certificate and host name."""
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            context.load_cert_chain(
+                str(self.cert_file), str(self.key_file) if self.key_file else None
+            )
+        return context
+
+
 def send_files(
     files: Sequence[Path],
     destination: Destination,
     *,
     calling_ae: str,
     timeout: float = 30.0,
+    tls: TlsFiles | None = None,
 ) -> list[Sent]:
     """C-STORE every file to *destination* over one association; one :class:`Sent` per file."""
     datasets = []
@@ -71,7 +94,17 @@ def send_files(
         for _, ds in datasets
     }
     ae.requested_contexts = [build_context(sop, syntaxes) for sop, syntaxes in contexts.items()]
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls:
+        try:
+            tls_args = ((tls or TlsFiles()).context(), destination.host)
+        except (OSError, ssl.SSLError) as exc:
+            return results + [
+                Sent(path, FAILED, None, f"TLS set-up failed: {exc}") for path, _ in datasets
+            ]
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         return results + [

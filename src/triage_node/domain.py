@@ -72,21 +72,24 @@ _DESTINATION = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """A PACS to send results to: ``AE_TITLE@host:port`` in the configuration."""
+    """A PACS to send results to: ``AE_TITLE@host:port``, or ``...+tls`` for DICOM TLS."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        match = _DESTINATION.match(text.strip())
+        raw = text.strip()
+        tls = raw.endswith("+tls")
+        match = _DESTINATION.match(raw.removesuffix("+tls"))
         if match is None or not 0 < int(match["port"]) < 65536 or not match["ae"].strip():
-            raise ValueError(f"{text!r} is not AE_TITLE@host:port")
-        return cls(match["ae"].strip(), match["host"], int(match["port"]))
+            raise ValueError(f"{text!r} is not AE_TITLE@host:port (optionally +tls)")
+        return cls(match["ae"].strip(), match["host"], int(match["port"]), tls)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 class OutboxState(enum.StrEnum):
