@@ -16,6 +16,10 @@ EXAMPLE_VALUES = {
     ("storage", "spool_dir"): '# spool_dir = "/var/lib/triage-node/spool"',
     ("database", "url"): '# url = "postgresql+psycopg://triage@db.example.org/triage"',
     ("worker", "model_dir"): 'model_dir = "/opt/triage-node/models/fracture-v1"',
+    ("delivery", "destinations"): '# destinations = ["PACS1@pacs.example.org:104"]',
+    ("delivery", "tls_ca_file"): '# tls_ca_file = "/etc/triage-node/pacs-ca.pem"',
+    ("delivery", "tls_cert_file"): '# tls_cert_file = "/etc/triage-node/node.pem"',
+    ("delivery", "tls_key_file"): '# tls_key_file = "/etc/triage-node/node-key.pem"',
 }
 
 
@@ -71,7 +75,8 @@ def main() -> None:
                 continue
             out.append(f"| `{s}.{key}` | `{show(default)}` | {text} |")
             example.append(f"# {text}")
-            example.append(EXAMPLE_VALUES.get((s, key), f"{key} = {show(default)}"))
+            unset = f"# {key} = ..." if default is None else f"{key} = {show(default)}"
+            example.append(EXAMPLE_VALUES.get((s, key), unset))
         out.append("")
         example.append("")
     (REPO / "docs" / "configuration.md").write_text("\n".join(out))

@@ -106,3 +106,14 @@ def test_every_setting_is_documented() -> None:
 def test_example_config_is_valid() -> None:
     config = load_config(REPO / "deploy" / "triage-node.example.toml", {})
     assert config.dicom.ae_title
+
+
+def test_delivery_destinations_are_checked() -> None:
+    good = load_config(
+        None, {"TRIAGE_NODE_DELIVERY_DESTINATIONS": "PACS@10.0.0.5:104, ARCHIVE@h.example:2762+tls"}
+    )
+    [first, second] = good.delivery.parsed_destinations
+    assert (first.ae_title, first.port, first.tls) == ("PACS", 104, False)
+    assert (second.host, second.tls) == ("h.example", True)
+    with pytest.raises(ConfigError, match=r"delivery\.destinations .*not AE_TITLE@host:port"):
+        load_config(None, {"TRIAGE_NODE_DELIVERY_DESTINATIONS": "PACS@host"})
