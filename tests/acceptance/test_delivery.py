@@ -130,3 +130,39 @@ def test_late_images_give_a_new_report_that_names_the_earlier_one(tmp_path: Path
     finally:
         assert node.stop() == 0
         pacs.stop()
+
+
+def test_dead_items_are_listed_and_sent_again_on_retry(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
+    port = free_port()
+    node = Node(
+        tmp_path / "node",
+        worker={"count": 1, "model_dir": str(model)},
+        delivery={
+            "destinations": [f"PACS@127.0.0.1:{port}"],
+            "interval_seconds": 0.2,
+            "max_attempts": 1,
+        },
+    ).start()
+    pacs = None
+    try:
+        files = write_study_set(tmp_path / "set", 1, 64, 64, per_study=1)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(
+            lambda: node.command("outbox", "list", "--state", "DEAD").stdout.count("DEAD") == 3,
+            60,
+            what="three dead items",
+        )
+        assert "result_dead" in node.log_path.read_text()
+        pacs = StoreSCP(tmp_path / "pacs", port=port)
+        result = node.command("outbox", "retry")
+        assert result.returncode == 0 and "3 dead item(s) queued again" in result.stdout
+        wait_for(
+            lambda: by_class(received(tmp_path / "pacs")) == {SR: 1, SC: 1, KO: 1},
+            60,
+            what="the retried results",
+        )
+    finally:
+        assert node.stop() == 0
+        if pacs is not None:
+            pacs.stop()
