@@ -17,6 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from triage_node.domain import InstanceHeader, SpooledFile, validate_uid
 from triage_node.errors import OutOfResources
@@ -185,7 +186,28 @@ class Spool:
         Raises OutOfResources when the disk is full; *partial* is removed on any failure.
         """
         relpath = self.relpath_for(header)
-        final = self.path_of(relpath)
+        size, replaced = self._place(partial, self.path_of(relpath))
+        return SpooledFile(relpath=relpath, size=size, replaced=replaced)
+
+    def write_result(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
+        """Durably write a result object the node made: ``results/<study>/<sop>.dcm``.
+
+        Written to this process's incoming directory, then placed like a received instance
+        (replacing an earlier identical result): after this returns, it survives a crash.
+        """
+        name = validate_uid(sop_instance_uid, "SOP Instance UID") + ".dcm"
+        final = self.path_of(f"{RESULTS}/{validate_uid(study_uid, 'Study Instance UID')}/{name}")
+        partial = self.incoming_dir() / f"result-{name}"
+        try:
+            partial.write_bytes(data)
+        except OSError as exc:
+            self._give_up(partial, exc)
+        self._place(partial, final)
+        return final
+
+    def _place(self, partial: Path, final: Path) -> tuple[int, bool]:
+        """fsync *partial*, rename it to *final* (parents created durably), fsync the directory.
+        Returns (size, whether a file was replaced); *partial* is removed on any failure."""
         try:
             fd = os.open(partial, os.O_RDONLY)
             try:
@@ -199,36 +221,16 @@ class Spool:
             partial.replace(final)
             _fsync_dir(final.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfResources("the spool's disk is full") from exc
-            raise OutOfResources(f"cannot write to the spool: {exc.strerror}") from exc
-        return SpooledFile(relpath=relpath, size=size, replaced=replaced)
+            self._give_up(partial, exc)
+        return size, replaced
 
-    def write_result(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
-        """Durably write a result object the node made: ``results/<study>/<sop>.dcm``.
-
-        Written to this process's incoming directory, fsynced, renamed into place (replacing an
-        earlier identical result), directory fsynced: after this returns, it survives a crash.
-        """
-        name = validate_uid(sop_instance_uid, "SOP Instance UID") + ".dcm"
-        final = self.path_of(f"{RESULTS}/{validate_uid(study_uid, 'Study Instance UID')}/{name}")
-        partial = self.incoming_dir() / f"result-{name}"
-        try:
-            with open(partial, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            self._makedirs_durable(final.parent)
-            partial.chmod(0o600)
-            partial.replace(final)
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
-            raise OutOfResources(f"cannot write a result to the spool: {exc.strerror}") from exc
-        return final
+    @staticmethod
+    def _give_up(partial: Path, exc: OSError) -> NoReturn:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfResources("the spool's disk is full") from exc
+        raise OutOfResources(f"cannot write to the spool: {exc.strerror}") from exc
 
     def remove(self, relpath: str) -> None:
         """Remove a spooled file (used when its database row could not be written)."""
