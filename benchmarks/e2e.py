@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 from tests.support.node import Node  # noqa: E402
-from tests.support.orthanc import Orthanc  # noqa: E402
+from tests.support.orthanc import Orthanc, node_and_orthanc  # noqa: E402
 from tests.support.peers import SHARED  # noqa: E402
 from tests.support.synth import dx_from_picture  # noqa: E402
 
@@ -90,19 +90,14 @@ def main() -> int:
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        node = Node(
-            work / "node",
-            worker={"count": 1, "model_dir": str(BUNDLED)},
+        node, orthanc = node_and_orthanc(
+            work,
+            BUNDLED,
             study={"settle_seconds": StudyConfig().settle_seconds},
             service={"poll_seconds": ServiceConfig().poll_seconds},
             delivery={"interval_seconds": DeliveryConfig().interval_seconds},
             log={"format": "json", "level": "INFO"},
         )
-        orthanc = Orthanc(work / "orthanc", {"node": ("TRIAGE_NODE", "127.0.0.1", node.port)})
-        node.sections["delivery"]["destinations"] = [f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
-        node.rewrite_config()
-        orthanc.start()
-        node.start()
         latencies = []
         try:
             (work / "set").mkdir()

@@ -3,14 +3,13 @@ each valid for dciodvfy; a destination that is down gets them once it is back.""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pydicom
 
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
-from tests.support.peers import StoreSCP, free_port, require_tool, storescu, wait_for
+from tests.support.peers import StoreSCP, dciodvfy_errors, free_port, storescu, wait_for
 from tests.support.synth import write_study_set
 
 EVERYTHING_POSITIVE = {
@@ -37,24 +36,18 @@ def by_class(datasets: list[pydicom.Dataset]) -> dict[str, int]:
     return counts
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run(
-        [require_tool("dciodvfy", "dicom3tools"), str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return [line for line in result.stderr.splitlines() if line.startswith("Error")]
+def delivering_node(tmp_path: Path, port: int, **delivery: object) -> Node:
+    """A started node whose tiny model calls everything positive, sending to 127.0.0.1:*port*."""
+    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
+    settings = {"destinations": [f"PACS@127.0.0.1:{port}"], "interval_seconds": 0.2, **delivery}
+    return Node(
+        tmp_path / "node", worker={"count": 1, "model_dir": str(model)}, delivery=settings
+    ).start()
 
 
 def test_results_reach_the_destination_and_are_valid(tmp_path: Path) -> None:
-    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
     pacs = StoreSCP(tmp_path / "pacs")
-    node = Node(
-        tmp_path / "node",
-        worker={"count": 1, "model_dir": str(model)},
-        delivery={"destinations": [f"PACS@127.0.0.1:{pacs.port}"], "interval_seconds": 0.2},
-    ).start()
+    node = delivering_node(tmp_path, pacs.port)
     try:
         files = write_study_set(tmp_path / "set", 2, 128, 96, per_study=2)
         assert storescu(node.port, files).returncode == 0
@@ -75,18 +68,8 @@ def test_results_reach_the_destination_and_are_valid(tmp_path: Path) -> None:
 
 
 def test_a_pacs_that_is_down_gets_the_results_when_it_is_back(tmp_path: Path) -> None:
-    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
     port = free_port()
-    node = Node(
-        tmp_path / "node",
-        worker={"count": 1, "model_dir": str(model)},
-        delivery={
-            "destinations": [f"PACS@127.0.0.1:{port}"],
-            "interval_seconds": 0.2,
-            "retry_backoff_seconds": 0.5,
-            "retry_max_seconds": 1,
-        },
-    ).start()
+    node = delivering_node(tmp_path, port, retry_backoff_seconds=0.5, retry_max_seconds=1)
     pacs = None
     try:
         files = write_study_set(tmp_path / "set", 1, 64, 64, per_study=1)
@@ -107,13 +90,8 @@ def test_a_pacs_that_is_down_gets_the_results_when_it_is_back(tmp_path: Path) ->
 
 
 def test_late_images_give_a_new_report_that_names_the_earlier_one(tmp_path: Path) -> None:
-    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
     pacs = StoreSCP(tmp_path / "pacs")
-    node = Node(
-        tmp_path / "node",
-        worker={"count": 1, "model_dir": str(model)},
-        delivery={"destinations": [f"PACS@127.0.0.1:{pacs.port}"], "interval_seconds": 0.2},
-    ).start()
+    node = delivering_node(tmp_path, pacs.port)
     try:
         files = write_study_set(tmp_path / "set", 2, 64, 64, per_study=2)
         assert storescu(node.port, files[:1]).returncode == 0
@@ -133,17 +111,8 @@ def test_late_images_give_a_new_report_that_names_the_earlier_one(tmp_path: Path
 
 
 def test_dead_items_are_listed_and_sent_again_on_retry(tmp_path: Path) -> None:
-    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
     port = free_port()
-    node = Node(
-        tmp_path / "node",
-        worker={"count": 1, "model_dir": str(model)},
-        delivery={
-            "destinations": [f"PACS@127.0.0.1:{port}"],
-            "interval_seconds": 0.2,
-            "max_attempts": 1,
-        },
-    ).start()
+    node = delivering_node(tmp_path, port, max_attempts=1)
     pacs = None
     try:
         files = write_study_set(tmp_path / "set", 1, 64, 64, per_study=1)

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 
 from tests.support.node import Node
-from tests.support.orthanc import Orthanc
+from tests.support.orthanc import Orthanc, node_and_orthanc
 from tests.support.peers import SHARED, require_shared_dicom, wait_for
 from tests.support.synth import dx_from_picture
 from triage_node.report import CERTAINTY
@@ -61,16 +61,7 @@ def modality_counts(orthanc: Orthanc, study_id: str) -> dict[str, int]:
 @pytest.mark.skipif(not FRACATLAS.is_dir(), reason=f"{FRACATLAS} not found")
 def test_orthanc_round_trip_and_resend(tmp_path: Path) -> None:
     shared = require_shared_dicom()
-    node = Node(
-        tmp_path / "node",
-        worker={"count": 1, "model_dir": str(BUNDLED)},
-        delivery={"interval_seconds": 0.2},
-    )
-    orthanc = Orthanc(tmp_path / "orthanc", {"node": ("TRIAGE_NODE", "127.0.0.1", node.port)})
-    node.sections["delivery"]["destinations"] = [f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
-    node.rewrite_config()
-    orthanc.start()
-    node.start()
+    node, orthanc = node_and_orthanc(tmp_path, BUNDLED)
     try:
         study_a = orthanc.upload(shared / "CR_RG3_extremityAP_mono1_10bit_JPEG-lossless.dcm")
         study_b = None
@@ -150,17 +141,12 @@ def check_report(orthanc: Orthanc, study: str, node: Node, study_uid: str) -> No
 
 @pytest.mark.skipif(not FRACATLAS.is_dir(), reason=f"{FRACATLAS} not found")
 def test_results_wait_for_orthanc_and_arrive_once(tmp_path: Path) -> None:
-    node = Node(
-        tmp_path / "node",
-        worker={"count": 1, "model_dir": str(BUNDLED)},
-        delivery={"interval_seconds": 0.2, "retry_backoff_seconds": 0.5, "retry_max_seconds": 1},
+    node, orthanc = node_and_orthanc(
+        tmp_path,
+        BUNDLED,
+        delivery={"retry_backoff_seconds": 0.5, "retry_max_seconds": 1},
         study={"settle_seconds": 4},  # results come after Orthanc is down
     )
-    orthanc = Orthanc(tmp_path / "orthanc", {"node": ("TRIAGE_NODE", "127.0.0.1", node.port)})
-    node.sections["delivery"]["destinations"] = [f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
-    node.rewrite_config()
-    orthanc.start()
-    node.start()
     try:
         study = ""
         for path in fracatlas_study(tmp_path / "fracatlas"):

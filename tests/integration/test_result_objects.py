@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.support.peers import require_shared_dicom, require_tool
+from tests.support.peers import dciodvfy_errors, require_shared_dicom, require_tool
 from triage_node.preprocess import InputSpec, preprocess
 from triage_node.render import LEGEND_TEXT, heatmap
 from triage_node.report import (
@@ -38,16 +38,6 @@ SOURCES = (
     "CR_RG1_chestPA_mono1_15bit_J2K-lossy.dcm",
 )
 ALGORITHM = Algorithm("fracture-v1", "1.0.0", "high_sensitivity", 0.31)
-
-
-def dciodvfy_problems(path: Path) -> list[str]:
-    result = subprocess.run(
-        [require_tool("dciodvfy", "dicom3tools"), str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return [line for line in result.stderr.splitlines() if line.startswith("Error")]
 
 
 def analysed(path: Path, probability: float, positive: bool) -> tuple[AnalysedImage, np.ndarray]:
@@ -76,7 +66,7 @@ def test_every_object_passes_dciodvfy_and_reads_back(name: str, tmp_path: Path) 
     for kind, dataset in objects.items():
         path = tmp_path / f"{kind}.dcm"
         dataset.save_as(path, enforce_file_format=True)
-        assert dciodvfy_problems(path) == [], kind
+        assert dciodvfy_errors(path) == [], kind
         written = pydicom.dcmread(path)
         assert written.StudyInstanceUID == image.source.StudyInstanceUID
         assert written.PatientID == image.source.get("PatientID", "")

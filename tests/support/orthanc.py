@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tests.support.node import Node
 from tests.support.peers import dcmtk_env, free_port, missing, wait_for
 
 ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
@@ -108,3 +109,22 @@ class Orthanc:
             f"{self.url}/instances/{instance_id}/file", timeout=30
         ) as response:
             return bytes(response.read())
+
+
+def node_and_orthanc(
+    workdir: Path, model_dir: Path, **sections: dict[str, object]
+) -> tuple[Node, Orthanc]:
+    """Orthanc, and a node analysing with *model_dir* that sends its results there; started."""
+    delivery = {"interval_seconds": 0.2, **sections.pop("delivery", {})}
+    node = Node(
+        workdir / "node",
+        worker={"count": 1, "model_dir": str(model_dir)},
+        delivery=delivery,
+        **sections,
+    )
+    orthanc = Orthanc(workdir / "orthanc", {"node": ("TRIAGE_NODE", "127.0.0.1", node.port)})
+    node.sections["delivery"]["destinations"] = [f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
+    node.rewrite_config()
+    orthanc.start()
+    node.start()
+    return node, orthanc

@@ -143,3 +143,14 @@ class StoreSCP:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The Error lines dicom3tools' dciodvfy prints for a DICOM file (warnings left out)."""
+    result = subprocess.run(
+        [require_tool("dciodvfy", "dicom3tools"), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line for line in result.stderr.splitlines() if line.startswith("Error")]
