@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from triage_node import __version__
 from triage_node.config import Config
 from triage_node.db import current_revision, head_revision, make_engine, redact_url
+from triage_node.deliver import TlsFiles
+from triage_node.domain import Destination, OutboxState
 from triage_node.errors import ModelError
 from triage_node.model import load_manifest
 from triage_node.store import Store
@@ -67,6 +70,40 @@ def echo_listener(host: str, port: int, called_ae: str, timeout: float) -> dict[
             "echo_ms": elapsed,
             "detail": "answered with A-ASSOCIATE-RJ (this host or AE title is not allowed)",
         }
+    return {"reachable": False, "echo_ms": None, "detail": "no DICOM answer"}
+
+
+def echo_destination(
+    destination: Destination, calling_ae: str, tls: TlsFiles, timeout: float
+) -> dict[str, Any]:
+    """C-ECHO a PACS the node sends results to, as the node (its AE title, its TLS settings).
+    Unlike the node's own listener, a rejected association is a failure here."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    tls_args = None
+    if destination.tls:
+        try:
+            tls_args = (tls.context(), destination.host)
+        except (OSError, ssl.SSLError) as exc:
+            return {"reachable": False, "echo_ms": None, "detail": f"TLS set-up failed: {exc}"}
+    started = time.perf_counter()
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
+    elapsed = round((time.perf_counter() - started) * 1000, 1)
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        code = getattr(status, "Status", None)
+        ok = code == 0x0000
+        return {
+            "reachable": ok,
+            "echo_ms": elapsed,
+            "detail": "C-ECHO success" if ok else f"C-ECHO status {code}",
+        }
+    if assoc.is_rejected:
+        return {"reachable": False, "echo_ms": elapsed, "detail": "association rejected"}
     return {"reachable": False, "echo_ms": None, "detail": "no DICOM answer"}
 
 
@@ -206,6 +243,31 @@ def _add_contents(
     }
     if oldest is not None and not live and running:
         problems.append("jobs are queued but no worker is running (is the model missing?)")
+    _add_destinations(report, store, config, problems)
+
+
+def _add_destinations(
+    report: dict[str, Any], store: Store, config: Config, problems: list[str]
+) -> None:
+    """Each configured destination: C-ECHO, and its outbox by state."""
+    delivery = config.delivery
+    tls = TlsFiles(delivery.tls_ca_file, delivery.tls_cert_file, delivery.tls_key_file)
+    counts = store.outbox_counts()
+    report["destinations"] = []
+    for destination in delivery.parsed_destinations:
+        name = str(destination)
+        echo = echo_destination(
+            destination, config.dicom.ae_title, tls, min(delivery.timeout_seconds, 5.0)
+        )
+        outbox = {state.value: counts.get(name, {}).get(state.value, 0) for state in OutboxState}
+        report["destinations"].append({"destination": name, **echo, "outbox": outbox})
+        if not echo["reachable"]:
+            problems.append(f"destination {name} does not answer C-ECHO: {echo['detail']}")
+        if outbox["DEAD"]:
+            problems.append(
+                f"{outbox['DEAD']} result object(s) for {name} gave up: "
+                "see 'triage-node outbox list --state DEAD', then 'outbox retry'"
+            )
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -254,6 +316,12 @@ def format_status(report: dict[str, Any]) -> str:
             )
         if not report["workers"]:
             lines.append("worker     none running")
+        for d in report["destinations"]:
+            box = d["outbox"]
+            lines.append(
+                f"destination {d['destination']}: {d['detail']}; outbox {box['PENDING']} pending,"
+                f" {box['SENT']} sent, {box['DEAD']} dead"
+            )
     model = report["model"]
     lines.append(
         f"model      {model['name']} {model['version']} ({model['dir']})"

@@ -3,6 +3,7 @@ each valid for dciodvfy; a destination that is down gets them once it is back.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pydicom
@@ -135,3 +136,31 @@ def test_dead_items_are_listed_and_sent_again_on_retry(tmp_path: Path) -> None:
         assert node.stop() == 0
         if pacs is not None:
             pacs.stop()
+
+
+def test_status_shows_each_destination_and_turns_unhealthy_when_it_is_down(
+    tmp_path: Path,
+) -> None:
+    pacs = StoreSCP(tmp_path / "pacs")
+    node = delivering_node(tmp_path, pacs.port)
+    try:
+        files = write_study_set(tmp_path / "set", 1, 64, 64, per_study=1)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: len(received(tmp_path / "pacs")) == 3, 60, what="the results")
+        result = node.command("status", "--json")
+        report = json.loads(result.stdout)
+        assert result.returncode == 0, report["problems"]
+        [destination] = report["destinations"]
+        assert destination["destination"] == f"PACS@127.0.0.1:{pacs.port}"
+        assert destination["reachable"] and destination["detail"] == "C-ECHO success"
+        assert destination["outbox"] == {"PENDING": 0, "SENT": 3, "DEAD": 0}
+        pacs.stop()
+        result = node.command("status", "--json")
+        report = json.loads(result.stdout)
+        assert result.returncode == 1
+        assert not report["destinations"][0]["reachable"]
+        assert any("does not answer C-ECHO" in p for p in report["problems"])
+        assert "destination PACS@127.0.0.1" in node.command("status").stdout
+    finally:
+        assert node.stop() == 0
+        pacs.stop()  # again is harmless
