@@ -41,6 +41,33 @@ def _age(value: datetime | None, now: datetime) -> float | None:
     return None if value is None else round((now - value).total_seconds(), 1)
 
 
+def _c_echo(
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    timeout: float,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+) -> tuple[str, float | None, str]:
+    """One C-ECHO: (``"ok"``, ``"failed"``, ``"rejected"`` or ``"silent"``, ms, detail)."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    started = time.perf_counter()
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    elapsed = round((time.perf_counter() - started) * 1000, 1)
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        code = getattr(status, "Status", None)
+        if code == 0x0000:
+            return "ok", elapsed, "C-ECHO success"
+        return "failed", elapsed, f"C-ECHO status {code}"
+    if assoc.is_rejected:
+        return "rejected", elapsed, "association rejected"
+    return "silent", None, "no DICOM answer"
+
+
 def echo_listener(host: str, port: int, called_ae: str, timeout: float) -> dict[str, Any]:
     """C-ECHO the node's own listener. A rejected association still proves it is listening."""
     try:
@@ -51,26 +78,10 @@ def echo_listener(host: str, port: int, called_ae: str, timeout: float) -> dict[
             "echo_ms": None,
             "detail": f"cannot connect: {exc.strerror or exc}",
         }
-    ae = AE(ae_title=STATUS_AE_TITLE)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    started = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    elapsed = round((time.perf_counter() - started) * 1000, 1)
-    if assoc.is_established:
-        status = assoc.send_c_echo()
-        assoc.release()
-        code = getattr(status, "Status", None)
-        ok = code == 0x0000
-        detail = "C-ECHO success" if ok else f"C-ECHO status {code}"
-        return {"reachable": ok, "echo_ms": elapsed, "detail": detail}
-    if assoc.is_rejected:
-        return {
-            "reachable": True,
-            "echo_ms": elapsed,
-            "detail": "answered with A-ASSOCIATE-RJ (this host or AE title is not allowed)",
-        }
-    return {"reachable": False, "echo_ms": None, "detail": "no DICOM answer"}
+    outcome, elapsed, detail = _c_echo(host, port, called_ae, STATUS_AE_TITLE, timeout)
+    if outcome == "rejected":
+        detail = "answered with A-ASSOCIATE-RJ (this host or AE title is not allowed)"
+    return {"reachable": outcome in ("ok", "rejected"), "echo_ms": elapsed, "detail": detail}
 
 
 def echo_destination(
@@ -78,33 +89,16 @@ def echo_destination(
 ) -> dict[str, Any]:
     """C-ECHO a PACS the node sends results to, as the node (its AE title, its TLS settings).
     Unlike the node's own listener, a rejected association is a failure here."""
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     tls_args = None
     if destination.tls:
         try:
             tls_args = (tls.context(), destination.host)
         except (OSError, ssl.SSLError) as exc:
             return {"reachable": False, "echo_ms": None, "detail": f"TLS set-up failed: {exc}"}
-    started = time.perf_counter()
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    outcome, elapsed, detail = _c_echo(
+        destination.host, destination.port, destination.ae_title, calling_ae, timeout, tls_args
     )
-    elapsed = round((time.perf_counter() - started) * 1000, 1)
-    if assoc.is_established:
-        status = assoc.send_c_echo()
-        assoc.release()
-        code = getattr(status, "Status", None)
-        ok = code == 0x0000
-        return {
-            "reachable": ok,
-            "echo_ms": elapsed,
-            "detail": "C-ECHO success" if ok else f"C-ECHO status {code}",
-        }
-    if assoc.is_rejected:
-        return {"reachable": False, "echo_ms": elapsed, "detail": "association rejected"}
-    return {"reachable": False, "echo_ms": None, "detail": "no DICOM answer"}
+    return {"reachable": outcome == "ok", "echo_ms": elapsed, "detail": detail}
 
 
 def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
