@@ -131,9 +131,9 @@ def cam_peak(cam: np.ndarray, geometry: Geometry, input_size: int) -> CamPeak:
     """Locate the CAM's peak inside the image area and map it to source pixels."""
     h, w = cam.shape
     sy, sx = h / input_size, w / input_size
-    top, left = int(geometry.pad_top * sy), int(geometry.pad_left * sx)
-    bottom = max(top + 1, round((geometry.pad_top + geometry.rows * geometry.scale_y) * sy))
-    right = max(left + 1, round((geometry.pad_left + geometry.columns * geometry.scale_x) * sx))
+    top_f, left_f, bottom_f, right_f = geometry.window_in(h, w, input_size)
+    top, left = int(top_f), int(left_f)
+    bottom, right = max(top + 1, round(bottom_f)), max(left + 1, round(right_f))
     area = cam[top:bottom, left:right]
     low, high = float(area.min()), float(area.max())
     scaled = (area - low) / (high - low) if high > low else np.zeros_like(area)

@@ -51,6 +51,17 @@ class Geometry:
     pad_top: int
     pad_left: int
 
+    def window_in(self, height: int, width: int, size: int) -> tuple[float, float, float, float]:
+        """Where the image (not the padding) lies in an (height, width) map of a size x size
+        input, such as a CAM: (top, left, bottom, right) in that map's cells."""
+        sy, sx = height / size, width / size
+        return (
+            self.pad_top * sy,
+            self.pad_left * sx,
+            (self.pad_top + self.rows * self.scale_y) * sy,
+            (self.pad_left + self.columns * self.scale_x) * sx,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Preprocessed:

@@ -31,10 +31,7 @@ def colour_ramp(values: np.ndarray) -> np.ndarray:
 def cam_over_image(cam: np.ndarray, geometry: Geometry, input_size: int) -> np.ndarray:
     """The part of a CAM (h, w) that covers the image (not the padding), scaled to [0, 1]."""
     h, w = cam.shape
-    sy, sx = h / input_size, w / input_size
-    top, left = geometry.pad_top * sy, geometry.pad_left * sx
-    bottom = (geometry.pad_top + geometry.rows * geometry.scale_y) * sy
-    right = (geometry.pad_left + geometry.columns * geometry.scale_x) * sx
+    top, left, bottom, right = geometry.window_in(h, w, input_size)
     low, high = float(cam.min()), float(cam.max())
     scaled = (cam - low) / (high - low) if high > low else np.zeros_like(cam)
     image = Image.fromarray(np.asarray(scaled, dtype=np.float32), mode="F")
@@ -61,15 +58,8 @@ def heatmap(
     display: np.ndarray, cam: np.ndarray, geometry: Geometry, input_size: int
 ) -> np.ndarray:
     """RGB uint8 (rows, columns, 3): the image in grey, the CAM in colour where it is warm."""
-    rows, columns = display.shape
-    scale = min(1.0, MAX_SIDE / max(rows, columns))
-    out_h, out_w = max(1, round(rows * scale)), max(1, round(columns * scale))
-    grey = np.asarray(
-        Image.fromarray(np.asarray(display, dtype=np.float32), mode="F").resize(
-            (out_w, out_h), Image.Resampling.BOX
-        ),
-        dtype=np.float32,
-    )
+    grey = shrink(display)  # the pipeline passes an already shrunk image: returned as it is
+    out_h, out_w = grey.shape
     warmth = np.asarray(
         Image.fromarray(cam_over_image(cam, geometry, input_size), mode="F").resize(
             (out_w, out_h), Image.Resampling.BILINEAR
