@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-
 from triage_node.config import WorkerConfig
 from triage_node.infer import Model
-from triage_node.pipeline import ImageSource, analyse
+from triage_node.pipeline import ImageSource, analyse, read_dataset
 
 
 def _files(paths: list[Path]) -> list[Path]:
@@ -31,9 +28,7 @@ def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> d
     unreadable: list[dict[str, str]] = []
     for index, path in enumerate(_files(paths)):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                header = dcmread(path, stop_before_pixels=True)
+            header = read_dataset(path, pixels=False)
             study_uid = str(header.get("StudyInstanceUID", "")) or "(no Study Instance UID)"
             sop_uid = str(header.get("SOPInstanceUID", "")) or f"(file {index})"
         except Exception as exc:

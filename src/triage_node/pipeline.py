@@ -55,10 +55,11 @@ def selection_refusal(ds: Dataset, manifest: Manifest) -> str | None:
     return None
 
 
-def _read(path: Path) -> Dataset:
-    with warnings.catch_warnings():  # pydicom's warnings quote values (patient data)
+def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
+    """A stored file, without pydicom's warnings: they quote element values (patient data)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return dcmread(path)
+        return dcmread(path, stop_before_pixels=not pixels)
 
 
 def analyse(
@@ -79,7 +80,7 @@ def analyse(
     for source in sources:
         started = time.perf_counter()
         try:
-            ds = _read(source.path)
+            ds = read_dataset(source.path)
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             skipped.append(Skip(source.instance_id, source.sop_instance_uid, f"unreadable: {exc}"))
             continue

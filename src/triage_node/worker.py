@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 
 import numpy as np
-from pydicom import dcmread
 
 from triage_node.config import WorkerConfig
 from triage_node.domain import ClaimedJob, JobState, ResultFile, StudyAnalysis, utcnow
 from triage_node.errors import TriageError
 from triage_node.infer import Model
 from triage_node.logs import get_logger, log_event
-from triage_node.pipeline import ImageSource, analyse
+from triage_node.pipeline import ImageSource, analyse, read_dataset
 from triage_node.results import content_key, read_predecessor, result_objects, write_results
 from triage_node.spool import Spool
 from triage_node.store import Store, process_owner
@@ -142,12 +141,12 @@ class Worker:
             return []
         analysed = {i.sop_instance_uid for i in analysis.images}
         headers = {
-            s.sop_instance_uid: dcmread(s.path, stop_before_pixels=True)
+            s.sop_instance_uid: read_dataset(s.path, pixels=False)
             for s in sources
             if s.sop_instance_uid in analysed
         }
         predecessor = read_predecessor(self.store.previous_report(job.study_id, job.study_revision))
-        with warnings.catch_warnings():  # pydicom's warnings can quote values (patient data)
+        with warnings.catch_warnings():  # highdicom/pydicom warnings can quote element values
             warnings.simplefilter("ignore")
             # Keyed on the analysed images only: the node's own objects coming back inside a
             # resent study, or images the model is not for, do not make a new result.
