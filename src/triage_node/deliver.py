@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -79,7 +78,8 @@ def send_files(
     results: list[Sent] = []
     for path in files:
         try:
-            datasets.append((path, dcmread(path)))
+            # The header names the presentation context; the file itself is sent from disk.
+            datasets.append((path, dcmread(path, stop_before_pixels=True)))
         except (OSError, InvalidDicomError) as exc:
             results.append(Sent(path, FAILED, None, f"cannot read the result file: {exc}"))
     if not datasets:
@@ -112,20 +112,20 @@ def send_files(
             for path, _ in datasets
         ]
     try:
-        for path, ds in datasets:
-            results.append(_store_one(assoc, path, ds))
+        for path, _ in datasets:
+            results.append(_store_one(assoc, path))
     finally:
         if assoc.is_established:
             assoc.release()
     return results
 
 
-def _store_one(assoc: Association, path: Path, ds: Dataset) -> Sent:
+def _store_one(assoc: Association, path: Path) -> Sent:
     if not assoc.is_established:
         return Sent(path, UNREACHABLE, None, "association lost")
     try:
-        answer = assoc.send_c_store(ds)
-    except (ValueError, RuntimeError) as exc:  # no accepted context for this SOP class / syntax
+        answer = assoc.send_c_store(path)
+    except (ValueError, RuntimeError, OSError) as exc:  # no accepted context, or unreadable
         return Sent(path, FAILED, None, f"not sent: {exc}")
     if "Status" not in answer:
         return Sent(path, UNREACHABLE, None, "no response (timeout or association aborted)")
