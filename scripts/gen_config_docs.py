@@ -29,7 +29,7 @@ def show(value: Any) -> str:
     if value is None:
         return "(unset)"
     if isinstance(value, list):
-        return "[]"
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
     if isinstance(value, str | Path):
         return f'"{value}"'
     return str(value)

@@ -6,9 +6,10 @@ Exit codes: 0 success (or healthy), 1 unhealthy / failed, 2 bad usage or configu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     retry = outbox_commands.add_parser("retry", help="send DEAD items again")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="items (default: all DEAD)")
+
+    worklist = commands.add_parser(
+        "worklist", help="unreported positive studies, most urgent first"
+    )
+    worklist.add_argument("--limit", type=int, default=1000, help="most studies shown")
+    worklist.add_argument("--json", action="store_true", help="machine-readable output")
+    reported = commands.add_parser(
+        "mark-reported", help="record that studies were reported (they leave the worklist)"
+    )
+    reported.add_argument("study_uids", nargs="*", metavar="STUDY_UID")
+    reported.add_argument("--accession", help="every study of this accession number instead")
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -232,23 +244,77 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if report["healthy"] else EXIT_FAILED
 
 
-def _outbox(config: Config, args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _open_store(config: Config) -> Iterator[Any]:
+    """The node's database, which must exist at the current schema."""
     from triage_node.db import make_engine, require_current_schema
-    from triage_node.domain import OutboxState, utcnow
     from triage_node.store import Store
 
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     try:
         require_current_schema(engine)
-        store = Store(engine)
+        yield Store(engine)
+    finally:
+        engine.dispose()
+
+
+def _worklist(config: Config, args: argparse.Namespace) -> int:
+    from triage_node.domain import utcnow
+    from triage_node.health import format_worklist, worklist_entry
+
+    with _open_store(config) as store:
+        rows = store.worklist(limit=args.limit)
+    now = utcnow()
+    entries = [
+        {**worklist_entry(row, now), "accession_number": row.accession_number} for row in rows
+    ]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    elif not entries:
+        print("no unreported positive studies")
+    else:
+        print("\n".join(format_worklist(entries)))
+    return EXIT_OK
+
+
+def _mark_reported(config: Config, args: argparse.Namespace) -> int:
+    from triage_node.domain import ReportSource, is_valid_uid, utcnow
+
+    if bool(args.study_uids) == bool(args.accession):
+        print("triage-node mark-reported: give STUDY_UID(s) or --accession", file=sys.stderr)
+        return EXIT_USAGE
+    bad = [uid for uid in args.study_uids if not is_valid_uid(uid)]
+    if bad:
+        print(f"triage-node mark-reported: not a UID: {bad[0]!r}", file=sys.stderr)
+        return EXIT_USAGE
+    now = utcnow()
+    missing = 0
+    with _open_store(config) as store:
+        queries = (
+            [{"study_uid": uid} for uid in args.study_uids]
+            if args.study_uids
+            else [{"accession_number": args.accession}]
+        )
+        for query in queries:
+            found = store.mark_reported(ReportSource.CLI, now, **query)
+            if not found:
+                missing += 1
+                print(f"{next(iter(query.values()))}: no such study")
+            for study_uid, newly in found:
+                print(f"{study_uid}: {'marked reported' if newly else 'was already reported'}")
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+def _outbox(config: Config, args: argparse.Namespace) -> int:
+    from triage_node.domain import OutboxState, utcnow
+
+    with _open_store(config) as store:
         if args.outbox_command == "retry":
             revived = store.outbox_retry(utcnow(), args.ids or None)
             print(f"{revived} dead item(s) queued again")
             return EXIT_OK
         state = OutboxState(args.state) if args.state else None
         items = store.outbox_items(state, args.limit)
-    finally:
-        engine.dispose()
     if args.json:
         print(json.dumps([_outbox_json(i) for i in items], indent=2))
         return EXIT_OK
@@ -315,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": _evaluate,
         "status": _status,
         "outbox": _outbox,
+        "worklist": _worklist,
+        "mark-reported": _mark_reported,
         "db": _db,
     }
     try:

@@ -21,6 +21,7 @@ from typing import Any
 
 from triage_node.domain import Destination
 from triage_node.errors import ConfigError
+from triage_node.hl7 import field_name
 
 ENV_PREFIX = "TRIAGE_NODE_"
 ENV_CONFIG_FILE = "TRIAGE_NODE_CONFIG"
@@ -86,12 +87,36 @@ def _destinations(value: Any) -> str | None:
     return None
 
 
+def _one_destination(value: Any) -> str | None:
+    return _destinations([value]) if value else None
+
+
+def _host_port(value: Any) -> str | None:
+    host, _, port = str(value).rpartition(":")
+    if value and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+        return "must be empty or host:port"
+    return None
+
+
+def _hl7_fields(value: Any) -> str | None:
+    if not value:
+        return "must name at least one field"
+    for item in value:
+        try:
+            segment, _ = field_name(item)
+        except ValueError as exc:
+            return str(exc)
+        if segment not in ("OBR", "ORC"):
+            return f"entry {item!r}: the accession number is read from OBR or ORC fields"
+    return None
+
+
 def _setting(default: Any, check: Check | None = None, doc: str = "") -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
-def _list_setting(check: Check | None = None, doc: str = "") -> Any:
-    return field(default_factory=list, metadata={"check": check, "doc": doc})
+def _list_setting(check: Check | None = None, doc: str = "", default: tuple[str, ...] = ()) -> Any:
+    return field(default_factory=lambda: list(default), metadata={"check": check, "doc": doc})
 
 
 @dataclass(frozen=True)
@@ -175,6 +200,13 @@ class ServiceConfig:
     shutdown_grace_seconds: float = _setting(
         30.0, _between(0, 3600), "on SIGTERM, time given to associations in progress"
     )
+    metrics_port: int = _setting(
+        0, _between(0, 65535), "Prometheus /metrics HTTP port; 0 = no metrics endpoint"
+    )
+    metrics_bind: str = _setting("127.0.0.1", None, "address the metrics endpoint listens on")
+    stuck_queue_seconds: float = _setting(
+        600.0, _between(1, 604800), "status is unhealthy when a job has waited this long"
+    )
 
 
 @dataclass(frozen=True)
@@ -232,6 +264,67 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class ReconcileConfig:
+    """``[reconcile]``: learning from the PACS (C-FIND) which flagged studies were reported."""
+
+    pacs: str = _setting(
+        "",
+        _one_destination,
+        "query/retrieve SCP asked for reports, AE_TITLE@host:port[+tls]; empty = no C-FIND",
+    )
+    interval_seconds: float = _setting(
+        60.0, _between(1, 86400), "how often unreported positives are looked up"
+    )
+    recheck_seconds: float = _setting(
+        300.0, _between(0, 604800), "a study is looked up again at most this often"
+    )
+    batch_size: int = _setting(20, _between(1, 10000), "studies looked up per round")
+    timeout_seconds: float = _setting(30.0, _between(1, 3600), "C-FIND association timeout")
+    report_modalities: list[str] = _list_setting(
+        None, "series modalities that count as a report (besides SR and PDF rules), e.g. ['KO']"
+    )
+    report_series_descriptions: list[str] = _list_setting(
+        None, "series description patterns (shell style, any case) that count as a report"
+    )
+
+
+@dataclass(frozen=True)
+class HL7Config:
+    """``[hl7]``: the ORU^R01 listener (MLLP) telling the node which studies are reported."""
+
+    port: int = _setting(0, _between(0, 65535), "MLLP port for ORU^R01 messages; 0 = off")
+    bind: str = _setting("0.0.0.0", None, "address the MLLP listener listens on")  # noqa: S104
+    allowed_networks: list[str] = _list_setting(
+        _networks, "addresses/networks allowed to connect; empty = any"
+    )
+    accession_fields: list[str] = _list_setting(
+        _hl7_fields,
+        "fields holding the accession number (OBR-n or ORC-n); the first non-empty wins",
+        default=("OBR-18", "OBR-3"),
+    )
+
+
+@dataclass(frozen=True)
+class EscalationConfig:
+    """``[escalation]``: what happens to positives nobody reports."""
+
+    after_seconds: float = _setting(
+        3600.0, _between(0, 31536000), "escalate unreported positives flagged this long; 0 = off"
+    )
+    repeat_seconds: float = _setting(
+        3600.0, _between(1, 31536000), "escalate again after this long while still unreported"
+    )
+    interval_seconds: float = _setting(
+        30.0, _between(1, 86400), "how often escalations are looked for"
+    )
+    ris: str = _setting(
+        "", _host_port, "host:port of a RIS taking ORM^O01 priority updates (MLLP); empty = none"
+    )
+    ris_application: str = _setting("RIS", None, "MSH-5 receiving application of those messages")
+    timeout_seconds: float = _setting(10.0, _between(1, 600), "wait for the RIS's ACK")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``[log]``: structured logs on standard error."""
 
@@ -250,6 +343,9 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    hl7: HL7Config = field(default_factory=HL7Config)
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -268,6 +364,9 @@ SECTIONS: dict[str, type] = {
     "service": ServiceConfig,
     "worker": WorkerConfig,
     "delivery": DeliveryConfig,
+    "reconcile": ReconcileConfig,
+    "hl7": HL7Config,
+    "escalation": EscalationConfig,
     "log": LogConfig,
 }
 

@@ -94,7 +94,19 @@ studies = Table(
     Column("queued_at", UTCDateTime()),
     Column("outcome", String(16)),
     Column("inferred_at", UTCDateTime()),
+    # The priority table (architecture.md, result contract item 4): these columns only move up.
+    Column("score", Float),  # highest probability any analysis of the study gave
+    Column("operating_point", String(32)),  # strictest operating point that score reached
+    Column("model_version", String(32)),
+    Column("flagged_at", UTCDateTime()),  # first positive result
+    Column("reported_at", UTCDateTime()),  # a radiologist's report is known
+    Column("report_source", String(16)),  # c-find, hl7 or cli
+    Column("escalations", Integer, nullable=False, server_default="0"),
+    Column("escalated_at", UTCDateTime()),
+    Column("checked_at", UTCDateTime()),  # last C-FIND for reports
     Index(None, "state", "last_received_at"),
+    Index(None, "flagged_at", "reported_at"),
+    Index(None, "accession_number"),
 )
 
 series = Table(

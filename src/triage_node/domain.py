@@ -57,6 +57,56 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"  # no instance the model is for
 
 
+class PriorityState(enum.StrEnum):
+    """A study's place in the priority table (architecture.md, result contract item 4).
+
+    RECEIVED, QUEUED and INFERRED follow the processing state; FLAGGED (a positive result, not yet
+    reported) and REPORTED (a radiologist's report is known) then hold whatever happens next:
+    a flag is never taken back by a later analysis, only by a report.
+    """
+
+    RECEIVED = "RECEIVED"
+    QUEUED = "QUEUED"
+    INFERRED = "INFERRED"
+    FLAGGED = "FLAGGED"
+    REPORTED = "REPORTED"
+
+
+class ReportSource(enum.StrEnum):
+    """How the node learnt that a study was reported, most reliable first."""
+
+    HL7 = "hl7"  # ORU^R01 with OBR-25 F or C
+    C_FIND = "c-find"  # a report object in the study that the node did not make
+    CLI = "cli"  # triage-node mark-reported
+
+
+# The operating points of a manifest, weakest first: priority compares them by this order.
+OPERATING_POINT_ORDER = ("high_sensitivity", "high_specificity")
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityRow:
+    """One study in the priority table. ``rank`` is its place among unreported positives
+    (1 = read first), None for every other study."""
+
+    study_uid: str
+    accession_number: str  # for finding the study in the PACS; never logged
+    state: PriorityState
+    outcome: Outcome | None
+    score: float | None
+    operating_point: str | None
+    model_version: str | None
+    study_date: str
+    received_at: datetime
+    inferred_at: datetime | None
+    flagged_at: datetime | None
+    reported_at: datetime | None
+    report_source: ReportSource | None
+    escalations: int
+    escalated_at: datetime | None
+    rank: int | None = None
+
+
 class JobState(enum.StrEnum):
     """Life of one analysis job."""
 

@@ -1,7 +1,9 @@
 """``triage-node status``: is the node up, can it store, and what does it hold.
 
-The report is a plain dict with a stable schema (documented in docs/admin-guide.md); ``healthy``
-is false, and the command exits 1, when any check in ``problems`` failed.
+The report is a plain dict with a stable schema (``docs/status.schema.json``, explained in
+docs/admin-guide.md); ``healthy`` is false, and the command exits 1, when any check in
+``problems`` failed. New fields may be added within a schema version; none is removed or changes
+meaning without bumping ``schema``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from triage_node import __version__
 from triage_node.config import Config
 from triage_node.db import current_revision, head_revision, make_engine, redact_url
 from triage_node.deliver import TlsFiles
-from triage_node.domain import Destination, OutboxState
+from triage_node.domain import Destination, OutboxState, PriorityRow, PriorityState
 from triage_node.errors import ModelError
 from triage_node.model import load_manifest
 from triage_node.store import Store
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # docs/status.schema.json; bumped only when a field changes meaning or goes
+STATUS_WORKLIST_LIMIT = 50  # unreported positives listed by status (worklist lists all)
 WORKER_STALE_SECONDS = 30.0  # six missed worker heartbeats
 STATUS_AE_TITLE = "TRIAGE_STATUS"
 
@@ -237,7 +240,79 @@ def _add_contents(
     }
     if oldest is not None and not live and running:
         problems.append("jobs are queued but no worker is running (is the model missing?)")
+    age = _age(oldest, now)
+    if age is not None and age > config.service.stuck_queue_seconds:
+        problems.append(
+            f"the oldest queued job has waited {age:.0f} s "
+            f"(more than service.stuck_queue_seconds = {config.service.stuck_queue_seconds:.0f})"
+        )
+    report["failed"] = {
+        "jobs": totals.jobs_by_state.get("FAILED", 0),
+        "outbox_dead": sum(c.get("DEAD", 0) for c in store.outbox_counts().values()),
+    }
+    report["model"]["providers"] = sorted({w.provider for w in live})
+    _add_priority(report, store, now)
     _add_destinations(report, store, config, problems)
+    _add_report_feeds(report, config, problems)
+
+
+def _add_priority(report: dict[str, Any], store: Store, now: datetime) -> None:
+    """The priority table by state, and the ranked unreported positives."""
+    report["priority"] = store.priority_counts()
+    worklist = store.worklist(limit=STATUS_WORKLIST_LIMIT)
+    report["unreported_positives"] = {
+        "total": report["priority"].get(PriorityState.FLAGGED.value, 0),
+        "oldest_age_s": max((_age(r.flagged_at, now) or 0.0 for r in worklist), default=None),
+        "studies": [worklist_entry(row, now) for row in worklist],
+    }
+
+
+def worklist_entry(row: PriorityRow, now: datetime) -> dict[str, Any]:
+    """One unreported positive for ``status`` and ``worklist --json`` (no accession number)."""
+    return {
+        "rank": row.rank,
+        "study_uid": row.study_uid,
+        "score": None if row.score is None else round(row.score, 4),
+        "operating_point": row.operating_point,
+        "model_version": row.model_version,
+        "study_date": row.study_date,
+        "received_at": _iso(row.received_at),
+        "flagged_at": _iso(row.flagged_at),
+        "age_s": _age(row.flagged_at, now),
+        "escalations": row.escalations,
+    }
+
+
+def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str]) -> None:
+    """The report-status feeds: the PACS asked by C-FIND, and the HL7 listener."""
+    pacs: dict[str, Any] = {"pacs": config.reconcile.pacs or None}
+    if config.reconcile.pacs:
+        delivery = config.delivery
+        tls = TlsFiles(delivery.tls_ca_file, delivery.tls_cert_file, delivery.tls_key_file)
+        pacs.update(
+            echo_destination(
+                Destination.parse(config.reconcile.pacs),
+                config.dicom.ae_title,
+                tls,
+                min(config.reconcile.timeout_seconds, 5.0),
+            )
+        )
+        if not pacs["reachable"]:
+            problems.append(
+                f"PACS {config.reconcile.pacs} (report look-up) does not answer C-ECHO: "
+                f"{pacs['detail']}"
+            )
+    report["reconcile"] = pacs
+    hl7: dict[str, Any] = {"port": config.hl7.port or None}
+    if config.hl7.port:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.hl7.bind, config.hl7.bind)  # noqa: S104
+        try:
+            socket.create_connection((host, config.hl7.port), timeout=2).close()
+            hl7["listening"] = True
+        except OSError:
+            hl7["listening"] = False
+            problems.append(f"HL7 listener {host}:{config.hl7.port} does not accept connections")
+    report["hl7"] = hl7
 
 
 def _add_destinations(
@@ -316,6 +391,21 @@ def format_status(report: dict[str, Any]) -> str:
                 f"destination {d['destination']}: {d['detail']}; outbox {box['PENDING']} pending,"
                 f" {box['SENT']} sent, {box['DEAD']} dead"
             )
+    if "unreported_positives" in report:
+        lines.append(format_priority(report))
+    feeds = (
+        [f"C-FIND {report['reconcile']['pacs']}: {report['reconcile'].get('detail')}"]
+        if report.get("reconcile", {}).get("pacs")
+        else []
+    )
+    if report.get("hl7", {}).get("port"):
+        state = "listening" if report["hl7"]["listening"] else "NOT listening"
+        feeds.append(f"HL7 port {report['hl7']['port']} {state}")
+    if "reconcile" in report:
+        lines.append(
+            "reports    "
+            + ("; ".join(feeds) or "no C-FIND or HL7 feed configured (mark-reported only)")
+        )
     model = report["model"]
     lines.append(
         f"model      {model['name']} {model['version']} ({model['dir']})"
@@ -329,3 +419,39 @@ def format_status(report: dict[str, Any]) -> str:
         f"(minimum {spool['min_free_bytes'] / 2**20:.0f} MiB)"
     )
     return "\n".join(lines)
+
+
+def format_priority(report: dict[str, Any]) -> str:
+    """The priority counts and the ranked unreported positives, for people."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report["priority"].items())) or "none"
+    unreported = report["unreported_positives"]
+    lines = [f"priority   {counts}"]
+    lines.append(f"unreported positives: {unreported['total']}")
+    lines.extend(format_worklist(unreported["studies"]))
+    return "\n".join(lines)
+
+
+def format_worklist(entries: list[dict[str, Any]]) -> list[str]:
+    """A table of ranked unreported positives (entries from :func:`worklist_entry`)."""
+    if not entries:
+        return []
+    lines = [f"  {'rank':>4}  {'score':>6}  {'point':<16}  {'age':>8}  {'esc':>3}  study"]
+    for e in entries:
+        lines.append(
+            f"  {e['rank']:>4}  {e['score']:>6.3f}  {e['operating_point'] or '-':<16}  "
+            f"{_duration(e['age_s']):>8}  {e['escalations']:>3}  {e['study_uid']}"
+        )
+    return lines
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"

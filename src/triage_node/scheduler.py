@@ -1,4 +1,6 @@
-"""Periodic work of the service (APScheduler): settled studies become jobs; a heartbeat is kept."""
+"""Periodic work of the service (APScheduler): settled studies become jobs, results are
+delivered, report status is looked up in the PACS, unreported positives are escalated, and a
+heartbeat is kept."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from triage_node import __version__
 from triage_node.config import Config
 from triage_node.domain import utcnow
+from triage_node.escalate import Escalator
 from triage_node.logs import get_logger, log_event
 from triage_node.outbox import OutboxDelivery
+from triage_node.reconcile import PacsReconciler
 from triage_node.store import Store
 
 LOG = get_logger(__name__)
@@ -72,6 +76,22 @@ class ServiceScheduler:
             seconds=config.delivery.interval_seconds,
             id="deliver-outbox",
         )
+        self.reconciler = PacsReconciler(store, config)
+        if config.reconcile.pacs:
+            self._scheduler.add_job(
+                self._guarded(self.reconciler.reconcile_once, "reconcile_failed"),
+                "interval",
+                seconds=config.reconcile.interval_seconds,
+                id="reconcile-reports",
+            )
+        self.escalator = Escalator(store, config)
+        if config.escalation.after_seconds > 0:
+            self._scheduler.add_job(
+                self._guarded(self.escalator.escalate_due, "escalation_failed"),
+                "interval",
+                seconds=config.escalation.interval_seconds,
+                id="escalate",
+            )
         self._scheduler.add_job(
             self._guarded(self.heartbeat, "heartbeat_failed"),
             "interval",

@@ -29,9 +29,12 @@ from triage_node.config import Config, DicomConfig
 from triage_node.db import make_engine, redact_url, require_current_schema, upgrade
 from triage_node.domain import utcnow
 from triage_node.errors import AlreadyRunning, ModelError, TriageError
+from triage_node.exporter import start_metrics_server
 from triage_node.infer import Model
 from triage_node.logs import configure_logging, get_logger, log_event
+from triage_node.mllp import MLLPServer
 from triage_node.receive import ReceiverServer, StorageHandlers, build_ae, configure_pynetdicom
+from triage_node.reconcile import OruHandler
 from triage_node.scheduler import ServiceScheduler
 from triage_node.spool import EarlyWriteback, Spool, pid_alive
 from triage_node.store import Store
@@ -66,6 +69,38 @@ def open_listener(config: DicomConfig) -> socket.socket:
         raise TriageError(f"cannot listen on {config.bind}:{config.port}: {exc.strerror}") from None
     sock.listen(128)
     return sock
+
+
+def _port_error(what: str, bind: str, port: int, exc: OSError) -> TriageError:
+    if exc.errno == errno.EADDRINUSE:
+        return TriageError(f"{what} port {port} on {bind} is already in use")
+    return TriageError(f"cannot listen for {what} on {bind}:{port}: {exc.strerror or exc}")
+
+
+def open_hl7_listener(config: Config, store: Store) -> MLLPServer | None:
+    """The ORU^R01 listener of ``[hl7]``, started; None when ``hl7.port`` is 0."""
+    hl7 = config.hl7
+    if not hl7.port:
+        return None
+    handler = OruHandler(store, hl7.accession_fields)
+    try:
+        server = MLLPServer((hl7.bind, hl7.port), handler, hl7.allowed_networks)
+    except OSError as exc:
+        raise _port_error("HL7", hl7.bind, hl7.port, exc) from None
+    server.start()
+    return server
+
+
+def open_metrics_endpoint(config: Config) -> Any:
+    """Prometheus ``/metrics`` (``service.metrics_port``); None when the port is 0."""
+    service = config.service
+    if not service.metrics_port:
+        return None
+    try:
+        server, _thread = start_metrics_server(config)
+    except OSError as exc:
+        raise _port_error("metrics", service.metrics_bind, service.metrics_port, exc) from None
+    return server
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:
@@ -296,7 +331,10 @@ def serve(config: Config) -> int:
     receivers = ProcessGroup("receiver", run_receiver, (config, listen_socket), count)
     workers = ProcessGroup("worker", run_worker, (config,), config.worker.count)
     scheduler = ServiceScheduler(store, config)
+    hl7_server = metrics_server = None
     try:
+        hl7_server = open_hl7_listener(config, store)
+        metrics_server = open_metrics_endpoint(config)
         receivers.start_all()
         workers.start_all()
         scheduler.start()
@@ -310,6 +348,8 @@ def serve(config: Config) -> int:
             port=config.dicom.port,
             receivers=count,
             workers=config.worker.count,
+            hl7_port=config.hl7.port or None,
+            metrics_port=config.service.metrics_port or None,
             version=__version__,
             database=redact_url(config.database_url),
             spool=str(spool.root),
@@ -323,6 +363,11 @@ def serve(config: Config) -> int:
         receivers.stop_all(config.service.shutdown_grace_seconds)
         workers.stop_all(config.service.shutdown_grace_seconds)
         listen_socket.close()
+        if hl7_server is not None:
+            hl7_server.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         scheduler.stop()
         with contextlib.suppress(Exception):
             store.service_stopped(utcnow())

@@ -29,6 +29,7 @@ from triage_node.db import (
     workers,
 )
 from triage_node.domain import (
+    OPERATING_POINT_ORDER,
     AssociationEnd,
     ClaimedJob,
     InstanceHeader,
@@ -37,8 +38,11 @@ from triage_node.domain import (
     OutboxItem,
     OutboxState,
     Outcome,
+    PriorityRow,
+    PriorityState,
     ReadyStudy,
     RecordedInstance,
+    ReportSource,
     ResultFile,
     SpooledFile,
     StudyAnalysis,
@@ -82,6 +86,18 @@ class Totals:
     spool_bytes: int
     last_received_at: datetime | None
     open_associations: int
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationDue:
+    """An unreported positive due for escalation. The accession number is for the RIS message
+    only (never logged)."""
+
+    study_id: int
+    study_uid: str
+    accession_number: str
+    escalations: int
+    escalated_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,7 +536,38 @@ class Store:
                     inferred_at=now,
                 )
             )
+            self._raise_priority(conn, job.study_id, analysis, now)
         return True
+
+    @staticmethod
+    def _raise_priority(conn: Any, study_id: int, analysis: StudyAnalysis, now: datetime) -> None:
+        """Priority only goes up: keep the highest score and operating point; flag once."""
+        score = analysis.score
+        if score is None:
+            return
+        values: dict[str, Any] = {
+            "score": case(
+                (or_(studies.c.score.is_(None), studies.c.score < score), score),
+                else_=studies.c.score,
+            ),
+            "model_version": analysis.model_version[:32],
+        }
+        point = analysis.operating_point
+        if point is not None:
+            weaker = list(OPERATING_POINT_ORDER[: OPERATING_POINT_ORDER.index(point)])
+            values["operating_point"] = case(
+                (
+                    or_(
+                        studies.c.operating_point.is_(None),
+                        studies.c.operating_point.in_(weaker),
+                    ),
+                    point,
+                ),
+                else_=studies.c.operating_point,
+            )
+        if analysis.outcome == Outcome.POSITIVE:
+            values["flagged_at"] = func.coalesce(studies.c.flagged_at, now)
+        conn.execute(update(studies).where(studies.c.id == study_id).values(**values))
 
     def retry_or_fail(
         self,
@@ -838,6 +885,213 @@ class Store:
             for destination, state, number in conn.execute(query):
                 counts.setdefault(destination, {})[state] = int(number)
         return counts
+
+    # -- priority table ----------------------------------------------------------------------
+
+    _PRIORITY_STATE = case(
+        (studies.c.reported_at.is_not(None), PriorityState.REPORTED.value),
+        (studies.c.flagged_at.is_not(None), PriorityState.FLAGGED.value),
+        else_=studies.c.state,
+    )
+    _UNREPORTED_POSITIVE = and_(studies.c.flagged_at.is_not(None), studies.c.reported_at.is_(None))
+    # Rank: higher score first, then the older study (architecture.md, priority table).
+    _RANK_ORDER = (studies.c.score.desc(), studies.c.first_received_at, studies.c.id)
+
+    @classmethod
+    def _priority_row(cls, row: Any, rank: int | None = None) -> PriorityRow:
+        return PriorityRow(
+            study_uid=row.study_uid,
+            accession_number=row.accession_number,
+            state=PriorityState(row.priority_state),
+            outcome=None if row.outcome is None else Outcome(row.outcome),
+            score=row.score,
+            operating_point=row.operating_point,
+            model_version=row.model_version,
+            study_date=row.study_date,
+            received_at=row.first_received_at,
+            inferred_at=row.inferred_at,
+            flagged_at=row.flagged_at,
+            reported_at=row.reported_at,
+            report_source=None if row.report_source is None else ReportSource(row.report_source),
+            escalations=row.escalations,
+            escalated_at=row.escalated_at,
+            rank=rank,
+        )
+
+    def _priority_query(self) -> Any:
+        return select(studies, self._PRIORITY_STATE.label("priority_state"))
+
+    def worklist(self, limit: int = 1000) -> list[PriorityRow]:
+        """Unreported positives, ranked: the order a radiologist should read them in."""
+        query = (
+            self._priority_query()
+            .where(self._UNREPORTED_POSITIVE)
+            .order_by(*self._RANK_ORDER)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [self._priority_row(r, n) for n, r in enumerate(conn.execute(query), 1)]
+
+    def priority(self, study_uid: str) -> PriorityRow | None:
+        """One study's priority row (with its rank when it is an unreported positive)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                self._priority_query().where(studies.c.study_uid == study_uid)
+            ).one_or_none()
+            if row is None:
+                return None
+            rank = None
+            if row.flagged_at is not None and row.reported_at is None:
+                ahead = conn.execute(
+                    select(func.count()).where(
+                        self._UNREPORTED_POSITIVE,
+                        or_(
+                            studies.c.score > row.score,
+                            and_(
+                                studies.c.score == row.score,
+                                or_(
+                                    studies.c.first_received_at < row.first_received_at,
+                                    and_(
+                                        studies.c.first_received_at == row.first_received_at,
+                                        studies.c.id < row.id,
+                                    ),
+                                ),
+                            ),
+                        ),
+                    )
+                ).scalar_one()
+                rank = int(ahead) + 1
+        return self._priority_row(row, rank)
+
+    def priority_counts(self) -> dict[str, int]:
+        """Studies by priority state."""
+        query = select(self._PRIORITY_STATE, func.count()).group_by(self._PRIORITY_STATE)
+        with self.engine.connect() as conn:
+            return {str(state): int(n) for state, n in conn.execute(query)}
+
+    def mark_reported(
+        self,
+        source: ReportSource,
+        now: datetime,
+        *,
+        study_uid: str | None = None,
+        accession_number: str | None = None,
+    ) -> list[tuple[str, bool]]:
+        """Record that a study (by UID, or every study of an accession number) was reported.
+
+        Returns (study UID, newly reported) for each study found; an empty list when none was.
+        """
+        if (study_uid is None) == (accession_number is None):
+            raise ValueError("give exactly one of study_uid and accession_number")
+        match = (
+            studies.c.study_uid == study_uid
+            if study_uid is not None
+            else studies.c.accession_number == (accession_number or "")[:16]
+        )
+        with self.engine.begin() as conn:
+            found = conn.execute(
+                select(studies.c.id, studies.c.study_uid, studies.c.reported_at).where(match)
+            ).all()
+            fresh = [r.id for r in found if r.reported_at is None]
+            if fresh:
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.id.in_(fresh), studies.c.reported_at.is_(None))
+                    .values(reported_at=now, report_source=source.value)
+                )
+        return [(r.study_uid, r.reported_at is None) for r in found]
+
+    def studies_to_check(
+        self, now: datetime, every: timedelta, limit: int
+    ) -> list[tuple[int, str]]:
+        """Unreported positives not looked up in the PACS for *every*; least recently first."""
+        query = (
+            select(studies.c.id, studies.c.study_uid)
+            .where(
+                self._UNREPORTED_POSITIVE,
+                or_(studies.c.checked_at.is_(None), studies.c.checked_at <= now - every),
+            )
+            .order_by(studies.c.checked_at.is_not(None), studies.c.checked_at, studies.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(int(r.id), str(r.study_uid)) for r in conn.execute(query)]
+
+    def checked(self, study_id: int, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(studies).where(studies.c.id == study_id).values(checked_at=now))
+
+    def own_objects(self, study_id: int) -> set[str]:
+        """SOP Instance UIDs of every result object the node made for the study."""
+        query = select(outbox.c.sop_instance_uid).where(outbox.c.study_id == study_id).distinct()
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def due_escalations(
+        self, now: datetime, after: timedelta, repeat: timedelta, limit: int = 100
+    ) -> list[EscalationDue]:
+        """Unreported positives flagged longer than *after* and not escalated within *repeat*."""
+        query = (
+            select(
+                studies.c.id,
+                studies.c.study_uid,
+                studies.c.accession_number,
+                studies.c.escalations,
+                studies.c.escalated_at,
+            )
+            .where(
+                self._UNREPORTED_POSITIVE,
+                studies.c.flagged_at <= now - after,
+                or_(studies.c.escalated_at.is_(None), studies.c.escalated_at <= now - repeat),
+            )
+            .order_by(*self._RANK_ORDER)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                EscalationDue(
+                    study_id=r.id,
+                    study_uid=r.study_uid,
+                    accession_number=r.accession_number,
+                    escalations=r.escalations,
+                    escalated_at=r.escalated_at,
+                )
+                for r in conn.execute(query)
+            ]
+
+    def escalate(self, due: EscalationDue, now: datetime) -> int | None:
+        """Count one escalation and put the study's latest KOS back in the outbox.
+
+        Returns how many outbox items were re-queued, or None when the study changed meanwhile
+        (reported, or escalated by another process).
+        """
+        with self.engine.begin() as conn:
+            counted = conn.execute(
+                update(studies)
+                .where(
+                    studies.c.id == due.study_id,
+                    studies.c.reported_at.is_(None),
+                    studies.c.escalations == due.escalations,
+                )
+                .values(escalations=studies.c.escalations + 1, escalated_at=now)
+            )
+            if counted.rowcount != 1:
+                return None
+            latest = (
+                select(func.max(outbox.c.result_version))
+                .where(outbox.c.study_id == due.study_id, outbox.c.kind == "ko")
+                .scalar_subquery()
+            )
+            resent = conn.execute(
+                update(outbox)
+                .where(
+                    outbox.c.study_id == due.study_id,
+                    outbox.c.kind == "ko",
+                    outbox.c.result_version == latest,
+                )
+                .values(state=OutboxState.PENDING.value, attempts=0, next_attempt_at=now)
+            )
+        return int(resent.rowcount or 0)
 
     # -- status ------------------------------------------------------------------------------
 

@@ -7,9 +7,15 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "triage_node"
 
 # Lower number = lower layer. A module may import only modules of a lower layer.
 LAYERS = {
-    "cli": 9,
-    "service": 8,
-    "health": 8,
+    "cli": 10,
+    "service": 9,
+    "exporter": 8,
+    "health": 7,
+    "reconcile": 4,
+    "escalate": 4,
+    "query": 3,
+    "hl7": 1,
+    "mllp": 1,
     "worker": 7,
     "files": 7,
     "scheduler": 7,

@@ -1,0 +1,167 @@
+"""The priority table on SQLite and PostgreSQL: flags, ranks, reports, escalation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.support.records import header
+from triage_node.domain import (
+    ImageResult,
+    OutboxState,
+    Outcome,
+    PriorityState,
+    ReportSource,
+    ResultFile,
+    SpooledFile,
+    StudyAnalysis,
+)
+from triage_node.store import Store
+
+T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=60)
+PACS = "PACS@127.0.0.1:4242"
+
+
+def receive(store: Store, study: str, at: datetime, accession: str = "ACC1") -> None:
+    h = replace(header(study=study, sop=f"{study}.1.{at.timestamp():.0f}"), accession_number=accession)
+    store.record_instance(h, SpooledFile(f"{h.sop_instance_uid}.dcm", 10, False), None, at)
+
+
+def analyse(store: Store, at: datetime, probability: float | None) -> None:
+    """Queue every settled study and complete its job with *probability* (None: all skipped)."""
+    for ready in store.ready_studies(at, timedelta(0), timedelta(hours=1)):
+        assert store.enqueue(ready, at) is not None
+    while (job := store.claim("w", at, LEASE)) is not None:
+        [ref] = store.instances_of(job.study_id)[:1]
+        images = (
+            ()
+            if probability is None
+            else (ImageResult(ref.instance_id, ref.sop_instance_uid, probability, 1, 1, 1, 0, 1),)
+        )
+        analysis = StudyAnalysis(images, (), "m", "2", "CPU", 0.3, 0.7, 1.0)
+        assert store.complete(job, "w", analysis, at)
+
+
+def test_states_follow_the_data_path_and_positives_are_flagged(store: Store) -> None:
+    receive(store, "1.9.1", T0)
+    assert store.priority("1.9.1").state == PriorityState.RECEIVED  # type: ignore[union-attr]
+    [ready] = store.ready_studies(T0, timedelta(0), timedelta(hours=1))
+    store.enqueue(ready, T0)
+    assert store.priority("1.9.1").state == PriorityState.QUEUED  # type: ignore[union-attr]
+    receive(store, "1.9.2", T0)
+    analyse(store, T0 + timedelta(seconds=5), 0.5)
+    row = store.priority("1.9.1")
+    assert row is not None
+    assert row.state == PriorityState.FLAGGED and row.outcome == Outcome.POSITIVE
+    assert row.score == pytest.approx(0.5) and row.operating_point == "high_sensitivity"
+    assert row.flagged_at == T0 + timedelta(seconds=5) and row.rank in (1, 2)
+    assert row.model_version == "2" and row.study_date == "20260101"
+
+    receive(store, "1.9.3", T0)
+    analyse(store, T0 + timedelta(seconds=6), 0.1)
+    negative = store.priority("1.9.3")
+    assert negative is not None and negative.state == PriorityState.INFERRED
+    assert negative.outcome == Outcome.NEGATIVE and negative.flagged_at is None
+    assert negative.rank is None and negative.operating_point is None
+    assert store.priority("9.9.9") is None
+    assert store.priority_counts() == {"FLAGGED": 2, "INFERRED": 1}
+
+
+def test_priority_only_goes_up(store: Store) -> None:
+    receive(store, "1.8.1", T0)
+    analyse(store, T0, 0.9)
+    first = store.priority("1.8.1")
+    assert first is not None and first.operating_point == "high_specificity"
+    receive(store, "1.8.1", T0 + timedelta(minutes=1))  # a late image: re-analysed
+    assert store.priority("1.8.1").state == PriorityState.FLAGGED  # type: ignore[union-attr]
+    analyse(store, T0 + timedelta(minutes=2), 0.05)  # now the study looks negative
+    again = store.priority("1.8.1")
+    assert again is not None
+    assert again.state == PriorityState.FLAGGED and again.outcome == Outcome.NEGATIVE
+    assert again.score == pytest.approx(0.9) and again.operating_point == "high_specificity"
+    assert again.flagged_at == first.flagged_at and again.rank == 1
+
+
+def test_rank_is_higher_score_then_older_study(store: Store) -> None:
+    for n, (minute, probability) in enumerate([(0, 0.5), (1, 0.95), (2, 0.5), (3, 0.2)]):
+        receive(store, f"1.7.{n}", T0 + timedelta(minutes=minute))
+        analyse(store, T0 + timedelta(minutes=minute, seconds=1), probability)
+    worklist = store.worklist()
+    assert [(r.study_uid, r.rank) for r in worklist] == [("1.7.1", 1), ("1.7.0", 2), ("1.7.2", 3)]
+    assert [store.priority(r.study_uid).rank for r in worklist] == [1, 2, 3]  # type: ignore[union-attr]
+    assert worklist[0].accession_number == "ACC1"
+
+
+def test_mark_reported_by_uid_and_accession(store: Store) -> None:
+    receive(store, "1.6.1", T0, accession="A-1")
+    receive(store, "1.6.2", T0, accession="A-2")
+    receive(store, "1.6.3", T0, accession="A-2")
+    analyse(store, T0, 0.8)
+    now = T0 + timedelta(hours=1)
+    assert store.mark_reported(ReportSource.CLI, now, study_uid="1.6.1") == [("1.6.1", True)]
+    assert store.mark_reported(ReportSource.HL7, now, study_uid="1.6.1") == [("1.6.1", False)]
+    assert sorted(store.mark_reported(ReportSource.HL7, now, accession_number="A-2")) == [
+        ("1.6.2", True),
+        ("1.6.3", True),
+    ]
+    assert store.mark_reported(ReportSource.HL7, now, accession_number="nope") == []
+    row = store.priority("1.6.1")
+    assert row is not None and row.state == PriorityState.REPORTED
+    assert row.report_source == ReportSource.CLI and row.reported_at == now and row.rank is None
+    assert store.worklist() == []
+    # A report known before the analysis: the study never enters the worklist.
+    receive(store, "1.6.4", T0)
+    store.mark_reported(ReportSource.HL7, now, study_uid="1.6.4")
+    analyse(store, now, 0.99)
+    assert store.priority("1.6.4").state == PriorityState.REPORTED  # type: ignore[union-attr]
+    assert store.worklist() == []
+    with pytest.raises(ValueError):
+        store.mark_reported(ReportSource.CLI, now)
+
+
+def test_studies_to_check_least_recently_first(store: Store) -> None:
+    for n in range(3):
+        receive(store, f"1.5.{n}", T0)
+    analyse(store, T0, 0.6)
+    every = timedelta(minutes=5)
+    assert [uid for _, uid in store.studies_to_check(T0, every, 10)] == ["1.5.0", "1.5.1", "1.5.2"]
+    first_id = store.studies_to_check(T0, every, 1)[0][0]
+    store.checked(first_id, T0)
+    assert [uid for _, uid in store.studies_to_check(T0, every, 10)] == ["1.5.1", "1.5.2"]
+    later = T0 + every
+    assert [uid for _, uid in store.studies_to_check(later, every, 10)][-1] == "1.5.0"
+    store.mark_reported(ReportSource.CLI, later, study_uid="1.5.1")
+    assert "1.5.1" not in [uid for _, uid in store.studies_to_check(later, every, 10)]
+
+
+def test_escalation_once_per_interval_resends_the_latest_flag(store: Store) -> None:
+    receive(store, "1.4.1", T0)
+    analyse(store, T0, 0.8)
+    sid = store.studies_to_check(T0, timedelta(0), 1)[0][0]
+    ko = ResultFile("ko", "1.2.840.10008.5.1.4.1.1.88.59", "2.25.9", Path("/r/ko.dcm"))
+    sr = ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.34", "2.25.8", Path("/r/sr.dcm"))
+    store.add_outbox(sid, 1, [ko, sr], [PACS], T0)
+    for item in store.due_outbox(T0):
+        store.outbox_sent(item.id, 0, T0)
+
+    after, repeat = timedelta(hours=1), timedelta(hours=2)
+    assert store.due_escalations(T0 + timedelta(minutes=59), after, repeat) == []
+    [due] = store.due_escalations(T0 + after, after, repeat)
+    assert due.study_uid == "1.4.1" and due.accession_number == "ACC1" and due.escalations == 0
+    assert store.escalate(due, T0 + after) == 1
+    assert store.escalate(due, T0 + after) is None  # counted once, however often it is asked
+    [pending] = store.due_outbox(T0 + after)
+    assert pending.kind == "ko" and pending.attempts == 0
+    assert store.due_escalations(T0 + after + timedelta(minutes=119), after, repeat) == []
+    [again] = store.due_escalations(T0 + after + repeat, after, repeat)
+    assert again.escalations == 1
+    assert store.escalate(again, T0 + after + repeat) == 1
+    row = store.priority("1.4.1")
+    assert row is not None and row.escalations == 2 and row.escalated_at == T0 + after + repeat
+    store.mark_reported(ReportSource.CLI, T0 + timedelta(days=1), study_uid="1.4.1")
+    assert store.due_escalations(T0 + timedelta(days=2), after, repeat) == []
+    assert store.outbox_counts()[PACS][OutboxState.SENT.value] == 1
