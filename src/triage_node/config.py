@@ -273,7 +273,7 @@ class ReconcileConfig:
         "query/retrieve SCP asked for reports, AE_TITLE@host:port[+tls]; empty = no C-FIND",
     )
     interval_seconds: float = _setting(
-        60.0, _between(1, 86400), "how often unreported positives are looked up"
+        60.0, _between(0.2, 86400), "how often unreported positives are looked up"
     )
     recheck_seconds: float = _setting(
         300.0, _between(0, 604800), "a study is looked up again at most this often"
@@ -315,7 +315,7 @@ class EscalationConfig:
         3600.0, _between(1, 31536000), "escalate again after this long while still unreported"
     )
     interval_seconds: float = _setting(
-        30.0, _between(1, 86400), "how often escalations are looked for"
+        30.0, _between(0.2, 86400), "how often escalations are looked for"
     )
     ris: str = _setting(
         "", _host_port, "host:port of a RIS taking ORM^O01 priority updates (MLLP); empty = none"

@@ -122,8 +122,10 @@ def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
         "listener": listener,
     }
 
-    report["database"] = _check_database(report, config, now, problems)
     report["model"] = _check_model(config)
+    if not report["model"]["ok"] and config.worker.count > 0:
+        problems.append(f"model not usable: {report['model']['error']}")
+    report["database"] = _check_database(report, config, now, problems)
     _add_spool(report, config, problems)
     report["problems"] = problems
     report["healthy"] = not problems
@@ -162,7 +164,7 @@ def _check_model(config: Config) -> dict[str, Any]:
     try:
         manifest = load_manifest(directory)
     except ModelError as exc:
-        return {"dir": str(directory), "ok": False, "error": str(exc)}
+        return {"dir": str(directory), "ok": False, "error": str(exc), "providers": []}
     return {
         "dir": str(directory),
         "ok": True,
@@ -170,6 +172,7 @@ def _check_model(config: Config) -> dict[str, Any]:
         "version": manifest.version,
         "input_size": manifest.input.size,
         "thresholds": {k: p.threshold for k, p in manifest.operating_points.items()},
+        "providers": [],  # the execution providers running workers use (filled from the database)
     }
 
 

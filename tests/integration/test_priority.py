@@ -27,7 +27,9 @@ PACS = "PACS@127.0.0.1:4242"
 
 
 def receive(store: Store, study: str, at: datetime, accession: str = "ACC1") -> None:
-    h = replace(header(study=study, sop=f"{study}.1.{at.timestamp():.0f}"), accession_number=accession)
+    h = replace(
+        header(study=study, sop=f"{study}.1.{at.timestamp():.0f}"), accession_number=accession
+    )
     store.record_instance(h, SpooledFile(f"{h.sop_instance_uid}.dcm", 10, False), None, at)
 
 

@@ -124,6 +124,8 @@ def node_and_orthanc(
     )
     orthanc = Orthanc(workdir / "orthanc", {"node": ("TRIAGE_NODE", "127.0.0.1", node.port)})
     node.sections["delivery"]["destinations"] = [f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
+    if "reconcile" in node.sections:  # ask this Orthanc for reports too
+        node.sections["reconcile"]["pacs"] = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
     node.rewrite_config()
     orthanc.start()
     node.start()
