@@ -265,7 +265,7 @@ def _add_priority(report: dict[str, Any], store: Store, now: datetime) -> None:
     worklist = store.worklist(limit=STATUS_WORKLIST_LIMIT)
     report["unreported_positives"] = {
         "total": report["priority"].get(PriorityState.FLAGGED.value, 0),
-        "oldest_age_s": max((_age(r.flagged_at, now) or 0.0 for r in worklist), default=None),
+        "oldest_age_s": _age(store.oldest_unreported_flag(), now),
         "studies": [worklist_entry(row, now) for row in worklist],
     }
 

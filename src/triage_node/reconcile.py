@@ -20,6 +20,7 @@ from triage_node.config import Config, ReconcileConfig
 from triage_node.deliver import TlsFiles
 from triage_node.domain import Destination, ReportSource, utcnow
 from triage_node.hl7 import (
+    UNSUPPORTED_MESSAGE_TYPE,
     HL7Error,
     Message,
     acknowledgement,
@@ -154,8 +155,10 @@ class OruHandler:
             message = parse(_decode(raw))
             notices = report_notices(message, self.accession_fields)
         except HL7Error as exc:
-            # AR: the message is wrong as it is; sending it again will not help.
-            code = "AR" if message is None else "AE"
+            # AR (HL7 v2.5.1 2.9.2): not HL7, or a message type this listener does not take;
+            # AE: an ORU^R01 whose content cannot be used.
+            rejected = message is None or exc.code == UNSUPPORTED_MESSAGE_TYPE
+            code = "AR" if rejected else "AE"
             log_event(
                 LOG,
                 logging.WARNING,

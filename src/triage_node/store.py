@@ -963,6 +963,14 @@ class Store:
                 rank = int(ahead) + 1
         return self._priority_row(row, rank)
 
+    def oldest_unreported_flag(self) -> datetime | None:
+        """When the longest-waiting unreported positive was flagged."""
+        with self.engine.connect() as conn:
+            oldest: datetime | None = conn.execute(
+                select(func.min(studies.c.flagged_at)).where(self._UNREPORTED_POSITIVE)
+            ).scalar_one()
+        return oldest
+
     def priority_counts(self) -> dict[str, int]:
         """Studies by priority state."""
         query = select(self._PRIORITY_STATE, func.count()).group_by(self._PRIORITY_STATE)

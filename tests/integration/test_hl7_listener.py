@@ -100,7 +100,7 @@ def test_malformed_messages_get_an_error_ack_and_change_nothing(
     flagged_study(store, "1.3.5", "ACC-5")
     cases = {
         b"this is not HL7": "AR",
-        b"MSH|^~\\&|RIS|HOSP|||2026||ADT^A01|X1|P|2.5\rPID|1\r": "AE",
+        b"MSH|^~\\&|RIS|HOSP|||2026||ADT^A01|X1|P|2.5\rPID|1\r": "AR",
         oru("F", "").replace(b"ACC", b""): "AE",  # no accession and no ZDS
         oru("", "ACC-5"): "AE",  # no result status
         oru("F", "ACC-5").replace(b"OBR|", b"obr|"): "AR",  # a broken segment name
