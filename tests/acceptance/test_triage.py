@@ -17,7 +17,6 @@ import jsonschema
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from sqlalchemy import create_engine, text
 
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
@@ -50,15 +49,8 @@ def worklist(node: Node) -> list[dict[str, Any]]:
 
 
 def study_row(node: Node, study_uid: str) -> dict[str, Any]:
-    engine = create_engine(node.database_url)
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(
-                text("SELECT * FROM studies WHERE study_uid = :uid"), {"uid": study_uid}
-            ).one()
-            return dict(row._mapping)
-    finally:
-        engine.dispose()
+    [row] = node.sql("SELECT * FROM studies WHERE study_uid = :uid", uid=study_uid)
+    return row
 
 
 def radiologist_report(source: pydicom.Dataset, path: Path) -> Path:
@@ -249,20 +241,13 @@ def is_kos(series: dict[str, Any]) -> bool:
 
 
 def kos_sent_after(node: Node, study_uid: str) -> bool:
-    row = study_row(node, study_uid)
-    engine = create_engine(node.database_url)
-    try:
-        with engine.connect() as conn:
-            sent = conn.execute(
-                text(
-                    "SELECT o.sent_at, o.state FROM outbox o JOIN studies s ON s.id = o.study_id "
-                    "WHERE s.study_uid = :uid AND o.kind = 'ko'"
-                ),
-                {"uid": study_uid},
-            ).one()
-    finally:
-        engine.dispose()
-    return bool(sent.state == "SENT" and sent.sent_at >= row["escalated_at"])
+    """The study's KOS was sent (again) after its latest escalation."""
+    [sent] = node.sql(
+        "SELECT o.sent_at, o.state, s.escalated_at FROM outbox o "
+        "JOIN studies s ON s.id = o.study_id WHERE s.study_uid = :uid AND o.kind = 'ko'",
+        uid=study_uid,
+    )
+    return bool(sent["state"] == "SENT" and sent["sent_at"] >= sent["escalated_at"])
 
 
 def test_a_stuck_queue_is_unhealthy(tmp_path: Path) -> None:

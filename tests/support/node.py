@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine, text
+
 from tests.support.peers import free_port, triage_node_command
 from triage_node.health import echo_listener
 
@@ -133,6 +135,15 @@ class Node:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def sql(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        """Rows of a read-only query on the node's database, as dicts."""
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                return [dict(r._mapping) for r in conn.execute(text(query), params)]
+        finally:
+            engine.dispose()
 
     def log_records(self) -> list[dict[str, Any]]:
         records = []
