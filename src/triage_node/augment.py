@@ -3,7 +3,7 @@
 Applied to model-sized [0, 1] images (after the runtime's own resize), on the whole batch at once so
 it costs little beside the network: random flips, rotation, shift and zoom as one affine resampling
 (Kim & MacKinnon 2018 used the same family), then brightness and contrast. Letterbox padding stays
-black, as it is at run time.
+black, as it is at run time. Target maps (fracture boxes) can go through the same geometric warp.
 """
 
 from __future__ import annotations
@@ -27,9 +27,17 @@ class AugmentSpec:
 
 
 def augment(
-    images: torch.Tensor, masks: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    spec: AugmentSpec,
+    generator: torch.Generator,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Augment (N, 1, S, S) images in [0, 1]; *masks* mark the image area inside the padding."""
+    """Augment (N, 1, S, S) images in [0, 1]; *masks* mark the image area inside the padding.
+
+    *targets* (N, C, S, S), when given, are warped with the same flips, rotation, shift and zoom
+    (not brightness or contrast) and returned as extra channels after the image channel.
+    """
     n = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -38,6 +46,8 @@ def augment(
     contrast = uniform(*spec.contrast).view(n, 1, 1, 1)
     brightness = uniform(-spec.brightness, spec.brightness).view(n, 1, 1, 1)
     x = ((images - 0.5) * contrast + 0.5 + brightness).clamp(0, 1) * masks
+    if targets is not None:
+        x = torch.cat([x, targets], dim=1)
 
     angle = uniform(-spec.rotation_deg, spec.rotation_deg) * (math.pi / 180)
     scale = 1 / uniform(*spec.zoom)  # the grid samples a smaller area to zoom in
@@ -51,3 +61,24 @@ def augment(
     theta[:, 1, 2] = uniform(-spec.shift, spec.shift) * 2
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def localisation_loss(cam: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """How far the CAM's mass is from the fracture boxes, for images that have boxes.
+
+    The CAM is turned into a distribution over its cells (spatial softmax) and the loss is
+    -log of the share that falls on cells a box touches. Unlike a per-cell target it leaves the
+    CAM's mean, which is the image logit, free; it only moves where the evidence sits.
+    *boxes*: (N, 1, S, S) box masks in [0, 1] (after augmentation); images without a box count
+    for nothing. Returns a scalar (0 when no image in the batch has a box).
+    """
+    touched = F.adaptive_max_pool2d(boxes, cam.shape[-2:]) > 0.5
+    has_box = touched.flatten(1).any(dim=1)
+    if not bool(has_box.any()):
+        return cam.sum() * 0.0
+    logits = cam[has_box].flatten(1)
+    inside = touched[has_box].flatten(1)
+    log_share = torch.logsumexp(
+        logits.masked_fill(~inside, float("-inf")), dim=1
+    ) - torch.logsumexp(logits, dim=1)
+    return -log_share.mean()

@@ -117,6 +117,17 @@ def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     train.add_argument("--widths", type=_int_list, help="stage widths, e.g. 32,64,128,256")
     train.add_argument("--blocks", type=_int_list, help="blocks per stage, e.g. 1,1,2,1")
+    train.add_argument(
+        "--last-stride",
+        type=int,
+        choices=(1, 2),
+        help="1: the last stage keeps its input's resolution, a CAM twice as fine (default); 2",
+    )
+    train.add_argument(
+        "--box-loss",
+        type=float,
+        help="weight of the CAM localisation loss on boxed images (default 0.5; 0 = off)",
+    )
     train.add_argument("--init-weights", type=Path, help="start from these torch weights")
     train.add_argument("--data-name", help="dataset name for the manifest's provenance")
     train.add_argument("--data-licence", help="dataset licence for the manifest")
@@ -183,13 +194,18 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
     }
     base = TrainConfig(data=args.data, out=args.out, dataset_info=provenance)
     net = base.net
-    if args.widths or args.blocks:
+    if args.widths or args.blocks or args.last_stride:
         widths = args.widths or net.widths
         blocks = args.blocks or (
             net.blocks if len(net.blocks) == len(widths) else (1,) * len(widths)
         )
         try:
-            net = NetSpec(widths=widths, blocks=blocks, stem=net.stem)
+            net = NetSpec(
+                widths=widths,
+                blocks=blocks,
+                stem=net.stem,
+                last_stride=args.last_stride or net.last_stride,
+            )
         except ValueError as exc:
             print(f"triage-node train: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -210,6 +226,7 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
         folds=args.folds,
         threads=args.threads,
         init_weights=args.init_weights,
+        box_loss=args.box_loss,
     )
     try:
         config.check()

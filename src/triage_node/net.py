@@ -25,17 +25,22 @@ class NetSpec:
     stem: int = 24
     in_channels: int = 1
     dropout: float = 0.2
+    # 1 keeps the last stage at the resolution of the one before: a CAM twice as fine (stride 16
+    # with four stages), which fracture boxes of a few percent of the image need.
+    last_stride: int = 1
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
             raise ValueError("widths and blocks must be non-empty and of the same length")
         if min(self.widths) < 1 or min(self.blocks) < 1 or self.stem < 1:
             raise ValueError("widths, blocks and stem must be positive")
+        if self.last_stride not in (1, 2):
+            raise ValueError("last_stride must be 1 or 2")
 
     @property
     def stride(self) -> int:
         """Input pixels per CAM cell."""
-        return int(2 ** (len(self.widths) + 1))
+        return int(2 ** len(self.widths) * self.last_stride)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -68,9 +73,11 @@ class FractureNet(nn.Module):
         self.spec = spec
         layers: list[nn.Module] = [*_conv_bn(spec.in_channels, spec.stem, 2), nn.ReLU(inplace=True)]
         cin = spec.stem
-        for width, count in zip(spec.widths, spec.blocks, strict=True):
+        last = len(spec.widths) - 1
+        for stage, (width, count) in enumerate(zip(spec.widths, spec.blocks, strict=True)):
+            first_stride = spec.last_stride if stage == last else 2
             for index in range(count):
-                layers.append(BasicBlock(cin, width, 2 if index == 0 else 1))
+                layers.append(BasicBlock(cin, width, first_stride if index == 0 else 1))
                 cin = width
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout2d(spec.dropout)
@@ -127,4 +134,5 @@ def spec_from_dict(values: dict[str, object]) -> NetSpec:
         stem=int(str(values["stem"])),
         in_channels=int(str(values["in_channels"])),
         dropout=float(str(values["dropout"])),
+        last_stride=int(str(values.get("last_stride", 2))),
     )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from triage_node import __version__
-from triage_node.augment import AugmentSpec, augment
+from triage_node.augment import AugmentSpec, augment, localisation_loss
 from triage_node.dataset import Example, block_folds, block_split, load_folder
 from triage_node.errors import DatasetFolderError, ModelError
 from triage_node.evaluate import operating_thresholds, predict, summarise
@@ -67,6 +67,7 @@ class TrainConfig:
     net: NetSpec = field(default_factory=NetSpec)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     init_weights: Path | None = None
+    box_loss: float = 0.5  # weight of the CAM localisation loss on images with boxes; 0 = off
     mean: float = 0.5
     std: float = 0.25
     dataset_info: dict[str, Any] = field(default_factory=dict)  # provenance for the manifest
@@ -93,9 +94,16 @@ class Images:
     pixels: torch.Tensor  # (N, 1, S, S) float16
     areas: torch.Tensor  # (N, 4) int: top, left, height, width of the image inside the padding
     labels: torch.Tensor  # (N,) float32
+    boxes: torch.Tensor  # (N, 1, S, S) bool: fracture boxes in model coordinates
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, index: torch.Tensor | slice) -> Images:
+        return Images(self.pixels[index], self.areas[index], self.labels[index], self.boxes[index])
+
+    def box_masks(self, index: torch.Tensor) -> torch.Tensor:
+        return self.boxes[index].float()
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pixels = self.pixels[index].float()
@@ -111,6 +119,7 @@ class Images:
 def load_images(examples: Sequence[Example], size: int, report: Report) -> Images:
     pixels = torch.zeros(len(examples), 1, size, size, dtype=torch.float16)
     areas = torch.zeros(len(examples), 4, dtype=torch.int64)
+    boxes = torch.zeros(len(examples), 1, size, size, dtype=torch.bool)
     started = time.perf_counter()
     for i, example in enumerate(examples):
         resized, g = resize(read_display(example.path), size, "letterbox")
@@ -118,10 +127,16 @@ def load_images(examples: Sequence[Example], size: int, report: Report) -> Image
         areas[i] = torch.tensor(
             [g.pad_top, g.pad_left, round(g.rows * g.scale_y), round(g.columns * g.scale_x)]
         )
+        for box in example.boxes:  # source pixels -> model input pixels, as resize placed them
+            top = max(0, int(g.pad_top + box.y0 * g.scale_y))
+            left = max(0, int(g.pad_left + box.x0 * g.scale_x))
+            bottom = min(size, math.ceil(g.pad_top + box.y1 * g.scale_y))
+            right = min(size, math.ceil(g.pad_left + box.x1 * g.scale_x))
+            boxes[i, 0, top:bottom, left:right] = True
         if (i + 1) % 500 == 0 or i + 1 == len(examples):
             report(f"read {i + 1}/{len(examples)} images ({time.perf_counter() - started:.0f} s)")
     labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
-    return Images(pixels, areas, labels)
+    return Images(pixels, areas, labels, boxes)
 
 
 def _memory_format(spec: NetSpec) -> torch.memory_format:
@@ -215,8 +230,17 @@ def fit(
             if len(index) < 2:
                 continue
             pixels, masks, labels = train.batch(index)
-            x = _normalise(augment(pixels, masks, config.augment, generator), config)
-            loss = F.binary_cross_entropy_with_logits(net(x), labels, pos_weight=pos_weight)
+            if config.box_loss > 0:
+                warped = augment(
+                    pixels, masks, config.augment, generator, targets=train.box_masks(index)
+                )
+                cam = net.cam(_normalise(warped[:, :1], config))
+                loss = F.binary_cross_entropy_with_logits(
+                    cam.mean(dim=(1, 2, 3)), labels, pos_weight=pos_weight
+                ) + config.box_loss * localisation_loss(cam, warped[:, 1:])
+            else:
+                x = _normalise(augment(pixels, masks, config.augment, generator), config)
+                loss = F.binary_cross_entropy_with_logits(net(x), labels, pos_weight=pos_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
@@ -267,7 +291,7 @@ def cross_validate(
 
         def subset(part: list[Example]) -> Images:
             index = torch.tensor([position[e.image_id] for e in part])
-            return Images(images.pixels[index], images.areas[index], images.labels[index])
+            return images.take(index)
 
         _, best = fit(subset(train), subset(held), config, report, None)
         values.append(round(best["auroc"], 4))
@@ -347,7 +371,12 @@ def _manifest(
                 "ema_decay": config.ema_decay,
                 "patience": config.patience,
                 "min_epochs": config.min_epochs,
-                "loss": "binary cross-entropy, positive class weighted by negatives/positives",
+                "loss": "binary cross-entropy, positive class weighted by negatives/positives"
+                + (
+                    f", plus {config.box_loss} x CAM localisation loss on images with boxes"
+                    if config.box_loss > 0
+                    else ""
+                ),
                 "augmentation": asdict(config.augment),
                 "init_weights": str(config.init_weights) if config.init_weights else None,
             },
@@ -387,10 +416,8 @@ def train(config: TrainConfig, report: Report = print) -> dict[str, Any]:
     order = splits["train"] + splits["validation"]
     images = load_images(order, config.size, report)
     n_train = len(splits["train"])
-    train_images = Images(images.pixels[:n_train], images.areas[:n_train], images.labels[:n_train])
-    validation_images = Images(
-        images.pixels[n_train:], images.areas[n_train:], images.labels[n_train:]
-    )
+    train_images = images.take(slice(0, n_train))
+    validation_images = images.take(slice(n_train, None))
     metrics: dict[str, Any] = {}
     if config.folds:
         metrics["cross_validation"] = cross_validate(order, images, config, report)

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 
-from triage_node.augment import AugmentSpec, augment  # noqa: E402
+from triage_node.augment import AugmentSpec, augment, localisation_loss  # noqa: E402
 from triage_node.errors import ModelError  # noqa: E402
 from triage_node.infer import Model  # noqa: E402
 from triage_node.net import FractureNet, NetSpec, spec_from_dict  # noqa: E402
@@ -28,6 +28,50 @@ def test_cam_is_exact_the_logit_is_its_mean() -> None:
     cam = net.cam(x)
     assert cam.shape == (3, 1, 64 // TINY.stride, 64 // TINY.stride)
     assert torch.allclose(net(x), cam.mean(dim=(1, 2, 3)))
+
+
+def test_last_stride_sets_the_cam_resolution() -> None:
+    assert NetSpec().stride == 16 and NetSpec(last_stride=2).stride == 32
+    x = torch.randn(1, 1, 64, 64)
+    assert FractureNet(NetSpec(last_stride=2)).eval().cam(x).shape[-1] == 2
+    assert FractureNet(NetSpec(last_stride=1)).eval().cam(x).shape[-1] == 4
+    with pytest.raises(ValueError):
+        NetSpec(last_stride=4)
+    # A network of version 1 (no last_stride in its record) keeps stride 32.
+    old = {
+        k: v for k, v in __import__("dataclasses").asdict(NetSpec()).items() if k != "last_stride"
+    }
+    assert spec_from_dict(old).last_stride == 2
+
+
+def test_targets_follow_the_geometric_augmentation() -> None:
+    images = torch.rand(2, 1, 32, 32)
+    masks = torch.ones_like(images)
+    boxes = torch.zeros_like(images)
+    boxes[:, :, 4:10, 2:8] = 1
+    flip = AugmentSpec(hflip=1, vflip=0, rotation_deg=0, shift=0, zoom=(1, 1), brightness=0)
+    out = augment(images, masks, flip, torch.Generator().manual_seed(0), targets=boxes)
+    assert out.shape == (2, 2, 32, 32)
+    assert torch.allclose(out[:, 1:], torch.flip(boxes, dims=[3]), atol=1e-5)
+    moved = augment(images, masks, AugmentSpec(), torch.Generator().manual_seed(3), targets=boxes)
+    assert 0 < float(moved[:, 1:].sum()) < 2 * 32 * 32  # still a box, somewhere
+
+
+def test_localisation_loss_rewards_cam_mass_on_the_box() -> None:
+    boxes = torch.zeros(2, 1, 64, 64)
+    boxes[0, 0, 0:16, 0:16] = 1  # image 0: box on the top-left cell of a 4x4 CAM; image 1: none
+    on_box = torch.zeros(2, 1, 4, 4)
+    on_box[0, 0, 0, 0] = 5.0
+    off_box = torch.zeros(2, 1, 4, 4)
+    off_box[0, 0, 3, 3] = 5.0
+    assert float(localisation_loss(on_box, boxes)) < 0.1 < float(localisation_loss(off_box, boxes))
+    # The mean of the CAM (the image logit) does not change the loss.
+    assert torch.isclose(localisation_loss(on_box + 3.0, boxes), localisation_loss(on_box, boxes))
+    nothing = torch.zeros(2, 1, 64, 64)
+    cam = torch.randn(2, 1, 4, 4, requires_grad=True)
+    loss = localisation_loss(cam, nothing)
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert float(loss.detach()) == 0 and cam.grad is not None and float(cam.grad.abs().max()) == 0
 
 
 def test_spec_round_trips_through_a_dict() -> None:
@@ -79,7 +123,8 @@ def test_export_parity_dynamic_batch_and_manifest(tmp_path: Path) -> None:
     model = Model(tmp_path, intra_op_threads=1)
     for batch in (1, 3):  # the batch axis is dynamic
         probs, cams, _ = model.run(inputs[:batch])
-        assert probs.shape == (batch,) and cams.shape == (batch, 2, 2)
+        cells = 64 // TINY.stride
+        assert probs.shape == (batch,) and cams.shape == (batch, cells, cells)
         with torch.no_grad():
             expected = torch.sigmoid(net(torch.from_numpy(inputs[:batch]))).numpy()
         assert np.max(np.abs(probs - expected)) < PARITY_TOLERANCE
