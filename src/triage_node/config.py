@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from triage_node.domain import Destination
+from triage_node.domain import Destination, TlsFiles
 from triage_node.errors import ConfigError
 from triage_node.hl7 import field_name
 
@@ -261,6 +261,11 @@ class DeliveryConfig:
     @property
     def parsed_destinations(self) -> list[Destination]:
         return [Destination.parse(d) for d in self.destinations]
+
+    @property
+    def tls(self) -> TlsFiles:
+        """The TLS files for +tls destinations (and the report PACS)."""
+        return TlsFiles(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
-from triage_node.domain import Destination
+from triage_node.domain import Destination, TlsFiles
 
 SENT, FAILED, UNREACHABLE = "sent", "failed", "unreachable"
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
@@ -42,27 +42,6 @@ class Sent:
 
 def classify(status: int) -> str:
     return SENT if status == 0x0000 or status in WARNING_STATUSES else FAILED
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """PEM files for DICOM TLS (PS3.15 B.1): CAs to trust, and an optional client identity."""
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    def context(self) -> ssl.SSLContext:
-        """A client context that verifies the PACS's certificate and host name."""
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
-        )
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.cert_file is not None:
-            context.load_cert_chain(
-                str(self.cert_file), str(self.key_file) if self.key_file else None
-            )
-        return context
 
 
 def send_files(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,6 +141,27 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for DICOM TLS (PS3.15 B.1): CAs to trust, and an optional client identity."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the PACS's certificate and host name."""
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            context.load_cert_chain(
+                str(self.cert_file), str(self.key_file) if self.key_file else None
+            )
+        return context
 
 
 class OutboxState(enum.StrEnum):

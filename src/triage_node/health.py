@@ -24,8 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from triage_node import __version__
 from triage_node.config import Config
 from triage_node.db import current_revision, head_revision, make_engine, redact_url
-from triage_node.deliver import TlsFiles
-from triage_node.domain import Destination, OutboxState, PriorityRow, PriorityState
+from triage_node.domain import Destination, OutboxState, PriorityRow, PriorityState, TlsFiles
 from triage_node.errors import ModelError
 from triage_node.model import load_manifest
 from triage_node.store import Store
@@ -290,13 +289,11 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
     """The report-status feeds: the PACS asked by C-FIND, and the HL7 listener."""
     pacs: dict[str, Any] = {"pacs": config.reconcile.pacs or None}
     if config.reconcile.pacs:
-        delivery = config.delivery
-        tls = TlsFiles(delivery.tls_ca_file, delivery.tls_cert_file, delivery.tls_key_file)
         pacs.update(
             echo_destination(
                 Destination.parse(config.reconcile.pacs),
                 config.dicom.ae_title,
-                tls,
+                config.delivery.tls,
                 min(config.reconcile.timeout_seconds, 5.0),
             )
         )
@@ -323,7 +320,7 @@ def _add_destinations(
 ) -> None:
     """Each configured destination: C-ECHO, and its outbox by state."""
     delivery = config.delivery
-    tls = TlsFiles(delivery.tls_ca_file, delivery.tls_cert_file, delivery.tls_key_file)
+    tls = delivery.tls
     counts = store.outbox_counts()
     report["destinations"] = []
     for destination in delivery.parsed_destinations:

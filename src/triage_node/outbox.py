@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from triage_node.config import DeliveryConfig
-from triage_node.deliver import SENT, UNREACHABLE, TlsFiles, send_files
+from triage_node.deliver import SENT, UNREACHABLE, send_files
 from triage_node.domain import Destination, OutboxItem, OutboxState, utcnow
 from triage_node.logs import get_logger, log_event
 from triage_node.store import Store
@@ -82,9 +82,7 @@ class OutboxDelivery:
                 target,
                 calling_ae=self.calling_ae,
                 timeout=self.config.timeout_seconds,
-                tls=TlsFiles(
-                    self.config.tls_ca_file, self.config.tls_cert_file, self.config.tls_key_file
-                ),
+                tls=self.config.tls,
             )
             outcomes = [
                 (item, s.status, s.detail or s.outcome, s.outcome == SENT)

@@ -19,8 +19,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from triage_node.deliver import TlsFiles
-from triage_node.domain import Destination
+from triage_node.domain import Destination, TlsFiles
 from triage_node.errors import TriageError
 
 # Series that may hold a report; their instances are looked at one by one.

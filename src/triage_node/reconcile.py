@@ -17,7 +17,6 @@ from pydicom.uid import (
 )
 
 from triage_node.config import Config, ReconcileConfig
-from triage_node.deliver import TlsFiles
 from triage_node.domain import Destination, ReportSource, utcnow
 from triage_node.hl7 import (
     UNSUPPORTED_MESSAGE_TYPE,
@@ -85,8 +84,7 @@ class PacsReconciler:
         self.config = config.reconcile
         self.pacs = Destination.parse(self.config.pacs) if self.config.pacs else None
         self.calling_ae = config.dicom.ae_title
-        delivery = config.delivery
-        self.tls = TlsFiles(delivery.tls_ca_file, delivery.tls_cert_file, delivery.tls_key_file)
+        self.tls = config.delivery.tls
         self.rules = ReportRules(self.config)
         self.clock = clock
 

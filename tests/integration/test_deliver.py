@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from tests.support.peers import StoreSCP, free_port, require_shared_dicom, require_tool
-from triage_node.deliver import FAILED, SENT, UNREACHABLE, TlsFiles, send_files
-from triage_node.domain import Destination
+from triage_node.deliver import FAILED, SENT, UNREACHABLE, send_files
+from triage_node.domain import Destination, TlsFiles
 from triage_node.preprocess import InputSpec, preprocess
 from triage_node.render import heatmap
 from triage_node.report import (
