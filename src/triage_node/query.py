@@ -1,9 +1,10 @@
 """Asking the PACS what a study holds: C-FIND SCU, Study Root model (PS3.4 C.4.1, C.6.2).
 
-One association per study: a SERIES-level query for every series (modality, description), then an
-IMAGE-level query in each SR or DOC series (and any other the caller picks) for SOP class,
-Completion Flag and Verification Flag
-(optional keys, PS3.4 C.6.1.1.5; a PACS that does not support them answers them empty).
+One association per study: a STUDY-level query (is the study there, with which modalities),
+a SERIES-level query for every series (modality, description), then an IMAGE-level query in
+each SR or DOC series (and any other the caller picks) for SOP class, Completion Flag and
+Verification Flag (optional keys, PS3.4 C.6.1.1.5; a PACS that does not support them answers
+them empty).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class PacsObject:
 
 @dataclass(frozen=True, slots=True)
 class StudyContents:
+    found: bool  # the PACS knows the study
+    modalities: tuple[str, ...]  # Modalities in Study, as the PACS answered it
     series: tuple[PacsSeries, ...]
     objects: tuple[PacsObject, ...]  # the instances of the series looked inside
 
@@ -67,6 +70,14 @@ def _find(assoc: Association, identifier: Dataset) -> list[Dataset]:
             comment = str(status.get("ErrorComment", ""))
             raise QueryFailed(f"C-FIND status 0x{code:04X} {comment}".rstrip())
     return answers
+
+
+def _study_query(study_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_uid
+    ds.ModalitiesInStudy = ""
+    return ds
 
 
 def _series_query(study_uid: str) -> Dataset:
@@ -123,6 +134,12 @@ def study_contents(
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise QueryFailed(f"association {why}: {pacs}")
     try:
+        studies = _find(assoc, _study_query(study_uid))
+        if not studies:
+            return StudyContents(False, (), (), ())
+        value = studies[0].get("ModalitiesInStudy") or []
+        listed = [value] if isinstance(value, str) else list(value)
+        modalities = tuple(str(m).upper() for m in listed)
         series = tuple(
             PacsSeries(
                 _text(found, "SeriesInstanceUID"),
@@ -146,4 +163,4 @@ def study_contents(
     finally:
         if assoc.is_established:
             assoc.release()
-    return StudyContents(series, objects)
+    return StudyContents(True, modalities, series, objects)

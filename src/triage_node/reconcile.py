@@ -115,8 +115,18 @@ class PacsReconciler:
                     error=str(exc),
                 )
                 return found
-            reason = self.rules.find_report(contents, self.store.own_objects(study_id))
             self.store.checked(study_id, self.clock())
+            if not contents.found:
+                log_event(
+                    LOG,
+                    logging.INFO,
+                    "reconcile_study_missing",
+                    "the PACS does not hold the study (yet)",
+                    study_uid=study_uid,
+                    pacs=str(self.pacs),
+                )
+                continue
+            reason = self.rules.find_report(contents, self.store.own_objects(study_id))
             if reason is None:
                 continue
             marked = self.store.mark_reported(

@@ -53,6 +53,6 @@ def test_configured_series_rules() -> None:
 
 def test_the_nodes_own_objects_never_count() -> None:
     final = obj(COMPREHENSIVE_SR, "COMPLETE", "VERIFIED")
-    contents = StudyContents((final.series,), (final,))
+    contents = StudyContents(True, ("SR",), (final.series,), (final,))
     assert rules().find_report(contents, own={final.sop_instance_uid}) is None
     assert "Comprehensive SR" in str(rules().find_report(contents, own=set()))
