@@ -282,9 +282,7 @@ def _worklist(config: Config, args: argparse.Namespace) -> int:
     with _open_store(config) as store:
         rows = store.worklist(limit=args.limit)
     now = utcnow()
-    entries = [
-        {**worklist_entry(row, now), "accession_number": row.accession_number} for row in rows
-    ]
+    entries = [worklist_entry(row, now) for row in rows]
     if args.json:
         print(json.dumps(entries, indent=2))
     elif not entries:
@@ -316,7 +314,11 @@ def _mark_reported(config: Config, args: argparse.Namespace) -> int:
             found = store.mark_reported(ReportSource.CLI, now, **query)
             if not found:
                 missing += 1
-                print(f"{next(iter(query.values()))}: no such study")
+                print(
+                    f"{query['study_uid']}: no such study"
+                    if "study_uid" in query
+                    else "no study has that accession number"
+                )
             for study_uid, newly in found:
                 print(f"{study_uid}: {'marked reported' if newly else 'was already reported'}")
     return EXIT_FAILED if missing else EXIT_OK

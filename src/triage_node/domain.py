@@ -91,7 +91,6 @@ class PriorityRow:
     (1 = read first), None for every other study."""
 
     study_uid: str
-    accession_number: str  # for finding the study in the PACS; never logged
     state: PriorityState
     outcome: Outcome | None
     score: float | None

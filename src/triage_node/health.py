@@ -270,7 +270,7 @@ def _add_priority(report: dict[str, Any], store: Store, now: datetime) -> None:
 
 
 def worklist_entry(row: PriorityRow, now: datetime) -> dict[str, Any]:
-    """One unreported positive for ``status`` and ``worklist --json`` (no accession number)."""
+    """One unreported positive for ``status`` and ``worklist`` (UIDs only, no patient data)."""
     return {
         "rank": row.rank,
         "study_uid": row.study_uid,

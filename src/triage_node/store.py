@@ -901,7 +901,6 @@ class Store:
     def _priority_row(cls, row: Any, rank: int | None = None) -> PriorityRow:
         return PriorityRow(
             study_uid=row.study_uid,
-            accession_number=row.accession_number,
             state=PriorityState(row.priority_state),
             outcome=None if row.outcome is None else Outcome(row.outcome),
             score=row.score,
