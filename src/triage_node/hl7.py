@@ -17,6 +17,7 @@ from triage_node.errors import TriageError
 SEGMENT_SEQUENCE_ERROR = "100"
 REQUIRED_FIELD_MISSING = "101"
 UNSUPPORTED_MESSAGE_TYPE = "200"
+APPLICATION_INTERNAL_ERROR = "207"
 
 # OBR-25 result status (HL7 table 0123): final and corrected results are a finished report.
 REPORTED_STATUSES = frozenset({"F", "C"})

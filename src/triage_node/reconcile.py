@@ -15,13 +15,16 @@ from pydicom.uid import (
     UID,
     EncapsulatedPDFStorage,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 from triage_node.config import Config, ReconcileConfig
 from triage_node.domain import Destination, ReportSource, utcnow
 from triage_node.hl7 import (
+    APPLICATION_INTERNAL_ERROR,
     UNSUPPORTED_MESSAGE_TYPE,
     HL7Error,
     Message,
+    ReportNotice,
     acknowledgement,
     parse,
     report_notices,
@@ -178,6 +181,32 @@ class OruHandler:
             )
             ack = acknowledgement(message, code, str(exc), now, control_id, exc.code)
             return ack.encode("utf-8")
+        try:
+            matched, changed = self._apply(notices, now)
+        except SQLAlchemyError as exc:
+            # AE with 207: nothing was recorded; the RIS keeps the message and sends it again.
+            log_event(
+                LOG, logging.ERROR, "hl7_failed", "database unavailable", error=str(exc)[:200]
+            )
+            text = "database unavailable; send again later"
+            return acknowledgement(
+                message, "AE", text, now, control_id, APPLICATION_INTERNAL_ERROR
+            ).encode("utf-8")
+        log_event(
+            LOG,
+            logging.INFO,
+            "hl7_accepted",
+            "ORU^R01 processed",
+            control_id=message.control_id,
+            orders=len(notices),
+            studies_matched=matched,
+            studies_reported=changed,
+        )
+        text = f"{changed} stud{'y' if changed == 1 else 'ies'} marked reported"
+        return acknowledgement(message, "AA", text, now, control_id).encode("utf-8")
+
+    def _apply(self, notices: list[ReportNotice], now: datetime) -> tuple[int, int]:
+        """Mark the studies of final/corrected notices; returns (studies matched, newly marked)."""
         changed = matched = 0
         for notice in notices:
             if not notice.reported:
@@ -203,18 +232,7 @@ class OruHandler:
                         source=ReportSource.HL7.value,
                         result_status=notice.result_status,
                     )
-        log_event(
-            LOG,
-            logging.INFO,
-            "hl7_accepted",
-            "ORU^R01 processed",
-            control_id=message.control_id,
-            orders=len(notices),
-            studies_matched=matched,
-            studies_reported=changed,
-        )
-        text = f"{changed} stud{'y' if changed == 1 else 'ies'} marked reported"
-        return acknowledgement(message, "AA", text, now, control_id).encode("utf-8")
+        return matched, changed
 
 
 def _decode(raw: bytes) -> str:

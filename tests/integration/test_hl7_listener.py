@@ -203,3 +203,19 @@ def test_escalation_sends_a_priority_update_to_the_ris(store: Store) -> None:
         ris.close()
     row = store.priority("1.3.9")
     assert row is not None and row.escalations == 2
+
+
+def test_database_unavailable_gets_an_error_ack_to_send_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from triage_node.db import make_engine
+
+    engine = make_engine(
+        f"sqlite:///{tmp_path / 'no-schema.sqlite3'}"
+    )  # no tables: every query fails
+    try:
+        answer = OruHandler(Store(engine), ["OBR-18"])(oru("F", "ACC-1", "C9"))
+    finally:
+        engine.dispose()
+    message = parse(answer.decode())
+    assert message.component(message.all("MSA")[0], 1) == "AE"
+    assert message.component(message.all("MSA")[0], 2) == "C9"
+    assert message.component(message.all("ERR")[0], 3) == "207"
