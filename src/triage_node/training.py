@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -154,15 +154,31 @@ def _normalise(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return x.contiguous(memory_format=_memory_format(config.net))
 
 
-def _scores(net: torch.nn.Module, images: Images, config: TrainConfig) -> np.ndarray:
+def _scores(
+    net: FractureNet, images: Images, config: TrainConfig
+) -> tuple[np.ndarray, float | None]:
+    """Validation probabilities, and the share of boxed images whose CAM peak cell centre lies
+    in a box (model coordinates; None when no image has a box)."""
     net.eval()
-    out = []
+    out, hits, boxed = [], 0, 0
     with torch.no_grad():
         for start in range(0, len(images), 64):
             index = torch.arange(start, min(start + 64, len(images)))
             pixels, _, _ = images.batch(index)
-            out.append(torch.sigmoid(net(_normalise(pixels, config))))
-    return torch.cat(out).numpy()
+            cam = net.cam(_normalise(pixels, config))
+            out.append(torch.sigmoid(cam.mean(dim=(1, 2, 3))))
+            boxes = images.boxes[index, 0]
+            has_box = boxes.flatten(1).any(dim=1)
+            if bool(has_box.any()):
+                cells = cam.shape[-1]
+                stride = pixels.shape[-1] // cells
+                peak = cam[has_box].flatten(1).argmax(dim=1)
+                rows = (peak // cells) * stride + stride // 2
+                columns = (peak % cells) * stride + stride // 2
+                inside = boxes[has_box][torch.arange(len(peak)), rows, columns]
+                hits += int(inside.sum())
+                boxed += len(peak)
+    return torch.cat(out).numpy(), (hits / boxed if boxed else None)
 
 
 def _progress(epoch: int, epochs: int, done: int, total: int, loss: float) -> None:
@@ -250,12 +266,13 @@ def fit(
             losses.append(loss.item())
             _progress(epoch, config.epochs, step + 1, steps_per_epoch, float(np.mean(losses)))
         judged = ema.module if ema is not None else net
-        scores = _scores(judged, validation, config)
+        scores, localisation = _scores(cast(FractureNet, judged), validation, config)
         value = auroc(validation_labels, scores).value
         record = {
             "epoch": epoch,
             "train_loss": round(float(np.mean(losses)), 5),
             "validation_auroc": round(value, 4),
+            "validation_cam_peak_in_box": None if localisation is None else round(localisation, 4),
             "learning_rate": round(float(schedule.get_last_lr()[0]), 7),
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -265,7 +282,8 @@ def fit(
         record["best_epoch"] = best["epoch"]
         report(
             f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  validation AUROC {value:.4f}  "
-            f"(best {best['auroc']:.4f} at {best['epoch']})  {record['seconds']:.0f} s"
+            + ("" if localisation is None else f"CAM peak in box {localisation:.3f}  ")
+            + f"(best {best['auroc']:.4f} at {best['epoch']})  {record['seconds']:.0f} s"
         )
         if log_path is not None:
             with open(log_path, "a", encoding="utf-8") as handle:
