@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     worklist.add_argument("--limit", type=int, default=1000, help="most studies shown")
     worklist.add_argument("--json", action="store_true", help="machine-readable output")
+    priority = commands.add_parser("priority", help="one study's row in the priority table")
+    priority.add_argument("study_uid", metavar="STUDY_UID")
+    priority.add_argument("--json", action="store_true", help="machine-readable output")
     reported = commands.add_parser(
         "mark-reported", help="record that studies were reported (they leave the worklist)"
     )
@@ -292,6 +295,29 @@ def _worklist(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _priority(config: Config, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    with _open_store(config) as store:
+        row = store.priority(args.study_uid)
+    if row is None:
+        print(f"{args.study_uid}: no such study", file=sys.stderr)
+        return EXIT_FAILED
+    document = {
+        key: value.isoformat() if hasattr(value, "isoformat") else value
+        for key, value in asdict(row).items()
+    }
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(
+            "\n".join(
+                f"{key:<16}{'-' if value is None else value}" for key, value in document.items()
+            )
+        )
+    return EXIT_OK
+
+
 def _mark_reported(config: Config, args: argparse.Namespace) -> int:
     from triage_node.domain import ReportSource, is_valid_uid, utcnow
 
@@ -401,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "outbox": _outbox,
         "worklist": _worklist,
+        "priority": _priority,
         "mark-reported": _mark_reported,
         "db": _db,
     }

@@ -933,34 +933,23 @@ class Store:
 
     def priority(self, study_uid: str) -> PriorityRow | None:
         """One study's priority row (with its rank when it is an unreported positive)."""
+        ranked = (
+            select(
+                studies.c.id,
+                func.row_number().over(order_by=self._RANK_ORDER).label("rank"),
+            )
+            .where(self._UNREPORTED_POSITIVE)
+            .subquery()
+        )
+        query = (
+            self._priority_query()
+            .add_columns(ranked.c.rank)
+            .outerjoin(ranked, ranked.c.id == studies.c.id)
+            .where(studies.c.study_uid == study_uid)
+        )
         with self.engine.connect() as conn:
-            row = conn.execute(
-                self._priority_query().where(studies.c.study_uid == study_uid)
-            ).one_or_none()
-            if row is None:
-                return None
-            rank = None
-            if row.flagged_at is not None and row.reported_at is None:
-                ahead = conn.execute(
-                    select(func.count()).where(
-                        self._UNREPORTED_POSITIVE,
-                        or_(
-                            studies.c.score > row.score,
-                            and_(
-                                studies.c.score == row.score,
-                                or_(
-                                    studies.c.first_received_at < row.first_received_at,
-                                    and_(
-                                        studies.c.first_received_at == row.first_received_at,
-                                        studies.c.id < row.id,
-                                    ),
-                                ),
-                            ),
-                        ),
-                    )
-                ).scalar_one()
-                rank = int(ahead) + 1
-        return self._priority_row(row, rank)
+            row = conn.execute(query).one_or_none()
+        return None if row is None else self._priority_row(row, row.rank)
 
     def oldest_unreported_flag(self) -> datetime | None:
         """When the longest-waiting unreported positive was flagged."""

@@ -159,6 +159,16 @@ def test_flag_report_escalate_status_and_metrics(tmp_path: Path) -> None:
         orthanc.upload(radiologist_report(pydicom.dcmread(path_a), tmp_path / "report.dcm"))
         wait_for(lambda: study_row(node, uid_a)["reported_at"], 30, what="C-FIND finds the SR")
         assert study_row(node, uid_a)["report_source"] == "c-find"
+        shown = node.command("priority", uid_a, "--json")
+        assert shown.returncode == 0, shown.stderr
+        row_a = json.loads(shown.stdout)
+        assert (row_a["state"], row_a["report_source"], row_a["rank"]) == (
+            "REPORTED",
+            "c-find",
+            None,
+        )
+        assert row_a["outcome"] == "positive" and row_a["flagged_at"] <= row_a["reported_at"]
+        assert node.command("priority", "1.2.3.4").returncode == 1
 
         # (2) HL7: a final ORU^R01 for B's accession number; a malformed one changes nothing.
         assert ack_code(send("127.0.0.1", hl7_port, b"MSH|^~\\&|broken", 10)) == "AR"
