@@ -43,6 +43,11 @@ def _age(value: datetime | None, now: datetime) -> float | None:
     return None if value is None else round((now - value).total_seconds(), 1)
 
 
+def _local_address(bind: str) -> str:
+    """Where to reach a listener of this host bound to *bind* (a wildcard means loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind, bind)  # noqa: S104
+
+
 def _c_echo(
     host: str,
     port: int,
@@ -107,7 +112,7 @@ def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
     now = datetime.now(UTC)
     problems: list[str] = []
     dicom = config.dicom
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(dicom.bind, dicom.bind)  # noqa: S104
+    host = _local_address(dicom.bind)
     listener = {"ae_title": dicom.ae_title, "host": host, "port": dicom.port}
     listener.update(echo_listener(host, dicom.port, dicom.ae_title, timeout))
     if not listener["reachable"]:
@@ -248,13 +253,14 @@ def _add_contents(
             f"the oldest queued job has waited {age:.0f} s "
             f"(more than service.stuck_queue_seconds = {config.service.stuck_queue_seconds:.0f})"
         )
+    outbox_counts = store.outbox_counts()
     report["failed"] = {
         "jobs": totals.jobs_by_state.get("FAILED", 0),
-        "outbox_dead": sum(c.get("DEAD", 0) for c in store.outbox_counts().values()),
+        "outbox_dead": sum(c.get("DEAD", 0) for c in outbox_counts.values()),
     }
     report["model"]["providers"] = sorted({w.provider for w in live})
     _add_priority(report, store, now)
-    _add_destinations(report, store, config, problems)
+    _add_destinations(report, outbox_counts, config, problems)
     _add_report_feeds(report, config, problems)
 
 
@@ -305,7 +311,7 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
     report["reconcile"] = pacs
     hl7: dict[str, Any] = {"port": config.hl7.port or None}
     if config.hl7.port:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.hl7.bind, config.hl7.bind)  # noqa: S104
+        host = _local_address(config.hl7.bind)
         try:
             socket.create_connection((host, config.hl7.port), timeout=2).close()
             hl7["listening"] = True
@@ -316,12 +322,15 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
 
 
 def _add_destinations(
-    report: dict[str, Any], store: Store, config: Config, problems: list[str]
+    report: dict[str, Any],
+    counts: dict[str, dict[str, int]],
+    config: Config,
+    problems: list[str],
 ) -> None:
-    """Each configured destination: C-ECHO, and its outbox by state."""
+    """Each configured destination: C-ECHO, and its outbox by state (*counts*:
+    destination -> state -> items, from ``Store.outbox_counts``)."""
     delivery = config.delivery
     tls = delivery.tls
-    counts = store.outbox_counts()
     report["destinations"] = []
     for destination in delivery.parsed_destinations:
         name = str(destination)
