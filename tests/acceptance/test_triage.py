@@ -266,7 +266,7 @@ def test_a_stuck_queue_is_unhealthy(tmp_path: Path) -> None:
         files = write_study_set(tmp_path / "set", 1, 64, 64)
         assert storescu(node.port, files).returncode == 0
         wait_for(
-            lambda: status(node)[1]["queue"]["oldest_queued_age_s"] or 0 > 1.5,
+            lambda: (status(node)[1]["queue"]["oldest_queued_age_s"] or 0) > 1.5,
             30,
             what="a job waiting",
         )
