@@ -20,6 +20,10 @@ EXAMPLE_VALUES = {
     ("delivery", "tls_ca_file"): '# tls_ca_file = "/etc/triage-node/pacs-ca.pem"',
     ("delivery", "tls_cert_file"): '# tls_cert_file = "/etc/triage-node/node.pem"',
     ("delivery", "tls_key_file"): '# tls_key_file = "/etc/triage-node/node-key.pem"',
+    ("dicom", "tls_port"): "tls_port = 0  # 2762 is the registered DICOM TLS port",
+    ("dicom", "tls_cert_file"): '# tls_cert_file = "/etc/triage-node/node.pem"',
+    ("dicom", "tls_key_file"): '# tls_key_file = "/etc/triage-node/node-key.pem"',
+    ("dicom", "tls_ca_file"): '# tls_ca_file = "/etc/triage-node/pacs-ca.pem"',
 }
 
 

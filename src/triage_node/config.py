@@ -143,6 +143,19 @@ class DicomConfig:
     network_timeout: float = _setting(
         120.0, _between(1, 86400), "seconds an idle association is kept"
     )
+    tls_port: int = _setting(
+        0, _between(0, 65535), "DICOM TLS port (PS3.15 B.1; 2762 is usual); 0 = no TLS listener"
+    )
+    tls_cert_file: Path | None = _setting(
+        None, None, "the node's server certificate chain (PEM) for the TLS port"
+    )
+    tls_key_file: Path | None = _setting(None, None, "private key (PEM) of tls_cert_file")
+    tls_ca_file: Path | None = _setting(
+        None, None, "CA certificates (PEM) that sign the client certificates accepted"
+    )
+    tls_verify_client: bool = _setting(
+        False, None, "TLS port: require a client certificate signed by tls_ca_file"
+    )
 
 
 @dataclass(frozen=True)
@@ -478,8 +491,19 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         collected[section][key] = (value, name, True)
 
     built = {name: _build_section(name, cls, collected[name]) for name, cls in SECTIONS.items()}
+    _check_tls(built["dicom"])
     source = str(path) if path is not None else "defaults"
     return Config(**built, source=source)
+
+
+def _check_tls(dicom: DicomConfig) -> None:
+    """Settings of the TLS listener that only make sense together."""
+    if dicom.tls_port and (dicom.tls_cert_file is None or dicom.tls_key_file is None):
+        raise ConfigError("dicom.tls_port: needs dicom.tls_cert_file and dicom.tls_key_file")
+    if dicom.tls_port and dicom.tls_port == dicom.port:
+        raise ConfigError(f"dicom.tls_port: must differ from dicom.port, got {dicom.tls_port}")
+    if dicom.tls_verify_client and dicom.tls_ca_file is None:
+        raise ConfigError("dicom.tls_verify_client: needs dicom.tls_ca_file to verify against")
 
 
 def describe_settings() -> list[tuple[str, str, Any, str]]:

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 import socketserver
+import ssl
 import tempfile
 import threading
 import time
@@ -51,7 +52,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from triage_node.config import DicomConfig
 from triage_node.domain import AssociationEnd, InstanceHeader, utcnow
-from triage_node.errors import DatasetError, InvalidUID, OutOfResources
+from triage_node.errors import DatasetError, InvalidUID, OutOfResources, TriageError
 from triage_node.logs import get_logger, log_event
 from triage_node.spool import Spool
 from triage_node.store import Store
@@ -342,8 +343,36 @@ def _reject_connection(sock: socket.socket, timeout: float = 5.0) -> None:
             sock.close()
 
 
+def server_tls_context(config: DicomConfig) -> ssl.SSLContext:
+    """The TLS context of the ``dicom.tls_port`` listener (PS3.15 B.1, TLS 1.2 or newer).
+
+    With ``tls_verify_client`` a peer must present a certificate signed by ``tls_ca_file``.
+    Raises TriageError naming the file when a certificate or key cannot be loaded.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise TriageError(
+            f"cannot load the TLS certificate {config.tls_cert_file} with key "
+            f"{config.tls_key_file}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if config.tls_verify_client:
+        try:
+            context.load_verify_locations(cafile=str(config.tls_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise TriageError(
+                f"cannot load the client CA file {config.tls_ca_file}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class _RequestHandler(RequestHandler):
-    """Per-connection entry: TCP_NODELAY, then the address allow-list, then pynetdicom."""
+    """Per-connection entry: TCP_NODELAY, the TLS handshake on a TLS listener, then the address
+    allow-list, then pynetdicom."""
 
     server: ReceiverServer
 
@@ -365,6 +394,11 @@ class _RequestHandler(RequestHandler):
             with contextlib.suppress(OSError):
                 sock.close()
             return
+        if self.server.tls_context is not None:
+            wrapped = self._tls_handshake(sock, address)
+            if wrapped is None:
+                return
+            self.request = sock = wrapped
         if not self.server.address_allowed(address):
             log_event(
                 LOG,
@@ -376,6 +410,38 @@ class _RequestHandler(RequestHandler):
             _reject_connection(sock)
             return
         super().handle()
+
+    def _tls_handshake(self, sock: socket.socket, address: str) -> ssl.SSLSocket | None:
+        """The server side of the TLS handshake, in this connection's thread (pynetdicom would
+        do it in the accept loop, where one slow peer stalls every other)."""
+        assert self.server.tls_context is not None
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self.server.ae.acse_timeout)
+            wrapped = self.server.tls_context.wrap_socket(sock, server_side=True)
+            wrapped.settimeout(previous)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            log_event(
+                LOG,
+                logging.WARNING,
+                "tls_handshake_failed",
+                f"TLS handshake failed: {reason}",
+                peer=address,
+            )
+            with contextlib.suppress(OSError):
+                sock.close()
+            return None
+        log_event(
+            LOG,
+            logging.DEBUG,
+            "tls_established",
+            "TLS connection established",
+            peer=address,
+            tls_version=wrapped.version(),
+            client_certificate=wrapped.getpeercert() is not None,
+        )
+        return wrapped
 
     def _peer_sent_data(self, sock: socket.socket) -> bool:
         previous = sock.gettimeout()
@@ -402,8 +468,10 @@ class ReceiverServer(ThreadedAssociationServer):
         listen_socket: socket.socket,
         config: DicomConfig,
         handlers: StorageHandlers,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._listen_socket = listen_socket
+        self.tls_context = tls_context  # applied per connection by _RequestHandler
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
         listen_socket.setblocking(False)
         address = listen_socket.getsockname()[:2]

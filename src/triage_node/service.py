@@ -33,7 +33,13 @@ from triage_node.exporter import start_metrics_server
 from triage_node.infer import Model
 from triage_node.logs import configure_logging, get_logger, log_event
 from triage_node.mllp import MLLPServer
-from triage_node.receive import ReceiverServer, StorageHandlers, build_ae, configure_pynetdicom
+from triage_node.receive import (
+    ReceiverServer,
+    StorageHandlers,
+    build_ae,
+    configure_pynetdicom,
+    server_tls_context,
+)
 from triage_node.reconcile import OruHandler
 from triage_node.scheduler import ServiceScheduler
 from triage_node.spool import EarlyWriteback, Spool, pid_alive
@@ -50,25 +56,35 @@ def receiver_count(config: DicomConfig) -> int:
     return config.receivers or max(1, min(os.cpu_count() or 1, 8))
 
 
-def open_listener(config: DicomConfig) -> socket.socket:
-    """Bind and listen on the DICOM port; a clear TriageError when that is not possible."""
+def open_listener(config: DicomConfig, port: int | None = None) -> socket.socket:
+    """Bind and listen on the DICOM port (or *port*, the TLS one); a clear TriageError when
+    that is not possible."""
+    port = config.port if port is None else port
     family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((config.bind, config.port))
+        sock.bind((config.bind, port))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise TriageError(f"port {config.port} on {config.bind} is already in use") from None
+            raise TriageError(f"port {port} on {config.bind} is already in use") from None
         if exc.errno == errno.EACCES:
             raise TriageError(
-                f"no permission to listen on port {config.port} (ports below 1024 need "
+                f"no permission to listen on port {port} (ports below 1024 need "
                 "CAP_NET_BIND_SERVICE)"
             ) from None
-        raise TriageError(f"cannot listen on {config.bind}:{config.port}: {exc.strerror}") from None
+        raise TriageError(f"cannot listen on {config.bind}:{port}: {exc.strerror}") from None
     sock.listen(128)
     return sock
+
+
+def open_tls_listener(config: DicomConfig) -> socket.socket | None:
+    """The ``dicom.tls_port`` listener, after checking that its certificate and key load."""
+    if not config.tls_port:
+        return None
+    server_tls_context(config)  # a bad certificate stops the service here, not in a receiver
+    return open_listener(config, config.tls_port)
 
 
 def _port_error(what: str, bind: str, port: int, exc: OSError) -> TriageError:
@@ -153,8 +169,10 @@ def _child_process_setup(config: Config) -> threading.Event:
     return stop
 
 
-def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> None:
-    """Entry point of a receiver process."""
+def run_receiver(
+    config: Config, listen_socket: socket.socket, tls_socket: socket.socket | None, index: int
+) -> None:
+    """Entry point of a receiver process: the DICOM port and, when configured, the TLS port."""
     stop = _child_process_setup(config)
 
     spool = Spool(config.storage.spool_path)
@@ -164,19 +182,30 @@ def run_receiver(config: Config, listen_socket: socket.socket, index: int) -> No
     writeback.start()
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     handlers = StorageHandlers(spool, Store(engine), config.storage.min_free_mb * 2**20)
-    server = ReceiverServer(build_ae(config.dicom), listen_socket, config.dicom, handlers)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="accept", daemon=True
-    )
-    thread.start()
+    ae = build_ae(config.dicom)
+    servers = [ReceiverServer(ae, listen_socket, config.dicom, handlers)]
+    if tls_socket is not None:
+        context = server_tls_context(config.dicom)
+        servers.append(ReceiverServer(ae, tls_socket, config.dicom, handlers, context))
+    for number, server in enumerate(servers):
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name=f"accept-{number}",
+            daemon=True,
+        ).start()
     log_event(LOG, logging.INFO, "receiver_started", "receiver ready", receiver=index)
 
+    def active() -> list[Any]:
+        return [assoc for server in servers for assoc in server.active_associations]
+
     stop.wait()
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
     deadline = time.monotonic() + config.service.shutdown_grace_seconds
-    while server.active_associations and time.monotonic() < deadline:
+    while active() and time.monotonic() < deadline:
         time.sleep(0.05)
-    remaining = server.active_associations
+    remaining = active()
     for assoc in remaining:
         assoc.abort()
     log_event(
@@ -298,8 +327,15 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _private_files() -> None:
+    """Everything the service creates (spool, SQLite database and journal, results) is for
+    the service user alone: files 0600, directories 0700, whatever umask it was started with."""
+    os.umask(0o077)
+
+
 def serve_workers(config: Config) -> int:
     """``triage-node worker``: analysis workers alone, sharing the database and spool."""
+    _private_files()
     configure_logging(config.log.level, config.log.format)
     prepare_database(config).engine.dispose()
     count = config.worker.count or 1
@@ -318,6 +354,7 @@ def serve_workers(config: Config) -> int:
 
 def serve(config: Config) -> int:
     """Run the node until SIGTERM or SIGINT; return the exit status."""
+    _private_files()
     configure_logging(config.log.level, config.log.format)
     lock = _lock_data_dir(config.storage.data_dir)
     store = prepare_database(config)
@@ -326,9 +363,10 @@ def serve(config: Config) -> int:
     purged = spool.purge_stale_incoming()
     lost = store.close_lost_associations(pid_alive, utcnow())
     listen_socket = open_listener(config.dicom)
+    tls_socket = open_tls_listener(config.dicom)
     count = receiver_count(config.dicom)
     stop = _stop_on_signals()
-    receivers = ProcessGroup("receiver", run_receiver, (config, listen_socket), count)
+    receivers = ProcessGroup("receiver", run_receiver, (config, listen_socket, tls_socket), count)
     workers = ProcessGroup("worker", run_worker, (config,), config.worker.count)
     scheduler = ServiceScheduler(store, config)
     hl7_server = metrics_server = None
@@ -346,6 +384,8 @@ def serve(config: Config) -> int:
             ae_title=config.dicom.ae_title,
             bind=config.dicom.bind,
             port=config.dicom.port,
+            tls_port=config.dicom.tls_port or None,
+            client_certificates=config.dicom.tls_verify_client if tls_socket else None,
             receivers=count,
             workers=config.worker.count,
             hl7_port=config.hl7.port or None,
@@ -363,6 +403,8 @@ def serve(config: Config) -> int:
         receivers.stop_all(config.service.shutdown_grace_seconds)
         workers.stop_all(config.service.shutdown_grace_seconds)
         listen_socket.close()
+        if tls_socket is not None:
+            tls_socket.close()
         if hl7_server is not None:
             hl7_server.stop()
         if metrics_server is not None:

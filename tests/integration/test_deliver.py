@@ -3,7 +3,6 @@ answer with a warning or a failure status."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from tests.support.peers import StoreSCP, free_port, require_shared_dicom, require_tool
+from tests.support.peers import StoreSCP, free_port, require_shared_dicom
+from tests.support.pki import make_pki
 from triage_node.deliver import FAILED, SENT, UNREACHABLE, send_files
 from triage_node.domain import Destination, TlsFiles
 from triage_node.preprocess import InputSpec, preprocess
@@ -140,69 +140,6 @@ def test_an_unreadable_result_file_fails_alone(
     )
     assert [s.outcome for s in sent] == [FAILED, SENT, SENT, SENT]
     assert "cannot read the result file" in sent[0].detail
-
-
-def make_pki(directory: Path) -> dict[str, Path]:
-    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
-    openssl = require_tool("openssl", "openssl")
-    directory.mkdir(parents=True)
-    files = {name: directory / f"{name}.pem" for name in ("ca", "ca-key", "server", "server-key")}
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        str(files["ca-key"]),
-        "-out",
-        str(files["ca"]),
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=keyCertSign",
-    )
-    csr = directory / "server.csr"
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        str(files["server-key"]),
-        "-out",
-        str(csr),
-    )
-    extensions = directory / "ext.cnf"
-    extensions.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(files["ca"]),
-        "-CAkey",
-        str(files["ca-key"]),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        str(files["server"]),
-        "-extfile",
-        str(extensions),
-    )
-    return files
 
 
 def test_tls_destination_verified_against_the_configured_ca(

@@ -117,3 +117,38 @@ def test_delivery_destinations_are_checked() -> None:
     assert (second.host, second.tls) == ("h.example", True)
     with pytest.raises(ConfigError, match=r"delivery\.destinations .*not AE_TITLE@host:port"):
         load_config(None, {"TRIAGE_NODE_DELIVERY_DESTINATIONS": "PACS@host"})
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"TRIAGE_NODE_DICOM_TLS_PORT": "2762"},
+            "needs dicom.tls_cert_file and dicom.tls_key_file",
+        ),
+        (
+            {
+                "TRIAGE_NODE_DICOM_TLS_PORT": "11112",
+                "TRIAGE_NODE_DICOM_TLS_CERT_FILE": "c.pem",
+                "TRIAGE_NODE_DICOM_TLS_KEY_FILE": "k.pem",
+            },
+            "dicom.tls_port: must differ from dicom.port",
+        ),
+        ({"TRIAGE_NODE_DICOM_TLS_VERIFY_CLIENT": "true"}, "needs dicom.tls_ca_file"),
+    ],
+)
+def test_tls_listener_settings_that_belong_together(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(environ=env)
+
+
+def test_tls_listener_settings() -> None:
+    config = load_config(
+        environ={
+            "TRIAGE_NODE_DICOM_TLS_PORT": "2762",
+            "TRIAGE_NODE_DICOM_TLS_CERT_FILE": "/etc/triage-node/node.pem",
+            "TRIAGE_NODE_DICOM_TLS_KEY_FILE": "/etc/triage-node/node.key",
+        }
+    )
+    assert config.dicom.tls_port == 2762 and not config.dicom.tls_verify_client
+    assert config.dicom.tls_key_file == Path("/etc/triage-node/node.key")
