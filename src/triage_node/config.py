@@ -343,6 +343,26 @@ class EscalationConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]``: how long received data and study rows are kept."""
+
+    spool_days: float = _setting(
+        7.0,
+        _between(0, 36500),
+        "days spooled instances and result files are kept after the results were delivered",
+    )
+    priority_days: float = _setting(
+        90.0,
+        _between(0, 36500),
+        "days a study's row (priority, report status) is kept once its files are purged",
+    )
+    interval_seconds: float = _setting(
+        3600.0, _between(1, 86400), "how often retention looks for data past its time"
+    )
+    batch_size: int = _setting(500, _between(1, 100000), "studies purged or deleted per round")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``[log]``: structured logs on standard error."""
 
@@ -364,6 +384,7 @@ class Config:
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     hl7: HL7Config = field(default_factory=HL7Config)
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -385,6 +406,7 @@ SECTIONS: dict[str, type] = {
     "reconcile": ReconcileConfig,
     "hl7": HL7Config,
     "escalation": EscalationConfig,
+    "retention": RetentionConfig,
     "log": LogConfig,
 }
 

@@ -104,6 +104,7 @@ studies = Table(
     Column("escalations", Integer, nullable=False, server_default="0"),
     Column("escalated_at", UTCDateTime()),
     Column("checked_at", UTCDateTime()),  # last C-FIND for reports
+    Column("purged_at", UTCDateTime()),  # retention removed its spooled files
     Index(None, "state", "last_received_at"),
     Index(None, "flagged_at", "reported_at"),
     Index(None, "accession_number"),
@@ -133,6 +134,7 @@ instances = Table(
     Column("size_bytes", BigInteger, nullable=False),
     Column("association_id", ForeignKey("associations.id"), index=True),
     Column("received_at", UTCDateTime(), nullable=False, index=True),
+    Column("purged_at", UTCDateTime()),  # retention removed the file
 )
 
 jobs = Table(
@@ -237,6 +239,17 @@ outbox = Table(
     Column("sent_at", UTCDateTime()),
     UniqueConstraint("destination", "sop_instance_uid"),
     Index(None, "state", "next_attempt_at"),
+)
+
+retention_runs = Table(
+    "retention_runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("ran_at", UTCDateTime(), nullable=False, index=True),
+    Column("studies_purged", Integer, nullable=False),  # spooled files removed
+    Column("files_removed", Integer, nullable=False),
+    Column("bytes_freed", BigInteger, nullable=False),
+    Column("studies_deleted", Integer, nullable=False),  # rows past retention.priority_days
 )
 
 

@@ -260,8 +260,26 @@ def _add_contents(
     }
     report["model"]["providers"] = sorted({w.provider for w in live})
     _add_priority(report, store, now)
+    _add_retention(report, store, config, now)
     _add_destinations(report, outbox_counts, config, problems)
     _add_report_feeds(report, config, problems)
+
+
+def _add_retention(report: dict[str, Any], store: Store, config: Config, now: datetime) -> None:
+    """What ``[retention]`` keeps and what its rounds removed (runs of the last priority_days)."""
+    summary = store.retention_summary()
+    report["retention"] = {
+        "spool_days": config.retention.spool_days,
+        "priority_days": config.retention.priority_days,
+        "last_run_at": _iso(summary.last_run_at),
+        "last_run_age_s": _age(summary.last_run_at, now),
+        "instances_on_disk": summary.instances_on_disk,
+        "oldest_on_disk_age_s": _age(summary.oldest_on_disk_at, now),
+        "studies_purged": summary.studies_purged,
+        "files_removed": summary.files_removed,
+        "bytes_freed": summary.bytes_freed,
+        "studies_deleted": summary.studies_deleted,
+    }
 
 
 def _add_priority(report: dict[str, Any], store: Store, now: datetime) -> None:

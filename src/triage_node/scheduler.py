@@ -1,6 +1,6 @@
 """Periodic work of the service (APScheduler): settled studies become jobs, results are
-delivered, report status is looked up in the PACS, unreported positives are escalated, and a
-heartbeat is kept."""
+delivered, report status is looked up in the PACS, unreported positives are escalated, data
+past retention is removed, and a heartbeat is kept."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from triage_node.escalate import Escalator
 from triage_node.logs import get_logger, log_event
 from triage_node.outbox import OutboxDelivery
 from triage_node.reconcile import PacsReconciler
+from triage_node.retention import Retention
+from triage_node.spool import Spool
 from triage_node.store import Store
 
 LOG = get_logger(__name__)
@@ -92,6 +94,14 @@ class ServiceScheduler:
                 seconds=config.escalation.interval_seconds,
                 id="escalate",
             )
+        self.retention = Retention(store, Spool(config.storage.spool_path), config.retention)
+        self._scheduler.add_job(
+            self._guarded(self.retention.run_once, "retention_failed"),
+            "interval",
+            seconds=config.retention.interval_seconds,
+            id="retention",
+            next_run_time=datetime.now(UTC) + timedelta(seconds=5),  # soon after start, too
+        )
         self._scheduler.add_job(
             self._guarded(self.heartbeat, "heartbeat_failed"),
             "interval",

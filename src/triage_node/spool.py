@@ -215,10 +215,16 @@ class Spool:
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            self._makedirs_durable(final.parent)
             replaced = final.exists()
             partial.chmod(0o600)
-            partial.replace(final)
+            for attempt in (1, 2):
+                self._makedirs_durable(final.parent)
+                try:
+                    partial.replace(final)
+                    break
+                except FileNotFoundError:  # retention removed the empty directory just now
+                    if attempt == 2 or not partial.exists():
+                        raise
             _fsync_dir(final.parent)
         except OSError as exc:
             self._give_up(partial, exc)
@@ -236,3 +242,29 @@ class Spool:
         """Remove a spooled file (used when its database row could not be written)."""
         with contextlib.suppress(FileNotFoundError):
             self.path_of(relpath).unlink()
+
+    def purge_study(self, study_uid: str, relpaths: list[str]) -> tuple[int, int]:
+        """Remove the given files of a study, the node's result files for it, and the study's
+        directories once they are empty. Returns (files removed, bytes freed); files already
+        gone are skipped, so a purge cut short can simply run again."""
+        removed = freed = 0
+        results = self.path_of(f"{RESULTS}/{validate_uid(study_uid, 'Study Instance UID')}")
+        paths = [self.path_of(relpath) for relpath in relpaths]
+        if results.is_dir():
+            paths.extend(p for p in results.iterdir() if p.is_file())
+        for path in paths:
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+            freed += size
+        keep = {self.root, self.root / RESULTS, self.root / INCOMING}
+        directories = {path.parent for path in paths} | {results}
+        for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+            for candidate in (directory, directory.parent):  # series, then study directory
+                if candidate not in keep and candidate.is_relative_to(self.root):
+                    with contextlib.suppress(OSError):  # not empty: an instance came meanwhile
+                        candidate.rmdir()
+        return removed, freed

@@ -22,6 +22,7 @@ from triage_node.db import (
     instances,
     jobs,
     outbox,
+    retention_runs,
     series,
     services,
     studies,
@@ -98,6 +99,28 @@ class EscalationDue:
     accession_number: str
     escalations: int
     escalated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeCandidate:
+    """A study whose spooled files are past retention: the files still on disk."""
+
+    study_id: int
+    study_uid: str
+    files: list[tuple[int, str, int]]  # instance id, spool-relative path, size in bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSummary:
+    """What retention has done and what the spool still holds, for ``status``."""
+
+    last_run_at: datetime | None
+    studies_purged: int
+    files_removed: int
+    bytes_freed: int
+    studies_deleted: int
+    instances_on_disk: int
+    oldest_on_disk_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +235,7 @@ class Store:
                         else_=studies.c.revision,
                     ),
                     "state": received,
+                    "purged_at": None,  # it has a file on disk again
                 },
             ).returning(studies.c.id),
             series=series_insert.on_conflict_do_update(
@@ -221,7 +245,8 @@ class Store:
             instance=insert(instances)
             .values(sop_instance_uid=bindparam("sop_instance_uid"), **instance_values)
             .on_conflict_do_update(
-                index_elements=[instances.c.sop_instance_uid], set_=instance_values
+                index_elements=[instances.c.sop_instance_uid],
+                set_={**instance_values, "purged_at": None},  # a resend after retention
             )
             .returning(instances.c.id),
             count=update(associations)
@@ -443,7 +468,7 @@ class Store:
         """The study's stored instances in arrival order (selection reads each file's header)."""
         query = (
             select(instances.c.id, instances.c.sop_instance_uid, instances.c.path)
-            .where(instances.c.study_id == study_id)
+            .where(instances.c.study_id == study_id, instances.c.purged_at.is_(None))
             .order_by(instances.c.id)
         )
         with self.engine.connect() as conn:
@@ -1102,7 +1127,10 @@ class Store:
             count, size, last = conn.execute(
                 select(
                     func.count(instances.c.id),
-                    func.coalesce(func.sum(instances.c.size_bytes), 0),
+                    func.coalesce(
+                        func.sum(case((instances.c.purged_at.is_(None), instances.c.size_bytes))),
+                        0,
+                    ),
                     func.max(instances.c.received_at),
                 )
             ).one()
@@ -1116,6 +1144,148 @@ class Store:
             spool_bytes=int(size),
             last_received_at=last,
             open_associations=int(open_assocs),
+        )
+
+    # -- retention ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _unreported_positive() -> Any:
+        return and_(studies.c.flagged_at.is_not(None), studies.c.reported_at.is_(None))
+
+    def purge_candidates(self, delivered_before: datetime, limit: int) -> list[PurgeCandidate]:
+        """Analysed studies whose results were all delivered (or kept only) before
+        *delivered_before*, with spooled files still on disk. Studies still waiting for a
+        report stay (escalation re-sends their KOS), and so do studies with results not yet
+        sent or given up on (``outbox retry`` would need the files)."""
+        undelivered = exists().where(
+            outbox.c.study_id == studies.c.id,
+            or_(
+                outbox.c.state != OutboxState.SENT.value,
+                outbox.c.sent_at > delivered_before,
+            ),
+        )
+        query = (
+            select(studies.c.id, studies.c.study_uid)
+            .where(
+                studies.c.state == StudyState.INFERRED.value,
+                studies.c.purged_at.is_(None),
+                studies.c.inferred_at <= delivered_before,
+                not_(self._unreported_positive()),
+                not_(undelivered),
+            )
+            .order_by(studies.c.inferred_at, studies.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            found = conn.execute(query).all()
+            files = conn.execute(
+                select(
+                    instances.c.study_id,
+                    instances.c.id,
+                    instances.c.path,
+                    instances.c.size_bytes,
+                ).where(
+                    instances.c.study_id.in_([row.id for row in found]),
+                    instances.c.purged_at.is_(None),
+                    instances.c.received_at <= delivered_before,
+                )
+            ).all()
+        by_study: dict[int, list[tuple[int, str, int]]] = {row.id: [] for row in found}
+        for study_id, instance_id, path, size in files:
+            by_study[study_id].append((int(instance_id), str(path), int(size)))
+        return [PurgeCandidate(int(r.id), str(r.study_uid), by_study[r.id]) for r in found]
+
+    def purged(self, study_id: int, instance_ids: Sequence[int], now: datetime) -> None:
+        """Record that these files are gone; the study counts as purged once none is left
+        (an instance that arrived meanwhile keeps it in the spool)."""
+        with self.engine.begin() as conn:
+            if instance_ids:
+                conn.execute(
+                    update(instances)
+                    .where(instances.c.id.in_(list(instance_ids)))
+                    .values(purged_at=now)
+                )
+            left = exists().where(instances.c.study_id == study_id, instances.c.purged_at.is_(None))
+            conn.execute(
+                update(studies).where(studies.c.id == study_id, not_(left)).values(purged_at=now)
+            )
+
+    def delete_old_studies(self, idle_before: datetime, limit: int) -> list[str]:
+        """Delete studies purged from the spool with nothing happening since *idle_before*
+        (received, analysed, reported), with every row that belongs to them; unreported
+        positives are kept. Returns their Study UIDs."""
+        chosen = (
+            select(studies.c.id, studies.c.study_uid)
+            .where(
+                studies.c.purged_at <= idle_before,
+                studies.c.last_received_at <= idle_before,
+                or_(studies.c.inferred_at.is_(None), studies.c.inferred_at <= idle_before),
+                or_(studies.c.reported_at.is_(None), studies.c.reported_at <= idle_before),
+                not_(self._unreported_positive()),
+            )
+            .order_by(studies.c.id)
+            .limit(limit)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(chosen).all()
+            ids = [row.id for row in rows]
+            if ids:
+                result_ids = select(study_results.c.id).where(study_results.c.study_id.in_(ids))
+                conn.execute(
+                    image_results.delete().where(image_results.c.study_result_id.in_(result_ids))
+                )
+                for table in (study_results, jobs, outbox, instances, series):
+                    conn.execute(table.delete().where(table.c.study_id.in_(ids)))
+                conn.execute(studies.delete().where(studies.c.id.in_(ids)))
+        return [str(row.study_uid) for row in rows]
+
+    def record_retention_run(
+        self,
+        now: datetime,
+        *,
+        studies_purged: int,
+        files_removed: int,
+        bytes_freed: int,
+        studies_deleted: int,
+        keep_runs_after: datetime,
+    ) -> None:
+        """Keep the figures of one retention run (and forget runs older than the rows)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                retention_runs.insert().values(
+                    ran_at=now,
+                    studies_purged=studies_purged,
+                    files_removed=files_removed,
+                    bytes_freed=bytes_freed,
+                    studies_deleted=studies_deleted,
+                )
+            )
+            conn.execute(retention_runs.delete().where(retention_runs.c.ran_at < keep_runs_after))
+
+    def retention_summary(self) -> RetentionSummary:
+        with self.engine.connect() as conn:
+            last, purged, removed, freed, deleted = conn.execute(
+                select(
+                    func.max(retention_runs.c.ran_at),
+                    func.coalesce(func.sum(retention_runs.c.studies_purged), 0),
+                    func.coalesce(func.sum(retention_runs.c.files_removed), 0),
+                    func.coalesce(func.sum(retention_runs.c.bytes_freed), 0),
+                    func.coalesce(func.sum(retention_runs.c.studies_deleted), 0),
+                )
+            ).one()
+            on_disk, oldest = conn.execute(
+                select(func.count(instances.c.id), func.min(instances.c.received_at)).where(
+                    instances.c.purged_at.is_(None)
+                )
+            ).one()
+        return RetentionSummary(
+            last_run_at=last,
+            studies_purged=int(purged),
+            files_removed=int(removed),
+            bytes_freed=int(freed),
+            studies_deleted=int(deleted),
+            instances_on_disk=int(on_disk),
+            oldest_on_disk_at=oldest,
         )
 
     def ping(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -20,8 +19,7 @@ from triage_node.db import head_revision
 
 
 def status(node: Node) -> tuple[int, dict]:
-    result = node.command("status", "--json")
-    return result.returncode, json.loads(result.stdout)
+    return node.status()
 
 
 def test_status_of_a_healthy_node(tmp_path: Path) -> None:

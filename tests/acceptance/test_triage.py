@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import jsonschema
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -26,8 +25,6 @@ from tests.support.synth import write_study_set
 from triage_node.hl7 import parse
 from triage_node.mllp import send
 
-REPO = Path(__file__).resolve().parents[2]
-SCHEMA = json.loads((REPO / "docs" / "status.schema.json").read_text())
 EVERYTHING_POSITIVE = {
     "high_sensitivity": {"threshold": 0.0, "sensitivity": 1.0},
     "high_specificity": {"threshold": 1.0, "specificity": 1.0},
@@ -36,10 +33,7 @@ ESCALATE_AFTER, ESCALATE_REPEAT = 4.0, 4.0
 
 
 def status(node: Node) -> tuple[int, dict[str, Any]]:
-    result = node.command("status", "--json")
-    report = json.loads(result.stdout)
-    jsonschema.validate(report, SCHEMA)
-    return result.returncode, report
+    return node.status()
 
 
 def worklist(node: Node) -> list[dict[str, Any]]:

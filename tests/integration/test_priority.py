@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.records import header
+from tests.support.records import analyse, header
 from triage_node.domain import (
-    ImageResult,
     OutboxState,
     Outcome,
     PriorityState,
     ReportSource,
     ResultFile,
     SpooledFile,
-    StudyAnalysis,
 )
 from triage_node.store import Store
 
@@ -31,21 +29,6 @@ def receive(store: Store, study: str, at: datetime, accession: str = "ACC1") -> 
         header(study=study, sop=f"{study}.1.{at.timestamp():.0f}"), accession_number=accession
     )
     store.record_instance(h, SpooledFile(f"{h.sop_instance_uid}.dcm", 10, False), None, at)
-
-
-def analyse(store: Store, at: datetime, probability: float | None) -> None:
-    """Queue every settled study and complete its job with *probability* (None: all skipped)."""
-    for ready in store.ready_studies(at, timedelta(0), timedelta(hours=1)):
-        assert store.enqueue(ready, at) is not None
-    while (job := store.claim("w", at, LEASE)) is not None:
-        [ref] = store.instances_of(job.study_id)[:1]
-        images = (
-            ()
-            if probability is None
-            else (ImageResult(ref.instance_id, ref.sop_instance_uid, probability, 1, 1, 1, 0, 1),)
-        )
-        analysis = StudyAnalysis(images, (), "m", "2", "CPU", 0.3, 0.7, 1.0)
-        assert store.complete(job, "w", analysis, at)
 
 
 def test_states_follow_the_data_path_and_positives_are_flagged(store: Store) -> None:

@@ -10,10 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 from sqlalchemy import create_engine, text
 
 from tests.support.peers import free_port, triage_node_command
 from triage_node.health import echo_listener
+
+STATUS_SCHEMA = json.loads(
+    (Path(__file__).resolve().parents[2] / "docs" / "status.schema.json").read_text()
+)
 
 
 def _toml_value(value: Any) -> str:
@@ -132,6 +137,13 @@ class Node:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(30)
         self.process = None
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        """``triage-node status --json``: exit status and report, checked against its schema."""
+        result = self.command("status", "--json")
+        report = json.loads(result.stdout)
+        jsonschema.validate(report, STATUS_SCHEMA)
+        return result.returncode, report
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

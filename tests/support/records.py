@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from triage_node.domain import InstanceHeader
+from datetime import datetime, timedelta
+
+from triage_node.domain import ImageResult, InstanceHeader, StudyAnalysis
+from triage_node.store import Store
+
+LEASE = timedelta(seconds=60)
 
 
 def header(study: str = "1.2.3", sop: str = "1.2.3.1.1", modality: str = "CR") -> InstanceHeader:
@@ -19,3 +24,18 @@ def header(study: str = "1.2.3", sop: str = "1.2.3.1.1", modality: str = "CR") -
         accession_number="ACC1",
         study_date="20260101",
     )
+
+
+def analyse(store: Store, at: datetime, probability: float | None) -> None:
+    """Queue every settled study and complete its job with *probability* (None: all skipped)."""
+    for ready in store.ready_studies(at, timedelta(0), timedelta(hours=1)):
+        assert store.enqueue(ready, at) is not None
+    while (job := store.claim("w", at, LEASE)) is not None:
+        [ref] = store.instances_of(job.study_id)[:1]
+        images = (
+            ()
+            if probability is None
+            else (ImageResult(ref.instance_id, ref.sop_instance_uid, probability, 1, 1, 1, 0, 1),)
+        )
+        analysis = StudyAnalysis(images, (), "m", "2", "CPU", 0.3, 0.7, 1.0)
+        assert store.complete(job, "w", analysis, at)

@@ -13,6 +13,7 @@ LAYERS = {
     "health": 7,
     "reconcile": 4,
     "escalate": 4,
+    "retention": 4,
     "query": 3,
     "hl7": 1,
     "mllp": 1,

@@ -1,0 +1,88 @@
+"""Retention: spooled instances go once their results are delivered plus ``retention.spool_days``;
+a study's row goes once its files are gone and nothing happened to it for
+``retention.priority_days``.
+
+The PACS keeps the originals; the node's spool only serves re-analysis of late instances and
+resends. A study waiting for a report (an unreported positive) keeps its files and its row, and
+so does one whose results are not all delivered. Files are removed before the database says so:
+a purge cut short by a crash is simply done again by the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from triage_node.config import RetentionConfig
+from triage_node.domain import utcnow
+from triage_node.logs import get_logger, log_event
+from triage_node.spool import Spool
+from triage_node.store import Store
+
+LOG = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRound:
+    studies_purged: int = 0
+    files_removed: int = 0
+    bytes_freed: int = 0
+    studies_deleted: int = 0
+
+
+class Retention:
+    """One round at a time, from the service's scheduler."""
+
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        config: RetentionConfig,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.config = config
+        self.clock = clock
+
+    def run_once(self) -> RetentionRound:
+        now = self.clock()
+        spool_cutoff = now - timedelta(days=self.config.spool_days)
+        purged = removed = freed = 0
+        for candidate in self.store.purge_candidates(spool_cutoff, self.config.batch_size):
+            files, size = self.spool.purge_study(
+                candidate.study_uid, [path for _, path, _ in candidate.files]
+            )
+            self.store.purged(candidate.study_id, [i for i, _, _ in candidate.files], now)
+            purged, removed, freed = purged + 1, removed + files, freed + size
+            log_event(
+                LOG,
+                logging.INFO,
+                "study_purged",
+                "spooled files past retention removed",
+                study_uid=candidate.study_uid,
+                files=files,
+                bytes=size,
+            )
+        row_cutoff = now - timedelta(days=self.config.priority_days)
+        deleted = self.store.delete_old_studies(row_cutoff, self.config.batch_size)
+        for study_uid in deleted:
+            log_event(
+                LOG,
+                logging.INFO,
+                "study_deleted",
+                "study row past retention deleted",
+                study_uid=study_uid,
+            )
+        result = RetentionRound(purged, removed, freed, len(deleted))
+        self.store.record_retention_run(
+            now,
+            studies_purged=purged,
+            files_removed=removed,
+            bytes_freed=freed,
+            studies_deleted=len(deleted),
+            keep_runs_after=row_cutoff,
+        )
+        return result
