@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: serve test test-tools lint typecheck unit bench-ingest bench-infer bench-e2e clean
+.PHONY: serve test test-long test-tools lint typecheck unit bench-ingest bench-infer bench-e2e clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -49,6 +49,10 @@ typecheck: $(VENV)/.installed-dev
 # pytest's exit code 5 (no tests collected) fails here like any other failure.
 test: $(VENV)/.installed-dev test-tools lint typecheck
 	$(BIN)/python -m pytest
+
+# The crash, load and fuzz runs alone (they are part of `make test` too).
+test-long: $(VENV)/.installed-dev test-tools
+	$(BIN)/python -m pytest -m long -s
 
 unit: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests/unit

@@ -337,13 +337,22 @@ def serve_workers(config: Config) -> int:
     """``triage-node worker``: analysis workers alone, sharing the database and spool."""
     _private_files()
     configure_logging(config.log.level, config.log.format)
-    prepare_database(config).engine.dispose()
+    store = prepare_database(config)
+    interrupted = store.recover_interrupted_jobs(pid_alive, utcnow())
+    store.engine.dispose()
     count = config.worker.count or 1
     stop = _stop_on_signals()
     workers = ProcessGroup("worker", run_worker, (config,), count)
     try:
         workers.start_all()
-        log_event(LOG, logging.INFO, "workers_started", "workers running", workers=count)
+        log_event(
+            LOG,
+            logging.INFO,
+            "workers_started",
+            "workers running",
+            workers=count,
+            interrupted_jobs=interrupted,
+        )
         while not stop.wait(0.5):
             workers.check()
     finally:
@@ -362,6 +371,7 @@ def serve(config: Config) -> int:
     spool.prepare()
     purged = spool.purge_stale_incoming()
     lost = store.close_lost_associations(pid_alive, utcnow())
+    interrupted = store.recover_interrupted_jobs(pid_alive, utcnow())
     listen_socket = open_listener(config.dicom)
     tls_socket = open_tls_listener(config.dicom)
     count = receiver_count(config.dicom)
@@ -395,6 +405,7 @@ def serve(config: Config) -> int:
             spool=str(spool.root),
             purged_partial_files=purged,
             lost_associations=lost,
+            interrupted_jobs=interrupted,
         )
         while not stop.wait(0.5):
             receivers.check()

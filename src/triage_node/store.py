@@ -188,6 +188,36 @@ class Store:
                 )
         return len(lost)
 
+    def recover_interrupted_jobs(self, is_alive: Callable[[int], bool], now: datetime) -> int:
+        """At service start: jobs running in dead worker processes of this host go back to the
+        queue at once, and the interrupted attempt is not counted (the service stopped, not the
+        job; a job that kills its worker while the service runs still counts, by lease expiry)."""
+        host = socket.gethostname()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.lease_owner).where(
+                    jobs.c.state == JobState.RUNNING.value,
+                    jobs.c.lease_owner.like(f"{host}:%"),
+                )
+            ).all()
+            interrupted = [
+                r.id for r in rows if not is_alive(int(r.lease_owner.rpartition(":")[2]))
+            ]
+            if interrupted:
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(interrupted), jobs.c.state == JobState.RUNNING.value)
+                    .values(
+                        state=JobState.QUEUED.value,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        run_after=now,
+                        attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+                        last_error="interrupted: the service stopped",
+                    )
+                )
+        return len(interrupted)
+
     # -- instances ---------------------------------------------------------------------------
 
     def _record_statements(self) -> _RecordStatements:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
@@ -11,24 +10,8 @@ from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
 from tests.support.node import Node
-from tests.support.peers import dataset_bytes, dcmtk_env, require_tool, wait_for
+from tests.support.peers import acknowledged, dataset_bytes, dcmtk_env, require_tool, wait_for
 from tests.support.synth import write_study_set
-
-SENT = re.compile(r"Sending file: (\S+)")
-RESPONSE = re.compile(r"Received Store Response \(([^)]*)\)")
-
-
-def acknowledged(storescu_output: str) -> list[Path]:
-    """Files for which storescu printed a Success response, in order."""
-    done, current = [], None
-    for line in storescu_output.splitlines():
-        if match := SENT.search(line):
-            current = Path(match.group(1))
-        elif (match := RESPONSE.search(line)) and current is not None:
-            if match.group(1) == "Success":
-                done.append(current)
-            current = None
-    return done
 
 
 def instance_count(url: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -78,6 +79,22 @@ def test_expired_lease_is_claimed_again_then_failed(store: Store) -> None:
         study_state, outcome = conn.execute(select(studies.c.state, studies.c.outcome)).one()
     assert state == JobState.FAILED.value and "lease expired" in error
     assert (study_state, outcome) == ("INFERRED", "failed")
+
+
+def test_jobs_interrupted_by_a_stopped_service_go_back_uncounted(store: Store) -> None:
+    queue_studies(store, 3)
+    now = T0 + timedelta(minutes=1)
+    host = socket.gethostname()
+    dead, alive, elsewhere = f"{host}:1001", f"{host}:1002", "other-host:1001"
+    for owner in (dead, alive, elsewhere):
+        assert store.claim(owner, now, LEASE) is not None
+    recovered = store.recover_interrupted_jobs(lambda pid: pid == 1002, now)
+    assert recovered == 1  # the live worker's and the other host's jobs are not touched
+    again = store.claim("new-worker", now, LEASE)
+    assert again is not None and again.attempts == 1  # the interrupted attempt did not count
+    with store.engine.connect() as conn:
+        owners = set(conn.execute(select(jobs.c.lease_owner)).scalars())
+    assert owners == {alive, elsewhere, "new-worker"}
 
 
 def test_job_that_keeps_failing_ends_failed_with_its_error(store: Store) -> None:

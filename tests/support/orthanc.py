@@ -116,12 +116,8 @@ def node_and_orthanc(
 ) -> tuple[Node, Orthanc]:
     """Orthanc, and a node analysing with *model_dir* that sends its results there; started."""
     delivery = {"interval_seconds": 0.2, **sections.pop("delivery", {})}
-    node = Node(
-        workdir / "node",
-        worker={"count": 1, "model_dir": str(model_dir)},
-        delivery=delivery,
-        **sections,
-    )
+    worker = {"count": 1, "model_dir": str(model_dir), **sections.pop("worker", {})}
+    node = Node(workdir / "node", worker=worker, delivery=delivery, **sections)
     orthanc = Orthanc(workdir / "orthanc", {"node": ("TRIAGE_NODE", "127.0.0.1", node.port)})
     node.sections["delivery"]["destinations"] = [f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
     if "reconcile" in node.sections:  # ask this Orthanc for reports too

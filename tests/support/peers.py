@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -154,3 +155,20 @@ def dciodvfy_errors(path: Path) -> list[str]:
         check=False,
     )
     return [line for line in result.stderr.splitlines() if line.startswith("Error")]
+
+
+SENT = re.compile(r"Sending file: (\S+)")
+RESPONSE = re.compile(r"Received Store Response \(([^)]*)\)")
+
+
+def acknowledged(storescu_output: str) -> list[Path]:
+    """Files for which storescu printed a Success response, in order."""
+    done, current = [], None
+    for line in storescu_output.splitlines():
+        if match := SENT.search(line):
+            current = Path(match.group(1))
+        elif (match := RESPONSE.search(line)) and current is not None:
+            if match.group(1) == "Success":
+                done.append(current)
+            current = None
+    return done
