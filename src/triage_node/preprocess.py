@@ -8,6 +8,7 @@ refusal is a :class:`PreprocessRefused` with a reason, never a crash.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import pixel_array
 
 from triage_node.errors import PreprocessRefused
+from triage_node.gdcmdecode import decode_in_child
 
 MAX_ROWS = MAX_COLUMNS = 16384
 MAX_PIXEL_BYTES = 512 * 2**20
@@ -122,31 +124,10 @@ def decode(ds: Dataset) -> np.ndarray:
             errors.append(f"{plugin or 'default'}: {type(exc).__name__}: {str(exc)[:120]}")
     if isinstance(ds.filename, str) and ds.filename:
         try:
-            return _decode_file_with_gdcm(ds.filename, int(ds.Rows), int(ds.Columns))
+            return decode_in_child(ds.filename, int(ds.Rows), int(ds.Columns))
         except Exception as exc:
             errors.append(f"gdcm file: {str(exc)[:120]}")
     raise PreprocessRefused("cannot decode Pixel Data (" + "; ".join(errors) + ")")
-
-
-_GDCM_TYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16}
-
-
-def _decode_file_with_gdcm(path: str, rows: int, columns: int) -> np.ndarray:
-    import gdcm  # type: ignore[import-untyped]
-
-    gdcm.Trace.WarningOff()  # GDCM prints to stderr otherwise; the outcome is reported here
-    reader = gdcm.ImageReader()
-    reader.SetFileName(path)
-    if not reader.Read():
-        raise ValueError("GDCM cannot read the file")
-    image = reader.GetImage()
-    scalar = image.GetPixelFormat().GetScalarTypeAsString()
-    if scalar not in _GDCM_TYPES or image.GetPixelFormat().GetSamplesPerPixel() != 1:
-        raise ValueError(f"GDCM gave {scalar} pixels")
-    if (image.GetDimension(1), image.GetDimension(0)) != (rows, columns):
-        raise ValueError("GDCM image size differs from Rows x Columns")
-    raw = image.GetBuffer().encode("utf-8", "surrogateescape")  # python-gdcm returns str
-    return np.frombuffer(raw, dtype=_GDCM_TYPES[scalar])[: rows * columns].reshape(rows, columns)
 
 
 def apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -159,6 +140,8 @@ def apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise ValueError(f"Rescale Slope {slope} / Intercept {intercept} is not a number")
     if slope == 1 and intercept == 0:
         return arr
     out = arr.astype(np.float32)
@@ -166,6 +149,8 @@ def apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         out *= np.float32(slope)
     if intercept != 0:
         out += np.float32(intercept)
+    if not np.isfinite(out).all():
+        raise ValueError(f"Rescale Slope {slope} / Intercept {intercept} overflows")
     return out
 
 
@@ -188,7 +173,8 @@ def apply_voi(arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header") -> 
         center = _first(ds.WindowCenter)
         width = _first(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        if width > 0 and not (function == "LINEAR" and width < 1):
+        usable = math.isfinite(center) and math.isfinite(width)  # else: as if there were none
+        if usable and width > 0 and not (function == "LINEAR" and width < 1):
             return window(arr, center, width, function)
     low, high = np.percentile(arr, PERCENTILE_WINDOW)
     if high <= low:
@@ -261,9 +247,13 @@ def windowed_image(ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
     if arr.shape != (int(ds.Rows), int(ds.Columns)):
         raise PreprocessRefused(f"decoded pixels have shape {arr.shape}, not Rows x Columns")
     try:
-        return apply_presentation(apply_voi(apply_modality(arr, ds), ds, policy), ds)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            display = apply_presentation(apply_voi(apply_modality(arr, ds), ds, policy), ds)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise PreprocessRefused(f"invalid LUT or window in the header: {exc}") from exc
+    if not np.isfinite(display).all():  # e.g. Rescale Slope 1e308: inf in float32
+        raise PreprocessRefused("the header's rescale or window gives non-finite pixel values")
+    return display
 
 
 def model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:

@@ -209,6 +209,14 @@ class StorageHandlers:
         )
 
     def on_closed(self, event: Any) -> None:
+        assoc = event.assoc
+        if not assoc.is_established and getattr(assoc.requestor, "primitive", None) is None:
+            # The connection ended before a usable A-ASSOCIATE-RQ (garbage, a wrong PDU, a cut
+            # request: pynetdicom answered A-ABORT). pynetdicom's association thread would keep
+            # waiting for the request, and hold an association slot, for the whole ACSE
+            # timeout: a handful of such connections would lock every PACS out. Wake it now.
+            with contextlib.suppress(AttributeError):
+                assoc.dul.to_user_queue.put(None)
         with self._lock:
             association_id = self._association_ids.pop(event.assoc, None)
         if association_id is None:

@@ -266,3 +266,29 @@ def test_bare_tcp_connections_do_not_hold_association_slots(tmp_path: Path) -> N
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         assert node.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x02\x00\x00\x00\x00\x04\x00\x00\x00\x00",  # an A-ASSOCIATE-AC, sent to the acceptor
+        b"\x01\x00\x00\x00\x00\x44\x00\x01\x00\x00",  # an A-ASSOCIATE-RQ cut short
+        b"\x01\x00\x00\x00\x00\x02\xff\xff",  # a request too short to be one
+    ],
+    ids=["wrong-pdu", "cut-short", "too-short"],
+)
+def test_broken_requests_do_not_hold_association_slots(tmp_path: Path, payload: bytes) -> None:
+    """pynetdicom answers A-ABORT and would then wait the whole ACSE timeout for a request
+    that never comes, holding a slot: ten such connections must not lock the PACS out."""
+    node = Node(tmp_path, dicom={"max_associations": 2, "receivers": 1}).start()
+    try:
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):  # until the node closes
+                    pass
+        result = echoscu(node.port, "-aec", "TRIAGE_NODE")
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        assert node.stop() == 0

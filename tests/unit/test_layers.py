@@ -37,6 +37,7 @@ LAYERS = {
     "infer": 5,
     "model": 4,
     "preprocess": 3,
+    "gdcmdecode": 1,
     "metrics": 1,
     "dataset": 1,
     "store": 3,

@@ -7,10 +7,13 @@ import warnings
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.tag import Tag
 
 from tests.support.peers import DICOM_DIR
+from tests.support.synth import radiograph
 from triage_node.errors import PreprocessRefused
 from triage_node.preprocess import (
     InputSpec,
@@ -136,3 +139,33 @@ def test_letterbox_keeps_aspect_and_records_geometry() -> None:
     assert out.shape == (64, 64)
     assert (geometry.pad_top, geometry.pad_left) == (0, 16)
     assert out[:, :16].max() == 0 and out[:, 16:48].min() == pytest.approx(1)
+
+
+def raw_ds(ds: Dataset, keyword: str, text: str) -> None:
+    """A DS element holding *text* as a file would (pydicom will not set 'NaN' itself)."""
+    value = text.encode() + b" " * (len(text) % 2)
+    ds[Tag(keyword)] = RawDataElement(Tag(keyword), "DS", len(value), value, 0, False, True)
+
+
+@pytest.mark.parametrize("center", ["NaN", "inf", "-inf"])
+def test_a_window_that_is_not_a_number_is_ignored(center: str) -> None:
+    ds = Dataset()
+    raw_ds(ds, "WindowCenter", center)
+    raw_ds(ds, "WindowWidth", "400")
+    arr = np.linspace(0, 1000, 100, dtype=np.float32).reshape(10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid DS
+        out = apply_voi(arr, ds)
+    assert np.isfinite(out).all() and out.max() == 1.0 and out.min() == 0.0  # percentile window
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [("NaN", "0"), ("1", "inf"), ("1e308", "0")])
+def test_a_rescale_that_is_not_a_usable_number_is_refused(slope: str, intercept: str) -> None:
+    ds = radiograph(32, 32)
+    raw_ds(ds, "RescaleSlope", slope)
+    raw_ds(ds, "RescaleIntercept", intercept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refused = r"Rescale Slope .* (is not a number|overflows)"
+        with pytest.raises(PreprocessRefused, match=refused):
+            preprocess(ds, InputSpec(size=32))
