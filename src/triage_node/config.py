@@ -242,6 +242,9 @@ class WorkerConfig:
         10.0, _between(0, 86400), "wait before the first retry; doubles each attempt"
     )
     poll_seconds: float = _setting(0.25, _between(0.05, 60), "how often an idle worker looks")
+    model_retry_seconds: float = _setting(
+        30.0, _between(0.1, 3600), "while the model is missing or damaged, how often to try again"
+    )
 
 
 @dataclass(frozen=True)

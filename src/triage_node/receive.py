@@ -209,19 +209,20 @@ class StorageHandlers:
         )
 
     def on_closed(self, event: Any) -> None:
-        assoc = event.assoc
-        if not assoc.is_established and getattr(assoc.requestor, "primitive", None) is None:
-            # The connection ended before a usable A-ASSOCIATE-RQ (garbage, a wrong PDU, a cut
-            # request: pynetdicom answered A-ABORT). pynetdicom's association thread would keep
-            # waiting for the request, and hold an association slot, for the whole ACSE
-            # timeout: a handful of such connections would lock every PACS out. Wake it now.
-            with contextlib.suppress(AttributeError):
-                assoc.dul.to_user_queue.put(None)
+        _stop_waiting_for_request(event.assoc)
+        self._record_end(event.assoc)
+
+    def association_finished(self, assoc: Any) -> None:
+        """After the association's thread ended, whatever ended it."""
+        _remove_partial_dataset(assoc)
+        self._record_end(assoc)
+
+    def _record_end(self, assoc: Any) -> None:
         with self._lock:
-            association_id = self._association_ids.pop(event.assoc, None)
+            association_id = self._association_ids.pop(assoc, None)
         if association_id is None:
             return
-        how = AssociationEnd.RELEASED if event.assoc.is_released else AssociationEnd.ABORTED
+        how = AssociationEnd.RELEASED if assoc.is_released else AssociationEnd.ABORTED
         try:
             self.store.close_association(association_id, how, self.clock())
         except SQLAlchemyError as exc:
@@ -335,6 +336,35 @@ class StorageHandlers:
         return SUCCESS, ""
 
 
+def _stop_waiting_for_request(assoc: Any) -> None:
+    """End an acceptor whose connection is gone before a usable A-ASSOCIATE-RQ.
+
+    pynetdicom's association thread waits for the request for the whole ACSE timeout, holding
+    an association slot, also after its connection closed (garbage, a wrong PDU, a cut request:
+    it answered A-ABORT) or its state machine died (a request it cannot turn into a primitive,
+    such as presentation context ID 0): a handful of such connections would lock every PACS
+    out. An empty item in its queue ends the wait at once.
+    """
+    if assoc.is_established or getattr(assoc.requestor, "primitive", None) is not None:
+        return
+    with contextlib.suppress(AttributeError):
+        assoc.dul.to_user_queue.put(None)
+
+
+def _remove_partial_dataset(assoc: Any) -> None:
+    """The file of a dataset still arriving when the connection ended (an abort, a full disk:
+    pynetdicom aborts when its write fails) is never answered, so nothing keeps it."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    with contextlib.suppress(OSError, ValueError):
+        if handle is not None:
+            handle.close()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+
+
 def _reject_connection(sock: socket.socket, timeout: float = 5.0) -> None:
     """Answer an association request with A-ASSOCIATE-RJ and close the connection."""
     try:
@@ -417,7 +447,18 @@ class _RequestHandler(RequestHandler):
             )
             _reject_connection(sock)
             return
-        super().handle()
+        # pynetdicom's handle(), then this connection's thread waits for its association to
+        # end, to tidy up after it however it ended (an exception inside pynetdicom's state
+        # machine, such as a full disk while a dataset arrives, ends it without any event).
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        while assoc.is_alive():
+            assoc.join(0.5)
+            dul = assoc.dul
+            if dul.ident is not None and not dul.is_alive():  # its state machine died
+                _stop_waiting_for_request(assoc)
+        self.server.handlers.association_finished(assoc)
 
     def _tls_handshake(self, sock: socket.socket, address: str) -> ssl.SSLSocket | None:
         """The server side of the TLS handshake, in this connection's thread (pynetdicom would
@@ -480,6 +521,8 @@ class ReceiverServer(ThreadedAssociationServer):
     ) -> None:
         self._listen_socket = listen_socket
         self.tls_context = tls_context  # applied per connection by _RequestHandler
+        self.handlers = handlers
+        self.daemon_threads = True  # a connection's thread never holds the process up
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
         listen_socket.setblocking(False)
         address = listen_socket.getsockname()[:2]

@@ -49,7 +49,6 @@ from triage_node.worker import Worker
 LOG = get_logger(__name__)
 _PR_SET_PDEATHSIG = 1
 _RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
-MODEL_RETRY_SECONDS = 30.0
 
 
 def receiver_count(config: DicomConfig) -> int:
@@ -236,7 +235,7 @@ def run_worker(config: Config, index: int) -> None:
                 f"no usable model; jobs wait in the queue: {exc}",
                 worker=index,
             )
-            stop.wait(MODEL_RETRY_SECONDS)
+            stop.wait(config.worker.model_retry_seconds)
     if model is not None:
         worker = Worker(
             Store(engine),

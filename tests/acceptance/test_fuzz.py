@@ -30,12 +30,10 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import build_context
 
 from tests.support.node import Node, echo_ok
 from tests.support.onnx_models import write_model_dir
+from tests.support.pdus import association_request
 from tests.support.peers import wait_for
 from tests.support.synth import radiograph
 from triage_node.infer import Model
@@ -60,21 +58,6 @@ def fuzz(examples: int) -> settings:
 
 
 # -- over the wire: association requests -------------------------------------------------------
-
-
-def association_request(called: str = "TRIAGE_NODE") -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "FUZZER"
-    primitive.called_ae_title = called
-    primitive.maximum_length_received = 16384
-    primitive.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.2.1"
-    context = build_context(DX, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
 
 
 REQUEST = association_request()

@@ -13,6 +13,7 @@ from pynetdicom import AE, _config
 from sqlalchemy import create_engine, text
 
 from tests.support.node import Node
+from tests.support.pdus import CONTEXT_ID_OFFSET, association_request
 from tests.support.peers import (
     STORESCU_PROPOSE,
     StoreSCP,
@@ -274,12 +275,17 @@ def test_bare_tcp_connections_do_not_hold_association_slots(tmp_path: Path) -> N
         b"\x02\x00\x00\x00\x00\x04\x00\x00\x00\x00",  # an A-ASSOCIATE-AC, sent to the acceptor
         b"\x01\x00\x00\x00\x00\x44\x00\x01\x00\x00",  # an A-ASSOCIATE-RQ cut short
         b"\x01\x00\x00\x00\x00\x02\xff\xff",  # a request too short to be one
+        # presentation context ID 0: pynetdicom's state machine dies on it, silently
+        (lambda r: r[:CONTEXT_ID_OFFSET] + b"\x00" + r[CONTEXT_ID_OFFSET + 1 :])(
+            association_request()
+        ),
     ],
-    ids=["wrong-pdu", "cut-short", "too-short"],
+    ids=["wrong-pdu", "cut-short", "too-short", "context-id-0"],
 )
 def test_broken_requests_do_not_hold_association_slots(tmp_path: Path, payload: bytes) -> None:
-    """pynetdicom answers A-ABORT and would then wait the whole ACSE timeout for a request
-    that never comes, holding a slot: ten such connections must not lock the PACS out."""
+    """pynetdicom answers A-ABORT (or its state machine dies) and would then wait the whole
+    ACSE timeout for a request that never comes, holding a slot: ten such connections must not
+    lock the PACS out."""
     node = Node(tmp_path, dicom={"max_associations": 2, "receivers": 1}).start()
     try:
         for _ in range(10):

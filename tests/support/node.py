@@ -67,6 +67,7 @@ class Node:
         for name, values in sections.items():
             base.setdefault(name, {}).update(values)
         self.sections = base
+        self.data_dir = Path(base["storage"]["data_dir"])  # the sections may name another
         self.config_path = write_config(workdir / "triage-node.toml", base)
         self.log_path = workdir / "serve.log"
         self.process: subprocess.Popen[bytes] | None = None
