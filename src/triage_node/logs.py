@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,40 @@ def get_logger(name: str) -> logging.Logger:
 def log_event(logger: logging.Logger, level: int, action: str, message: str, **fields: Any) -> None:
     """Log *message* with a stable ``action`` key and extra fields."""
     logger.log(level, message, extra={"action": action, **fields})
+
+
+class RepeatedFailure:
+    """Logs a failure that repeats every tick (the database away, say) once, then at most once
+    per *every* seconds with how often it happened meanwhile, and once more when it is over."""
+
+    def __init__(self, logger: logging.Logger, action: str, every: float = 60.0) -> None:
+        self.logger = logger
+        self.action = action
+        self.every = every
+        self._suppressed = 0
+        self._next_at = 0.0
+        self._failing = False
+
+    def failed(self, level: int, message: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if self._failing and now < self._next_at:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            fields["repeated"] = self._suppressed
+        log_event(self.logger, level, self.action, message, **fields)
+        self._failing, self._suppressed, self._next_at = True, 0, now + self.every
+
+    def succeeded(self) -> None:
+        if self._failing:
+            log_event(
+                self.logger,
+                logging.INFO,
+                f"{self.action}_over",
+                "working again",
+                repeated=self._suppressed,
+            )
+        self._failing, self._suppressed = False, 0
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

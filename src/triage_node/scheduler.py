@@ -15,7 +15,7 @@ from triage_node import __version__
 from triage_node.config import Config
 from triage_node.domain import utcnow
 from triage_node.escalate import Escalator
-from triage_node.logs import get_logger, log_event
+from triage_node.logs import RepeatedFailure, get_logger, log_event
 from triage_node.outbox import OutboxDelivery
 from triage_node.reconcile import PacsReconciler
 from triage_node.retention import Retention
@@ -120,13 +120,15 @@ class ServiceScheduler:
 
     @staticmethod
     def _guarded(job: Callable[[], object], action: str) -> Callable[[], None]:
+        failures = RepeatedFailure(LOG, action)
+
         def run() -> None:
             try:
                 job()
             except SQLAlchemyError as exc:  # database away: try again next tick
-                log_event(
-                    LOG, logging.WARNING, action, "database unavailable", error=str(exc)[:200]
-                )
+                failures.failed(logging.WARNING, "database unavailable", error=str(exc)[:200])
+            else:
+                failures.succeeded()
 
         return run
 

@@ -23,7 +23,7 @@ from triage_node.config import WorkerConfig
 from triage_node.domain import ClaimedJob, JobState, ResultFile, StudyAnalysis, utcnow
 from triage_node.errors import TriageError
 from triage_node.infer import Model
-from triage_node.logs import get_logger, log_event
+from triage_node.logs import RepeatedFailure, get_logger, log_event
 from triage_node.pipeline import ImageSource, analyse, read_dataset
 from triage_node.results import content_key, read_predecessor, result_objects, write_results
 from triage_node.spool import Spool
@@ -217,6 +217,7 @@ class Worker:
     def run_forever(self, stop: threading.Event) -> None:
         """Work until *stop* is set; the job in hand is finished first."""
         next_sweep = next_beat = 0.0
+        failures = RepeatedFailure(LOG, "worker_error")  # e.g. the database away: every tick
         while not stop.is_set():
             if time.monotonic() >= next_beat:  # status shows live workers and their provider
                 with contextlib.suppress(Exception):
@@ -229,17 +230,15 @@ class Worker:
             try:
                 busy = self.run_once()
             except TriageError as exc:
-                log_event(LOG, logging.ERROR, "worker_error", str(exc), worker=self.owner)
+                failures.failed(logging.ERROR, str(exc), worker=self.owner)
                 busy = False
             except Exception as exc:
-                log_event(
-                    LOG,
-                    logging.WARNING,
-                    "worker_error",
-                    f"{type(exc).__name__}: {exc}"[:300],
-                    worker=self.owner,
+                failures.failed(
+                    logging.WARNING, f"{type(exc).__name__}: {exc}"[:300], worker=self.owner
                 )
                 busy = False
+            else:
+                failures.succeeded()
             if not busy:
                 stop.wait(self.config.poll_seconds)
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,9 +63,16 @@ def test_sqlite_locked_by_another_process_gives_a700_then_recovers(tmp_path: Pat
 def test_postgresql_refusing_connections_gives_a700_then_recovers(
     tmp_path: Path, postgres_url: str, postgres_admin_url: str
 ) -> None:
+    """The database goes away (every connection cut, new ones refused: what the node sees of a
+    restart or a failover) while the node receives, analyses and keeps its heartbeat."""
     database = postgres_url.rsplit("/", 1)[1]
     admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
-    node = Node(tmp_path / "node", database_url=postgres_url).start()
+    model = write_model_dir(tmp_path / "model")
+    node = Node(
+        tmp_path / "node",
+        database_url=postgres_url,
+        worker={"count": 1, "model_dir": str(model), "retry_backoff_seconds": 0.5},
+    ).start()
     files = write_study_set(tmp_path / "set", 2, 64, 64)
     try:
         with admin.connect() as conn:  # the database goes away for the node
@@ -77,11 +85,16 @@ def test_postgresql_refusing_connections_gives_a700_then_recovers(
         output = refused.stdout + refused.stderr
         assert "Received Store Response (Refused: OutOfResources)" in output, output
         assert spool_files(node) == []
+        code, report = node.status()
+        assert code == 1 and "database unreachable" in report["problems"]
+        time.sleep(3)  # the scheduler and the worker meet the outage too
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
         accepted = storescu(node.port, files)
         assert accepted.returncode == 0, accepted.stdout + accepted.stderr
         assert count_instances(postgres_url) == 2 and len(spool_files(node)) == 2
+        wait_for(lambda: analysed(node) == 1, 60, what="the study analysed after the outage")
+        wait_for(lambda: node.status()[0] == 0, 30, what="status healthy again")
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
