@@ -75,6 +75,20 @@ def metric_families(report: dict[str, Any]) -> Iterator[GaugeMetricFamily | Info
     )
     yield _gauge("instances", "instances received and kept", report["instances"]["count"])
     yield _gauge("associations_open", "DICOM associations open now", report["associations_open"])
+    retention = report["retention"]
+    yield _gauge(
+        "instances_on_disk", "received instances not yet purged", retention["instances_on_disk"]
+    )
+    yield _gauge(
+        "retention_purged_studies",
+        "studies whose spooled files retention removed (last priority_days)",
+        retention["studies_purged"],
+    )
+    yield _gauge(
+        "retention_last_run_age_seconds",
+        "time since retention last ran",
+        retention["last_run_age_s"],
+    )
     yield _gauge("failed_jobs", "analysis jobs that gave up", report["failed"]["jobs"])
     yield _gauge("outbox_dead", "result objects that gave up", report["failed"]["outbox_dead"])
     unreported = report["unreported_positives"]
