@@ -7,7 +7,6 @@ queued, running or pending."""
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,31 +17,13 @@ from pydicom import dcmread
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
 from tests.support.orthanc import node_and_orthanc
-from tests.support.peers import acknowledged, dataset_bytes, dcmtk_env, require_tool, wait_for
+from tests.support.peers import acknowledged, dataset_bytes, storescu_process, wait_for
 from tests.support.synth import write_study_set
 
 ROUNDS = 24
 SEED = 20261123
 PER_STUDY, STUDIES_PER_ROUND = 3, 2
 PHASES = ("receiving", "analysing", "delivering")
-
-
-def send(node: Node, files: list[Path]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            require_tool("storescu", "dcmtk"),
-            "-v",
-            "-aec",
-            "TRIAGE_NODE",
-            "127.0.0.1",
-            str(node.port),
-        ]
-        + [str(f) for f in files],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dcmtk_env(),
-    )
 
 
 def count(node: Node, query: str) -> int:
@@ -102,7 +83,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path
             )
             to_send += fresh
             phase = PHASES[round_number % len(PHASES)]
-            sender = send(node, to_send)
+            sender = storescu_process(node.port, to_send)
             wait_for_phase(node, phase, rng, time.monotonic() + 20)
             node.kill()
             output, _ = sender.communicate(timeout=60)
@@ -113,7 +94,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path
             node.start()
 
         if to_send:
-            final = send(node, to_send)
+            final = storescu_process(node.port, to_send)
             output, _ = final.communicate(timeout=120)
             acked += acknowledged(output)
             to_send = [f for f in to_send if f not in acknowledged(output)]

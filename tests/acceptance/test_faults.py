@@ -131,6 +131,16 @@ def fill(disk: Path, leave_bytes: int) -> Path:
     return filler
 
 
+def node_on(disk: Path, tmp_path: Path, min_free_mb: int) -> Node:
+    """A node with its data directory (spool and SQLite) on *disk*, analysing; started."""
+    model = write_model_dir(tmp_path / "model")
+    return Node(
+        tmp_path / "node",
+        storage={"data_dir": str(disk / "data"), "min_free_mb": min_free_mb},
+        worker={"count": 1, "model_dir": str(model)},
+    ).start()
+
+
 def store_responses(result: subprocess.CompletedProcess[str]) -> list[str]:
     return re.findall(r"Received Store Response \(([^)]*)\)", result.stdout + result.stderr)
 
@@ -141,12 +151,7 @@ def analysed(node: Node) -> int:
 
 def test_disk_below_the_minimum_refuses_with_a700_and_recovers(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", 48) as disk:
-        model = write_model_dir(tmp_path / "model")
-        node = Node(
-            tmp_path / "node",
-            storage={"data_dir": str(disk / "data"), "min_free_mb": 8},
-            worker={"count": 1, "model_dir": str(model)},
-        ).start()
+        node = node_on(disk, tmp_path, min_free_mb=8)
         files = write_study_set(tmp_path / "set", 12, 512, 512, per_study=4)
         try:
             filler = fill(disk, 4 * 2**20)
@@ -175,12 +180,7 @@ def test_disk_full_while_receiving_aborts_and_leaves_nothing_behind(tmp_path: Pa
     the association is aborted (no false success), the partial file goes, the association is
     recorded as ended, and after room is made everything is stored and analysed."""
     with small_disk(tmp_path / "disk", 32) as disk:
-        model = write_model_dir(tmp_path / "model")
-        node = Node(
-            tmp_path / "node",
-            storage={"data_dir": str(disk / "data"), "min_free_mb": 0},
-            worker={"count": 1, "model_dir": str(model)},
-        ).start()
+        node = node_on(disk, tmp_path, min_free_mb=0)
         files = write_study_set(tmp_path / "set", 8, 512, 512, per_study=4)
         try:
             filler = fill(disk, 700 * 1024)

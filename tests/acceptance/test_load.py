@@ -5,7 +5,6 @@ service stays bounded: the second half of the load does not grow it."""
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.node import Node
-from tests.support.peers import acknowledged, dcmtk_env, require_tool, wait_for
+from tests.support.peers import acknowledged, storescu_process, wait_for
 from tests.support.synth import write_study_set
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "fracture-v1"
@@ -72,18 +71,7 @@ def share(files: list[Path], association: int) -> list[Path]:
 
 def send_concurrently(node: Node, files: list[Path]) -> list[Path]:
     """ASSOCIATIONS storescu processes at once; returns the files acknowledged with Success."""
-    senders = [
-        subprocess.Popen(
-            [require_tool("storescu", "dcmtk"), "-v", "-aec", "TRIAGE_NODE", "127.0.0.1"]
-            + [str(node.port)]
-            + [str(f) for f in share(files, i)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=dcmtk_env(),
-        )
-        for i in range(ASSOCIATIONS)
-    ]
+    senders = [storescu_process(node.port, share(files, i)) for i in range(ASSOCIATIONS)]
     done = []
     for sender in senders:
         output, _ = sender.communicate(timeout=600)

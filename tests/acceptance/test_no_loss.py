@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
 from tests.support.node import Node
-from tests.support.peers import acknowledged, dataset_bytes, dcmtk_env, require_tool, wait_for
+from tests.support.peers import acknowledged, dataset_bytes, storescu_process, wait_for
 from tests.support.synth import write_study_set
 
 
@@ -42,21 +41,7 @@ def test_sigkill_during_send_loses_nothing_acknowledged(
     url = "" if backend == "sqlite" else str(request.getfixturevalue("postgres_url"))
     files = write_study_set(tmp_path / "set", 200, 256, 256, per_study=4)
     node = Node(tmp_path / "node", database_url=url).start()
-    sender = subprocess.Popen(
-        [
-            require_tool("storescu", "dcmtk"),
-            "-v",
-            "-aec",
-            "TRIAGE_NODE",
-            "127.0.0.1",
-            str(node.port),
-            *map(str, files),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dcmtk_env(),
-    )
+    sender = storescu_process(node.port, files)
     wait_for(lambda: instance_count(node.database_url) >= 60, 60, 0.02, "60 instances stored")
     node.kill()
     output, _ = sender.communicate(timeout=60)

@@ -96,6 +96,21 @@ def storescu(
     )
 
 
+def storescu_process(
+    port: int, files: list[Path], called: str = "TRIAGE_NODE"
+) -> subprocess.Popen[str]:
+    """``storescu -v`` sending *files* in one association, running; its output (stdout and
+    stderr together) tells which were acknowledged (see :func:`acknowledged`)."""
+    return subprocess.Popen(
+        [require_tool("storescu", "dcmtk"), "-v", "-aec", called, "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dcmtk_env(),
+    )
+
+
 def transfer_syntax_of(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 
