@@ -55,7 +55,7 @@ def wait_for_phase(node: Node, phase: str, rng: random.Random, deadline: float) 
     baseline = count(node, queries[phase]) if phase == "receiving" else 0
     while time.monotonic() < deadline and count(node, queries[phase]) <= baseline:
         time.sleep(0.005)
-    time.sleep(rng.uniform(0, {"receiving": 0.3, "analysing": 0.05, "delivering": 0.05}[phase]))
+    time.sleep(rng.uniform(0, {"receiving": 0.02, "analysing": 0.05, "delivering": 0.05}[phase]))
 
 
 @pytest.mark.long
