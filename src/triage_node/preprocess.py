@@ -149,9 +149,18 @@ def apply_modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         out *= np.float32(slope)
     if intercept != 0:
         out += np.float32(intercept)
-    if not np.isfinite(out).all():
+    if _largest_magnitude(arr) * abs(slope) + abs(intercept) > np.finfo(np.float32).max:
         raise ValueError(f"Rescale Slope {slope} / Intercept {intercept} overflows")
     return out
+
+
+def _largest_magnitude(arr: np.ndarray) -> float:
+    """The largest |value| the array's type can hold (no pass over the pixels), or that it
+    holds, for floating-point pixels."""
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        return float(max(abs(int(info.min)), int(info.max)))
+    return float(np.nanmax(np.abs(arr))) if arr.size else 0.0
 
 
 def _first(value: object) -> float:
@@ -251,8 +260,6 @@ def windowed_image(ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
             display = apply_presentation(apply_voi(apply_modality(arr, ds), ds, policy), ds)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise PreprocessRefused(f"invalid LUT or window in the header: {exc}") from exc
-    if not np.isfinite(display).all():  # e.g. Rescale Slope 1e308: inf in float32
-        raise PreprocessRefused("the header's rescale or window gives non-finite pixel values")
     return display
 
 
@@ -270,4 +277,8 @@ def preprocess(ds: Dataset, spec: InputSpec) -> Preprocessed:
     """The whole chain for one image."""
     display = windowed_image(ds, spec.windowing)
     tensor, geometry = model_input(display, spec)
+    # The last guard, on the small model input (the area resize carries any NaN or inf along):
+    # what the model sees is always a number, so its probability is one.
+    if not np.isfinite(tensor).all():
+        raise PreprocessRefused("the header's rescale or window gives non-finite pixel values")
     return Preprocessed(tensor, display, geometry)
