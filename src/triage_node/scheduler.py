@@ -127,6 +127,8 @@ class ServiceScheduler:
                 job()
             except SQLAlchemyError as exc:  # database away: try again next tick
                 failures.failed(logging.WARNING, "database unavailable", error=str(exc)[:200])
+            except OSError as exc:  # the spool's file system (retention): next tick too
+                failures.failed(logging.ERROR, f"file system error: {exc.strerror or exc}")
             else:
                 failures.succeeded()
 
