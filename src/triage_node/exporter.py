@@ -45,6 +45,12 @@ def metric_families(report: dict[str, Any]) -> Iterator[GaugeMetricFamily | Info
     yield _gauge(
         "listener_up", "the DICOM listener answers C-ECHO", report["listener"]["reachable"]
     )
+    if "tls_listening" in report["listener"]:
+        yield _gauge(
+            "tls_listener_up",
+            "the DICOM TLS port accepts connections",
+            report["listener"]["tls_listening"],
+        )
     yield _gauge("database_up", "the database can be reached", report["database"]["reachable"])
     spool = report["spool"]
     yield _gauge("spool_bytes", "bytes of received instances in the spool", spool["bytes"])

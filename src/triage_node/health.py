@@ -117,6 +117,13 @@ def collect_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
     listener.update(echo_listener(host, dicom.port, dicom.ae_title, timeout))
     if not listener["reachable"]:
         problems.append(f"listener {host}:{dicom.port} does not answer C-ECHO")
+    if dicom.tls_port:
+        listener["tls_port"] = dicom.tls_port
+        listener["tls_listening"] = _accepts(host, dicom.tls_port, timeout)
+        if not listener["tls_listening"]:
+            problems.append(
+                f"DICOM TLS listener {host}:{dicom.tls_port} does not accept connections"
+            )
 
     report: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
@@ -330,13 +337,19 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
     hl7: dict[str, Any] = {"port": config.hl7.port or None}
     if config.hl7.port:
         host = _local_address(config.hl7.bind)
-        try:
-            socket.create_connection((host, config.hl7.port), timeout=2).close()
-            hl7["listening"] = True
-        except OSError:
-            hl7["listening"] = False
+        hl7["listening"] = _accepts(host, config.hl7.port)
+        if not hl7["listening"]:
             problems.append(f"HL7 listener {host}:{config.hl7.port} does not accept connections")
     report["hl7"] = hl7
+
+
+def _accepts(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections there (for listeners without a C-ECHO)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _add_destinations(

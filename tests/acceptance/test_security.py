@@ -73,10 +73,18 @@ def test_tls_port_with_client_certificates(tmp_path: Path) -> None:
         # The plain port is still served, and the TLS one still works after all that.
         assert storescu(node.port, files[2:]).returncode == 0
         assert stored(node) == 3
+        _, report = node.status()  # (unhealthy anyway: this node has no worker for its jobs)
+        assert report["listener"]["tls_port"] == tls_port
+        assert report["listener"]["tls_listening"] is True
+        assert not [p for p in report["problems"] if "TLS" in p]
     finally:
         assert node.stop() == 0
-    accepted = [r for r in node.log_records() if r.get("action") == "association_accepted"]
-    assert len(accepted) == 3  # start-up C-ECHO, the TLS client with its certificate, plain
+    accepted = [
+        r
+        for r in node.log_records()
+        if r.get("action") == "association_accepted" and r["calling_ae"] != "TRIAGE_STATUS"
+    ]
+    assert len(accepted) == 2  # the TLS client with its certificate, and the plain one
 
 
 def test_tls_port_without_client_certificates_takes_anonymous_tls(tmp_path: Path) -> None:
