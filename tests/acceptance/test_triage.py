@@ -17,6 +17,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from tests.support.hl7msgs import oru
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
 from tests.support.orthanc import Orthanc, node_and_orthanc
@@ -81,17 +82,6 @@ def radiologist_report(source: pydicom.Dataset, path: Path) -> Path:
     )
     report.save_as(path, enforce_file_format=True)
     return path
-
-
-def oru(accession: str, status_code: str, control: str) -> bytes:
-    obr = ["OBR", "1", "", ""] + [""] * 14 + [accession] + [""] * 6 + [status_code]
-    segments = [
-        f"MSH|^~\\&|RIS|HOSP|TRIAGE|HOSP|20261123||ORU^R01^ORU_R01|{control}|P|2.5.1",
-        "PID|1||SYN-0001-PID^^^HOSP||SYNTHETIC^PATIENT",
-        "|".join(obr),
-        "OBX|1|TX|REPORT||Distal radius fracture.||||||F",
-    ]
-    return ("\r".join(segments) + "\r").encode()
 
 
 def ack_code(answer: bytes) -> str:
@@ -166,7 +156,7 @@ def test_flag_report_escalate_status_and_metrics(tmp_path: Path) -> None:
 
         # (2) HL7: a final ORU^R01 for B's accession number; a malformed one changes nothing.
         assert ack_code(send("127.0.0.1", hl7_port, b"MSH|^~\\&|broken", 10)) == "AR"
-        assert ack_code(send("127.0.0.1", hl7_port, oru(accession_b, "F", "R1"), 10)) == "AA"
+        assert ack_code(send("127.0.0.1", hl7_port, oru("F", accession_b, "R1"), 10)) == "AA"
         assert study_row(node, uid_b)["report_source"] == "hl7"
         assert [e["study_uid"] for e in worklist(node)] == [uid_c]
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.support.hl7msgs import oru
 from tests.support.peers import free_port
 from tests.support.records import header
 from triage_node.config import load_config
@@ -41,19 +42,6 @@ def flagged_study(store: Store, study: str, accession: str) -> None:
     assert job is not None
     image = ImageResult(job.study_id, h.sop_instance_uid, 0.9, 1, 1, 1, 0, 1)
     assert store.complete(job, "w", StudyAnalysis((image,), (), "m", "1", "CPU", 0.3, 0.7, 1), T0)
-
-
-def oru(status: str, accession: str, control: str = "C1", zds: str = "") -> bytes:
-    obr = ["OBR", "1", "", ""] + [""] * 14 + [accession] + [""] * 6 + [status]
-    segments = [
-        f"MSH|^~\\&|RIS|HOSP|TRIAGE|HOSP|20261123||ORU^R01^ORU_R01|{control}|P|2.5.1",
-        "PID|1||PATIENT-ID-123^^^HOSP||DOE^JANE",
-        "|".join(obr),
-        "OBX|1|TX|REPORT||No fracture seen.||||||F",
-    ]
-    if zds:
-        segments.append(f"ZDS|{zds}^^Application^DICOM")
-    return ("\r".join(segments) + "\r").encode()
 
 
 @pytest.fixture
