@@ -282,10 +282,10 @@ def _add_retention(report: dict[str, Any], store: Store, config: Config, now: da
         "last_run_age_s": _age(summary.last_run_at, now),
         "instances_on_disk": summary.instances_on_disk,
         "oldest_on_disk_age_s": _age(summary.oldest_on_disk_at, now),
-        "studies_purged": summary.studies_purged,
-        "files_removed": summary.files_removed,
-        "bytes_freed": summary.bytes_freed,
-        "studies_deleted": summary.studies_deleted,
+        "studies_purged": summary.totals.studies_purged,
+        "files_removed": summary.totals.files_removed,
+        "bytes_freed": summary.totals.bytes_freed,
+        "studies_deleted": summary.totals.studies_deleted,
     }
 
 

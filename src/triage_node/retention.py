@@ -12,24 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from triage_node.config import RetentionConfig
 from triage_node.domain import utcnow
 from triage_node.logs import get_logger, log_event
 from triage_node.spool import Spool
-from triage_node.store import Store
+from triage_node.store import RetentionCounts, Store
 
 LOG = get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionRound:
-    studies_purged: int = 0
-    files_removed: int = 0
-    bytes_freed: int = 0
-    studies_deleted: int = 0
 
 
 class Retention:
@@ -47,7 +38,7 @@ class Retention:
         self.config = config
         self.clock = clock
 
-    def run_once(self) -> RetentionRound:
+    def run_once(self) -> RetentionCounts:
         now = self.clock()
         spool_cutoff = now - timedelta(days=self.config.spool_days)
         purged = removed = freed = 0
@@ -76,13 +67,6 @@ class Retention:
                 "study row past retention deleted",
                 study_uid=study_uid,
             )
-        result = RetentionRound(purged, removed, freed, len(deleted))
-        self.store.record_retention_run(
-            now,
-            studies_purged=purged,
-            files_removed=removed,
-            bytes_freed=freed,
-            studies_deleted=len(deleted),
-            keep_runs_after=row_cutoff,
-        )
-        return result
+        counts = RetentionCounts(purged, removed, freed, len(deleted))
+        self.store.record_retention_run(now, counts, keep_runs_after=row_cutoff)
+        return counts

@@ -111,14 +111,21 @@ class PurgeCandidate:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionCounts:
+    """What retention removed: in one round, or in the rounds ``status`` reports on."""
+
+    studies_purged: int = 0  # studies whose spooled files were removed
+    files_removed: int = 0
+    bytes_freed: int = 0
+    studies_deleted: int = 0  # study rows past retention.priority_days
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionSummary:
     """What retention has done and what the spool still holds, for ``status``."""
 
     last_run_at: datetime | None
-    studies_purged: int
-    files_removed: int
-    bytes_freed: int
-    studies_deleted: int
+    totals: RetentionCounts
     instances_on_disk: int
     oldest_on_disk_at: datetime | None
 
@@ -1270,24 +1277,17 @@ class Store:
         return [str(row.study_uid) for row in rows]
 
     def record_retention_run(
-        self,
-        now: datetime,
-        *,
-        studies_purged: int,
-        files_removed: int,
-        bytes_freed: int,
-        studies_deleted: int,
-        keep_runs_after: datetime,
+        self, now: datetime, counts: RetentionCounts, *, keep_runs_after: datetime
     ) -> None:
         """Keep the figures of one retention run (and forget runs older than the rows)."""
         with self.engine.begin() as conn:
             conn.execute(
                 retention_runs.insert().values(
                     ran_at=now,
-                    studies_purged=studies_purged,
-                    files_removed=files_removed,
-                    bytes_freed=bytes_freed,
-                    studies_deleted=studies_deleted,
+                    studies_purged=counts.studies_purged,
+                    files_removed=counts.files_removed,
+                    bytes_freed=counts.bytes_freed,
+                    studies_deleted=counts.studies_deleted,
                 )
             )
             conn.execute(retention_runs.delete().where(retention_runs.c.ran_at < keep_runs_after))
@@ -1310,10 +1310,7 @@ class Store:
             ).one()
         return RetentionSummary(
             last_run_at=last,
-            studies_purged=int(purged),
-            files_removed=int(removed),
-            bytes_freed=int(freed),
-            studies_deleted=int(deleted),
+            totals=RetentionCounts(int(purged), int(removed), int(freed), int(deleted)),
             instances_on_disk=int(on_disk),
             oldest_on_disk_at=oldest,
         )

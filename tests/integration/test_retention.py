@@ -14,7 +14,7 @@ from triage_node.config import RetentionConfig
 from triage_node.domain import OutboxState, ReportSource, ResultFile
 from triage_node.retention import Retention
 from triage_node.spool import Spool
-from triage_node.store import Store
+from triage_node.store import RetentionCounts, Store
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -82,15 +82,15 @@ def test_delivered_study_is_purged_after_spool_days_and_its_row_after_priority_d
     world.retain(T0 + 6 * DAY)
     assert all(p.exists() for p in [*files, result])
     summary = world.store.retention_summary()
-    assert summary.instances_on_disk == 2 and summary.studies_purged == 0
+    assert summary.instances_on_disk == 2 and summary.totals.studies_purged == 0
 
     world.retain(T0 + 7 * DAY + timedelta(minutes=3))
     assert not any(p.exists() for p in [*files, result])
     assert sorted(p.name for p in world.spool.root.iterdir()) == ["incoming", "results"]
     assert world.store.instances_of(world.study_id("1.5.1")) == []
     summary = world.store.retention_summary()
-    assert (summary.studies_purged, summary.files_removed, summary.instances_on_disk) == (1, 3, 0)
-    assert summary.bytes_freed == 2 * 400 + len(b"result")
+    assert summary.totals == RetentionCounts(1, 3, 2 * 400 + len(b"result"), 0)
+    assert summary.instances_on_disk == 0
     assert world.store.priority("1.5.1") is not None  # the row stays for priority_days
 
     world.retain(T0 + 7 * DAY + 89 * DAY)
@@ -100,7 +100,7 @@ def test_delivered_study_is_purged_after_spool_days_and_its_row_after_priority_d
     for table in ("studies", "series", "instances", "jobs", "study_results", "image_results"):
         assert world.count(table) == 0, table
     assert world.count("outbox") == 0
-    assert world.store.retention_summary().studies_deleted == 1
+    assert world.store.retention_summary().totals.studies_deleted == 1
 
 
 def test_unreported_positives_and_undelivered_results_keep_their_files(world: World) -> None:
