@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,20 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def echo_ok(port: int, called: str = "TRIAGE_NODE") -> bool:
-    """True when the node answers C-ECHO with Success (the check ``status`` makes)."""
-    return echo_listener("127.0.0.1", port, called, timeout=2)["detail"] == "C-ECHO success"
+    """True when the node answers C-ECHO with Success (the check ``status`` makes).
+
+    While a node starts or restarts, pynetdicom's connection can be refused; pynetdicom then
+    drops its socket unclosed (pyproject.toml's filter) and, when an exception's traceback keeps
+    it in a reference cycle, the garbage collector finalises it later, inside whatever test runs
+    then, where the module filter no longer applies. Collect it here instead.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "unclosed <socket", ResourceWarning)
+        try:
+            answer = echo_listener("127.0.0.1", port, called, timeout=2)
+        finally:
+            gc.collect()
+    return answer["detail"] == "C-ECHO success"
 
 
 class Node:
