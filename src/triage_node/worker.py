@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
+from typing import cast
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from triage_node.infer import Model
 from triage_node.logs import RepeatedFailure, get_logger, log_event
 from triage_node.pipeline import ImageSource, analyse, read_dataset
 from triage_node.results import content_key, read_predecessor, result_objects, write_results
+from triage_node.scope import UnlabelledPolicy
 from triage_node.spool import Spool
 from triage_node.store import Store, process_owner
 
@@ -90,7 +92,13 @@ class Worker:
         pictures: dict[str, np.ndarray] = {}
         try:
             with self._keep_lease(job):
-                analysis = analyse(sources, self.model, self.config.max_batch, pictures)
+                analysis = analyse(
+                    sources,
+                    self.model,
+                    self.config.max_batch,
+                    pictures,
+                    unlabelled=cast(UnlabelledPolicy, self.config.unlabelled_images),
+                )
                 results = self._results(job, analysis, sources, pictures)
         except Exception as exc:
             self._failed(job, f"{type(exc).__name__}: {exc}")

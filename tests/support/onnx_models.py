@@ -19,8 +19,10 @@ from triage_node.model import sha256_of
 
 
 def build_cam_model(
-    size: int, channels: int = 1, features: int = 4, seed: int = 0
+    size: int, channels: int = 1, features: int = 4, seed: int = 0, *, ood: bool = False
 ) -> onnx.ModelProto:
+    """With *ood*, a third output ``ood_score`` (N, 1): the mean input value, so a test can make
+    an image "out of distribution" by making it bright."""
     rng = np.random.default_rng(seed)
     conv_w = rng.normal(0, 0.5, (features, channels, 3, 3)).astype(np.float32)
     conv_b = np.zeros(features, dtype=np.float32)
@@ -34,14 +36,22 @@ def build_cam_model(
         helper.make_node("Flatten", ["pooled"], ["logit"]),
         helper.make_node("Sigmoid", ["logit"], ["probability"]),
     ]
+    outputs = [
+        helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1]),
+        helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 1, size, size]),
+    ]
+    if ood:
+        nodes += [
+            helper.make_node("GlobalAveragePool", ["image"], ["brightness"]),
+            helper.make_node("Flatten", ["brightness"], ["flat"]),
+            helper.make_node("ReduceMean", ["flat"], ["ood_score"], axes=[1], keepdims=1),
+        ]
+        outputs.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N", 1]))
     graph = helper.make_graph(
         nodes,
         "tiny-cam",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", channels, size, size])],
-        [
-            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1]),
-            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 1, size, size]),
-        ],
+        outputs,
         [
             numpy_helper.from_array(conv_w, "conv_w"),
             numpy_helper.from_array(conv_b, "conv_b"),
@@ -79,9 +89,22 @@ def manifest_for(size: int, sha256: str, channels: int = 1, **overrides: Any) ->
     return manifest
 
 
-def write_model_dir(directory: Path, size: int = 64, channels: int = 1, **overrides: Any) -> Path:
+def write_model_dir(
+    directory: Path,
+    size: int = 64,
+    channels: int = 1,
+    *,
+    ood_threshold: float | None = None,
+    **overrides: Any,
+) -> Path:
+    """A model directory; with *ood_threshold*, the graph has an ``ood_score`` output and the
+    manifest a scope guard refusing images whose normalised mean is above the threshold."""
     directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(build_cam_model(size, channels), directory / "model.onnx")
+    ood = ood_threshold is not None
+    onnx.save(build_cam_model(size, channels, ood=ood), directory / "model.onnx")
     manifest = manifest_for(size, sha256_of(directory / "model.onnx"), channels, **overrides)
+    if ood:
+        manifest["onnx"]["outputs"]["ood_score"] = "ood_score"
+        manifest["ood"] = {"threshold": ood_threshold}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return directory

@@ -103,3 +103,29 @@ def test_cam_peak_maps_back_through_the_letterbox() -> None:
     assert abs(peak.row - (12.5 * 4) / 0.32) <= 1
     assert abs(peak.column - ((5.5 * 4) - 16) / 0.32) <= 1
     assert peak.value == 1.0 and 0 < peak.area_fraction < 0.1
+
+
+def test_scope_guard_output_and_threshold(tmp_path: Path) -> None:
+    model = Model(write_model_dir(tmp_path / "m", size=32, ood_threshold=0.5))
+    assert model.manifest.ood_output == "ood_score" and model.manifest.ood_threshold == 0.5
+    batch = np.stack([np.zeros((1, 32, 32)), np.full((1, 32, 32), 2.0)]).astype(np.float32)
+    outputs = model.outputs(batch)
+    assert outputs.ood_scores is not None
+    np.testing.assert_allclose(outputs.ood_scores, [0.0, 2.0], atol=1e-6)
+    assert model.out_of_scope(float(outputs.ood_scores[0])) is None
+    refusal = model.out_of_scope(float(outputs.ood_scores[1]))
+    assert refusal is not None and refusal.startswith("out of scope") and "2.00 > 0.50" in refusal
+    assert model.out_of_scope(float("nan")) is not None  # a broken score never passes
+    plain = Model(write_model_dir(tmp_path / "plain", size=32))
+    assert plain.outputs(batch).ood_scores is None and plain.out_of_scope(None) is None
+
+
+def test_scope_guard_threshold_and_output_go_together(tmp_path: Path) -> None:
+    directory = write_model_dir(tmp_path / "m", size=32, ood_threshold=0.5)
+    edit_manifest(directory, lambda d: d.pop("ood"))
+    with pytest.raises(ModelError, match=r"ood\.threshold"):
+        load_manifest(directory)
+    directory = write_model_dir(tmp_path / "n", size=32)
+    edit_manifest(directory, lambda d: d.update(scope={"body_parts": "HAND"}))
+    with pytest.raises(ModelError, match="scope"):
+        load_manifest(directory)

@@ -13,10 +13,10 @@ torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not in
 from triage_node.augment import AugmentSpec, augment, localisation_loss  # noqa: E402
 from triage_node.errors import ModelError  # noqa: E402
 from triage_node.infer import Model  # noqa: E402
-from triage_node.net import FractureNet, NetSpec, spec_from_dict  # noqa: E402
+from triage_node.net import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
 from triage_node.onnxexport import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
 from triage_node.preprocess import InputSpec  # noqa: E402
-from triage_node.training import TrainConfig, _load_init_weights  # noqa: E402
+from triage_node.training import Images, TrainConfig, _load_init_weights, fit  # noqa: E402
 
 TINY = NetSpec(widths=(16, 16, 16, 16), blocks=(1, 1, 1, 1), stem=16)
 
@@ -103,7 +103,7 @@ def test_export_parity_dynamic_batch_and_manifest(tmp_path: Path) -> None:
     net = FractureNet(TINY).eval()
     spec = InputSpec(size=64)
     inputs = np.random.default_rng(0).normal(0, 1, (4, 1, 64, 64)).astype(np.float32)
-    worst = export_checked(net, spec, tmp_path, inputs)
+    worst = export_checked(ExportWrapper(net), spec, tmp_path, inputs)
     assert worst < PARITY_TOLERANCE
 
     config = TrainConfig(data=tmp_path, out=tmp_path, size=64, net=TINY)
@@ -134,12 +134,12 @@ def test_parity_check_catches_a_graph_that_differs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = FractureNet(TINY).eval()
     inputs = np.random.default_rng(1).normal(0, 1, (2, 1, 64, 64)).astype(np.float32)
-    export_checked(net, InputSpec(size=64), tmp_path, inputs)
+    export_checked(ExportWrapper(net), InputSpec(size=64), tmp_path, inputs)
     other = FractureNet(TINY).eval()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.5)
-    assert parity(other, tmp_path / "model.onnx", inputs) > PARITY_TOLERANCE
+    assert parity(ExportWrapper(other), tmp_path / "model.onnx", inputs) > PARITY_TOLERANCE
 
 
 def test_init_weights_must_fit_the_network(tmp_path: Path) -> None:
@@ -162,3 +162,48 @@ def test_train_config_checks_its_values(tmp_path: Path) -> None:
         TrainConfig(data=tmp_path, out=tmp_path, size=100).check()
     with pytest.raises(ValueError, match="folds"):
         TrainConfig(data=tmp_path, out=tmp_path, folds=1).check()
+
+
+def tiny_images(count: int, seed: int) -> Images:
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(count) % 2).float()
+    pixels = torch.rand(count, 1, 32, 32, generator=g) * 0.3
+    pixels[labels == 1, :, 10:14, 8:24] += 0.6  # a bright bar: something to learn
+    boxes = torch.zeros(count, 1, 32, 32, dtype=torch.bool)
+    boxes[labels == 1, :, 8:16, 8:24] = True
+    areas = torch.tensor([[0, 0, 32, 32]] * count)
+    return Images(pixels.half(), areas, labels, boxes)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
+    """Three epochs in one go, and one epoch then --resume to three: the same network."""
+    tiny = NetSpec(widths=(16, 16), blocks=(1, 1), stem=16)
+    base = TrainConfig(
+        data=tmp_path,
+        out=tmp_path,
+        size=32,
+        net=tiny,
+        epochs=3,
+        min_epochs=1,
+        batch_size=8,
+        threads=1,
+        box_loss=0.5,
+    )
+    train, validation = tiny_images(32, 0), tiny_images(16, 1)
+    torch.set_num_threads(1)
+    straight, best = fit(train, validation, base, lambda _: None, None, tmp_path / "a.pt")
+
+    messages: list[str] = []
+    first = __import__("dataclasses").replace(base, epochs=1)
+    fit(train, validation, first, messages.append, None, tmp_path / "b.pt")
+    resumed, best_b = fit(train, validation, base, messages.append, None, tmp_path / "b.pt")
+    assert any("resuming after epoch 1" in m for m in messages)
+    assert best_b == best
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+    other = __import__("dataclasses").replace(base, learning_rate=0.5)
+    with pytest.raises(ModelError, match="other settings"):
+        fit(train, validation, other, messages.append, None, tmp_path / "b.pt")

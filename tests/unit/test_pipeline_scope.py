@@ -1,0 +1,56 @@
+"""The analysis pipeline skips what the model is not for, with the reason: by tags before any
+pixel is decoded, and by the model's image guard after inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tests.support.onnx_models import write_model_dir
+from tests.support.synth import radiograph
+from triage_node.infer import Model
+from triage_node.pipeline import ImageSource, analyse
+from triage_node.scope import FRACATLAS_SCOPE
+
+
+def source(directory: Path, index: int, **values: str) -> ImageSource:
+    """A synthetic radiograph with these header values ('' removes the attribute)."""
+    ds = radiograph(64, 48, seed=index)
+    for keyword, value in values.items():
+        if value:
+            setattr(ds, keyword, value)
+        elif keyword in ds:
+            delattr(ds, keyword)
+    path = directory / f"{index}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return ImageSource(index, str(ds.SOPInstanceUID), path)
+
+
+def test_tags_then_guard(tmp_path: Path) -> None:
+    model_dir = write_model_dir(
+        tmp_path / "model", size=32, ood_threshold=0.5, scope=FRACATLAS_SCOPE.to_document()
+    )
+    model = Model(model_dir, intra_op_threads=1)
+    sources = [
+        source(tmp_path, 0, BodyPartExamined="HAND"),
+        source(tmp_path, 1, BodyPartExamined="CHEST"),
+        source(tmp_path, 2, BodyPartExamined="", StudyDescription="XR SKULL"),
+        source(tmp_path, 3, BodyPartExamined=""),
+    ]
+    pictures: dict[str, np.ndarray] = {}
+    analysis = analyse(sources, model, pictures=pictures)
+    reasons = {k.instance_id: k.reason for k in analysis.skipped}
+    assert [i.instance_id for i in analysis.images] == [0, 3]
+    assert set(pictures) == {i.sop_instance_uid for i in analysis.images}
+    assert reasons[1].startswith("out of scope: Body Part Examined CHEST")
+    assert reasons[2].startswith("out of scope: the study/series description")
+
+    skipped = analyse(sources[3:], model, unlabelled="skip")
+    assert not skipped.images and "policy: skip" in skipped.skipped[0].reason
+
+    # A window that saturates the image: its mean (the tiny graph's score) is 1.0 > 0.5.
+    bright = source(tmp_path, 4, BodyPartExamined="HAND", WindowCenter="10", WindowWidth="20")
+    guarded = analyse([bright], model, pictures=pictures)
+    assert not guarded.images and guarded.outcome.value == "skipped"
+    assert "scope guard score" in guarded.skipped[0].reason
