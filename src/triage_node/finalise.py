@@ -270,7 +270,7 @@ def train(config: TrainConfig, report: Report = print, *, resume: bool = False) 
     validation_images = images.take(slice(n_train, None))
     metrics: dict[str, Any] = {}
     if config.folds:
-        metrics["cross_validation"] = cross_validate(order, images, config, report)
+        metrics["cross_validation"] = cross_validate(order, images, config, report, config.out)
         report(f"cross-validation: {metrics['cross_validation']}")
     net, best = fit(train_images, validation_images, config, report, log_path, state_path)
     return finalise(net, best, config, splits, train_images, validation_images, metrics, report)

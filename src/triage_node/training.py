@@ -441,27 +441,67 @@ def _rounded(value: float | None) -> float | None:
 
 
 def cross_validate(
-    examples: Sequence[Example], images: Images, config: TrainConfig, report: Report
+    examples: Sequence[Example],
+    images: Images,
+    config: TrainConfig,
+    report: Report,
+    directory: Path | None = None,
 ) -> dict[str, Any]:
-    """k-fold cross-validation (by blocks) of the recipe; returns each fold's best AUROC."""
+    """k-fold cross-validation (by blocks) of the recipe; returns each fold's best AUROC and
+    CAM localisation at that epoch.
+
+    With *directory*, each finished fold is recorded in ``cross-validation.json`` and a fold in
+    progress checkpoints to ``cv-fold-K.pt``, so ``--resume`` goes on where it stopped.
+    """
     position = {e.image_id: i for i, e in enumerate(examples)}
-    values = []
+    record_path = directory / "cross-validation.json" if directory else None
+    done: dict[str, Any] = {}
+    if record_path is not None and record_path.is_file():
+        done = json.loads(record_path.read_text(encoding="utf-8"))
+        if done.get("fingerprint") != fingerprint(config):
+            done = {}
+    folds: dict[str, Any] = done.get("folds", {})
     for fold, (train, held) in enumerate(
         block_folds(examples, config.folds, block_size=config.block_size, seed=config.seed), 1
     ):
+        if str(fold) in folds:
+            report(f"cross-validation fold {fold}/{config.folds}: done before ({folds[str(fold)]})")
+            continue
         report(f"cross-validation fold {fold}/{config.folds}: {len(train)} train, {len(held)} held")
 
         def subset(part: list[Example]) -> Images:
             index = torch.tensor([position[e.image_id] for e in part])
             return images.take(index)
 
-        _, best = fit(subset(train), subset(held), config, report, None)
-        values.append(round(best["auroc"], 4))
+        state = directory / f"cv-fold-{fold}.pt" if directory else None
+        held_images = subset(held)
+        net, best = fit(subset(train), held_images, config, report, None, state)
+        scored = score_images(net, held_images, config)
+        folds[str(fold)] = {
+            "auroc": round(best["auroc"], 4),
+            "best_epoch": best["epoch"],
+            "cam_peak_within_16px": _rounded(scored.peak_near_box),
+        }
+        if record_path is not None:
+            document = {"fingerprint": fingerprint(config), "folds": folds}
+            record_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        if state is not None:
+            state.unlink(missing_ok=True)
+    values = [folds[str(k)]["auroc"] for k in range(1, config.folds + 1)]
+    near = [folds[str(k)]["cam_peak_within_16px"] for k in range(1, config.folds + 1)]
     return {
         "folds": config.folds,
         "auroc": values,
         "auroc_mean": round(float(np.mean(values)), 4),
         "auroc_sd": round(float(np.std(values, ddof=1)), 4),
+        **(
+            {
+                "cam_peak_within_16px": near,
+                "cam_peak_within_16px_mean": round(float(np.mean(near)), 4),
+            }
+            if all(v is not None for v in near)
+            else {}
+        ),
     }
 
 
