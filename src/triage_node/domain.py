@@ -105,6 +105,7 @@ class PriorityRow:
     escalations: int
     escalated_at: datetime | None
     rank: int | None = None
+    skip_reason: str | None = None  # for a skipped study: why (e.g. "out of scope: ...")
 
 
 class JobState(enum.StrEnum):

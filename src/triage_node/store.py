@@ -8,12 +8,25 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, bindparam, case, exists, func, not_, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    not_,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from triage_node.db import (
@@ -1011,7 +1024,30 @@ class Store:
         )
         with self.engine.connect() as conn:
             row = conn.execute(query).one_or_none()
-        return None if row is None else self._priority_row(row, row.rank)
+            if row is None:
+                return None
+            found = self._priority_row(row, row.rank)
+            if found.outcome == Outcome.SKIPPED:
+                found = replace(found, skip_reason=self._skip_reason(conn, row.id))
+        return found
+
+    @staticmethod
+    def _skip_reason(conn: Connection, study_id: int) -> str | None:
+        """Why the study's latest analysis analysed nothing: its images' most common reason."""
+        latest = (
+            select(func.max(study_results.c.id))
+            .where(study_results.c.study_id == study_id)
+            .scalar_subquery()
+        )
+        reasons = conn.execute(
+            select(image_results.c.skip_reason, func.count().label("n"))
+            .where(image_results.c.study_result_id == latest)
+            .where(image_results.c.skip_reason.is_not(None))
+            .group_by(image_results.c.skip_reason)
+            .order_by(func.count().desc(), image_results.c.skip_reason)
+            .limit(1)
+        ).first()
+        return None if reasons is None else str(reasons.skip_reason)
 
     def oldest_unreported_flag(self) -> datetime | None:
         """When the longest-waiting unreported positive was flagged."""

@@ -54,6 +54,13 @@ def test_states_follow_the_data_path_and_positives_are_flagged(store: Store) -> 
     assert negative.rank is None and negative.operating_point is None
     assert store.priority("9.9.9") is None
     assert store.priority_counts() == {"FLAGGED": 2, "INFERRED": 1}
+    assert negative.skip_reason is None
+
+    receive(store, "1.9.4", T0)
+    analyse(store, T0 + timedelta(seconds=7), None, "out of scope: Body Part Examined CHEST")
+    skipped = store.priority("1.9.4")
+    assert skipped is not None and skipped.outcome == Outcome.SKIPPED
+    assert skipped.skip_reason == "out of scope: Body Part Examined CHEST"
 
 
 def test_priority_only_goes_up(store: Store) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from triage_node.domain import ImageResult, InstanceHeader, StudyAnalysis
+from triage_node.domain import ImageResult, InstanceHeader, Skip, StudyAnalysis
 from triage_node.store import Store
 
 LEASE = timedelta(seconds=60)
@@ -26,16 +26,25 @@ def header(study: str = "1.2.3", sop: str = "1.2.3.1.1", modality: str = "CR") -
     )
 
 
-def analyse(store: Store, at: datetime, probability: float | None) -> None:
-    """Queue every settled study and complete its job with *probability* (None: all skipped)."""
+def analyse(
+    store: Store, at: datetime, probability: float | None, skip_reason: str = "no reason"
+) -> None:
+    """Queue every settled study and complete its job with *probability* (None: all skipped,
+    each image for *skip_reason*)."""
     for ready in store.ready_studies(at, timedelta(0), timedelta(hours=1)):
         assert store.enqueue(ready, at) is not None
     while (job := store.claim("w", at, LEASE)) is not None:
-        [ref] = store.instances_of(job.study_id)[:1]
+        refs = store.instances_of(job.study_id)
+        ref = refs[0]
         images = (
             ()
             if probability is None
             else (ImageResult(ref.instance_id, ref.sop_instance_uid, probability, 1, 1, 1, 0, 1),)
         )
-        analysis = StudyAnalysis(images, (), "m", "2", "CPU", 0.3, 0.7, 1.0)
+        skipped = (
+            tuple(Skip(r.instance_id, r.sop_instance_uid, skip_reason) for r in refs)
+            if probability is None
+            else ()
+        )
+        analysis = StudyAnalysis(images, skipped, "m", "2", "CPU", 0.3, 0.7, 1.0)
         assert store.complete(job, "w", analysis, at)
