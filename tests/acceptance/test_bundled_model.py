@@ -1,11 +1,15 @@
-"""The bundled model, models/fracture-v1: loads, is what its manifest says, and runs end to end."""
+"""The bundled models: fracture-v2 (what `make serve` uses) and fracture-v1 (kept for comparison)
+load, are what their manifests say, and run end to end; v2's scope gating holds on the shared
+radiographs."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.support.peers import require_shared_dicom, triage_node_command
@@ -13,15 +17,22 @@ from triage_node.config import WorkerConfig
 from triage_node.infer import Model
 from triage_node.model import load_manifest
 
-BUNDLED = Path(__file__).resolve().parents[2] / "models" / "fracture-v1"
+MODELS = Path(__file__).resolve().parents[2] / "models"
+V1, V2 = MODELS / "fracture-v1", MODELS / "fracture-v2"
+BUNDLED = [pytest.param(V1, id="fracture-v1"), pytest.param(V2, id="fracture-v2")]
+IN_SCOPE = {"HIP", "EXTREMITY"}  # the shared radiographs' body parts that FracAtlas covers
 
 
-def test_manifest_checksum_size_and_recorded_metrics() -> None:
-    manifest = load_manifest(BUNDLED)  # verifies the SHA-256 of model.onnx
-    assert manifest.name == "fracture-v1"
+def test_make_serve_uses_fracture_v2() -> None:
+    assert WorkerConfig().model_dir == Path("models/fracture-v2")
+
+
+@pytest.mark.parametrize("directory", BUNDLED)
+def test_manifest_checksum_size_and_recorded_metrics(directory: Path) -> None:
+    manifest = load_manifest(directory)  # verifies the SHA-256 of model.onnx
+    assert manifest.name == directory.name
     assert manifest.onnx_path.stat().st_size < 50 * 2**20
     assert manifest.input.size == 320 and manifest.input.channels == 1
-    assert WorkerConfig().model_dir == Path("models/fracture-v1")  # what `make serve` uses
     validation = manifest.metrics["validation"]
     low, high = validation["auroc_ci95"]
     assert low <= validation["auroc"] <= high
@@ -36,31 +47,46 @@ def test_manifest_checksum_size_and_recorded_metrics() -> None:
     assert "Abedeen" in manifest.training_data["citation"]
 
 
-def test_runs_with_batches_and_a_cam_per_image() -> None:
-    import numpy as np
+def test_fracture_v2_is_pretrained_calibrated_and_scoped() -> None:
+    manifest = load_manifest(V2)
+    document = json.loads((V2 / "manifest.json").read_text())
+    weights = document["network"]["initial_weights"]
+    assert "EfficientNet-Lite" in weights["origin"] and weights["licence"].startswith("Apache-2.0")
+    assert "research" in weights["licence"]  # ImageNet's terms
+    assert manifest.calibration["method"].startswith("Platt")
+    assert manifest.ood_output == "ood_score" and manifest.ood_threshold is not None
+    assert "hand/wrist/fingers" in manifest.scope.regions
 
-    model = Model(BUNDLED, intra_op_threads=1)
+
+@pytest.mark.parametrize("directory", BUNDLED)
+def test_runs_with_batches_and_a_cam_per_image(directory: Path) -> None:
+    model = Model(directory, intra_op_threads=1)
     batch = np.zeros((3, 1, 320, 320), np.float32)
     probs, cams, _ = model.run(batch)
     assert probs.shape == (3,) and cams.shape == (3, 10, 10)
     assert np.all((probs >= 0) & (probs <= 1))
 
 
-def test_infer_command_on_shared_radiographs() -> None:
+def _infer(directory: Path, *paths: Path) -> dict:  # type: ignore[type-arg]
+    result = subprocess.run(
+        [triage_node_command(), "infer", "--model", str(directory), "--json", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict = json.loads(result.stdout)  # type: ignore[type-arg]
+    return report
+
+
+def test_infer_command_on_shared_radiographs_v1() -> None:
     shared = require_shared_dicom()
     files = [
         shared / "CR_RG3_extremityAP_mono1_10bit_JPEG-lossless.dcm",
         shared / "CR_RG2_hip_mono2_10bit_uncompressed.dcm",
     ]
-    result = subprocess.run(
-        [triage_node_command(), "infer", "--model", str(BUNDLED), "--json", *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = _infer(V1, *files)
     assert report["model"]["name"] == "fracture-v1"
     images = [image for study in report["studies"] for image in study["images"]]
     assert len(images) == 2
@@ -68,14 +94,47 @@ def test_infer_command_on_shared_radiographs() -> None:
         assert 0 <= image["probability"] <= 1
 
 
+def test_fracture_v2_analyses_what_it_is_for_and_says_why_it_skips_the_rest() -> None:
+    """Every shared file: the in-scope radiographs with pixels analysed; every other body part,
+    every non-radiograph and every broken file skipped (or unreadable) with a reason."""
+    shared = require_shared_dicom()
+    with open(shared / "manifest.csv", newline="") as handle:
+        rows = {row["file"]: row for row in csv.DictReader(handle)}
+    report = _infer(V2, shared)
+    analysed = {Path(i["file"]).name for s in report["studies"] for i in s["images"]}
+    skipped = {
+        Path(k["file"]).name: k["reason"] for s in report["studies"] for k in s["skipped"]
+    }
+    unreadable = {Path(u["file"]).name: u["reason"] for u in report["unreadable"]}
+    for name, row in rows.items():
+        radiograph = row["Modality"] in ("CR", "DX") and row["HasPixelData"] == "True"
+        wanted = radiograph and row["BodyPartExamined"] in IN_SCOPE and row["category"] in (
+            "radiograph",
+        )
+        if wanted:
+            assert name in analysed, f"{name}: {skipped.get(name) or unreadable.get(name)}"
+            continue
+        assert name not in analysed, f"{name} ({row['BodyPartExamined']}) was analysed"
+        reason = skipped.get(name) or unreadable.get(name)
+        assert reason, f"{name}: no reason given"
+        if radiograph and row["BodyPartExamined"] in ("CHEST", "THORAX", "CSPINE"):
+            assert reason.startswith("out of scope"), reason
+    assert len(analysed) == sum(
+        r["Modality"] in ("CR", "DX") and r["BodyPartExamined"] in IN_SCOPE
+        and r["HasPixelData"] == "True" and r["category"] == "radiograph"
+        for r in rows.values()
+    )
+
+
+@pytest.mark.parametrize("directory", BUNDLED)
 @pytest.mark.parametrize("name", ["validation", "test"])
-def test_recorded_evaluations_match_the_manifest(name: str) -> None:
+def test_recorded_evaluations_match_the_manifest(directory: Path, name: str) -> None:
     """The figures in the model card come from `triage-node evaluate`; they are kept beside it."""
-    document = json.loads((BUNDLED / "evaluation" / name / "evaluation.json").read_text())
-    manifest = load_manifest(BUNDLED)
+    document = json.loads((directory / "evaluation" / name / "evaluation.json").read_text())
+    manifest = load_manifest(directory)
     assert document["data"]["split"] == name
     assert document["auroc"] == pytest.approx(manifest.metrics[name]["auroc"], abs=1e-3)
-    assert (BUNDLED / "evaluation" / name / "roc.png").is_file()
+    assert (directory / "evaluation" / name / "roc.png").is_file()
     if name == "validation":  # the thresholds reach their targets where they were chosen
         points = document["operating_points"]
         assert points["high_sensitivity"]["sensitivity"] >= 0.9
