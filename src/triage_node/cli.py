@@ -153,7 +153,7 @@ def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--frozen-blocks", type=int, help="pretrained: blocks kept frozen after that (8)"
     )
     train.add_argument(
-        "--ood-pass-rate", type=float, help="validation share the scope guard passes (0.99)"
+        "--ood-pass-rate", type=float, help="validation share the scope guard passes (0.995)"
     )
     train.add_argument(
         "--sensitivity-target",
@@ -195,6 +195,12 @@ def _evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     evaluate.add_argument(
         "--out", type=Path, default=Path("evaluation"), help="folder for JSON and PNG"
+    )
+    evaluate.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: also run each image mirrored and average (measures whether "
+        "it would help; the node itself runs each image once)",
     )
     evaluate.add_argument("--json", action="store_true", help="print the JSON document")
 
@@ -309,10 +315,14 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
         args.out,
         split=args.split,
         intra_op_threads=config.worker.intra_op_threads,
+        flip=args.tta,
     )
     print(json.dumps(document, indent=2) if args.json else format_evaluation(document))
     if not args.json:
-        print(f"\nwritten: {args.out / 'evaluation.json'}, {args.out / 'roc.png'}")
+        written = ", ".join(
+            str(args.out / n) for n in ("evaluation.json", "roc.png", "reliability.png")
+        )
+        print(f"\nwritten: {written}")
     return EXIT_OK
 
 

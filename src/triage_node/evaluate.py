@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,16 @@ class Predictions:
 
 
 def predict(
-    model: Model, examples: Sequence[Example], batch: int = 16, progress: Progress | None = None
+    model: Model,
+    examples: Sequence[Example],
+    batch: int = 16,
+    progress: Progress | None = None,
+    *,
+    flip: bool = False,
 ) -> Predictions:
+    """Run the model on every example. With *flip* (test-time augmentation), each image is run
+    as it is and mirrored left-right, and the two probabilities are averaged (the CAM and the
+    scope-guard score are the unflipped image's)."""
     spec = model.manifest.input
     probabilities: list[float] = []
     inside: list[bool | None] = []
@@ -72,7 +80,13 @@ def predict(
             tensor, geometry = model_input(read_display(example.path, spec.windowing), spec)
             inputs.append(tensor)
             geometries.append(geometry)
-        outputs = model.outputs(np.stack(inputs))
+        stacked = np.stack(inputs)
+        outputs = model.outputs(stacked)
+        if flip:
+            mirrored = model.outputs(np.ascontiguousarray(stacked[..., ::-1]))
+            outputs = replace(
+                outputs, probabilities=(outputs.probabilities + mirrored.probabilities) / 2
+            )
         if outputs.ood_scores is not None:
             guard.extend(float(v) for v in outputs.ood_scores)
         for example, probability, cam, geometry in zip(
@@ -205,6 +219,7 @@ def evaluate(
     split: str = "all",
     intra_op_threads: int = 0,
     progress: Progress | None = None,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Evaluate, write ``evaluation.json`` and ``roc.png`` into *out_dir*, return the document."""
     model = Model(model_dir, intra_op_threads=intra_op_threads)
@@ -212,11 +227,12 @@ def evaluate(
     examples = select(load_folder(data_dir), split, manifest.training_data.get("split", {}))
     if len({e.label for e in examples}) < 2:
         raise DatasetFolderError(f"{data_dir} ({split}): needs both fractured and normal images")
-    predictions = predict(model, examples, progress=progress)
+    predictions = predict(model, examples, progress=progress, flip=flip)
     thresholds = {n: p.threshold for n, p in manifest.operating_points.items()}
     document = {
         "model": {"name": manifest.name, "version": manifest.version, "provider": model.provider},
         "data": {"directory": str(data_dir), "split": split},
+        "test_time_augmentation": "horizontal flip, probabilities averaged" if flip else None,
         **summarise(predictions, thresholds),
         "scope_guard": guard_summary(predictions, manifest.ood_threshold),
     }
