@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.synth import write_study_set  # noqa: E402
 
+from triage_node.allocator import keep_large_buffers  # noqa: E402
 from triage_node.infer import Model, cam_peak  # noqa: E402
 from triage_node.model import sha256_of  # noqa: E402
 from triage_node.preprocess import Preprocessed, preprocess  # noqa: E402
@@ -152,6 +153,7 @@ def median_ms(samples: list[float]) -> float:
 
 
 def measure(model_dir: Path, runs: int, threads: int, preference: tuple[str, ...]) -> None:
+    keep_large_buffers()  # as each worker process does when it starts
     model = Model(model_dir, intra_op_threads=threads, preference=preference)
     spec = model.manifest.input
     [path] = write_study_set(CACHE / "infer-radiograph", 1, 2500, 2000)

@@ -153,7 +153,9 @@ def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--frozen-blocks", type=int, help="pretrained: blocks kept frozen after that (8)"
     )
     train.add_argument(
-        "--ood-pass-rate", type=float, help="validation share the scope guard passes (0.995)"
+        "--ood-pass-rate",
+        type=float,
+        help="validation share the scope guard passes (default 1.0: the highest validation score)",
     )
     train.add_argument(
         "--sensitivity-target",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
+from triage_node.allocator import keep_large_buffers
 from triage_node.config import WorkerConfig
 from triage_node.infer import Model
 from triage_node.pipeline import ImageSource, analyse, read_dataset
@@ -23,6 +24,7 @@ def _files(paths: list[Path]) -> list[Path]:
 
 def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> dict[str, Any]:
     """Analyse every DICOM file under *paths*; a study is the files sharing a Study UID."""
+    keep_large_buffers()
     model = Model(model_dir, intra_op_threads=config.intra_op_threads)
     studies: dict[str, list[ImageSource]] = {}
     names: dict[str, str] = {}

@@ -221,7 +221,7 @@ def finalise(
         ood_threshold = threshold_for_pass_rate(
             whitening.score(validation.features), config.ood_pass_rate
         )
-        passes = f"{config.ood_pass_rate:.0%}"
+        passes = f"{config.ood_pass_rate:.1%}"
         report(f"scope guard: threshold {ood_threshold:.3f} passes {passes} of validation")
         guard_matrices = (whitening.mean, whitening.matrix)
         extra["ood"] = {

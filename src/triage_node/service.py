@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from triage_node import __version__
+from triage_node.allocator import keep_large_buffers
 from triage_node.config import Config, DicomConfig
 from triage_node.db import make_engine, redact_url, require_current_schema, upgrade
 from triage_node.domain import utcnow
@@ -222,6 +223,7 @@ def run_receiver(
 def run_worker(config: Config, index: int) -> None:
     """Entry point of a worker process: load the model (retrying while it is missing), work."""
     stop = _child_process_setup(config)
+    keep_large_buffers()
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     model = None
     while model is None and not stop.is_set():

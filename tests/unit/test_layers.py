@@ -27,6 +27,7 @@ LAYERS = {
     "calibration": 1,
     "ood": 1,
     "scope": 1,
+    "allocator": 0,
     "evaluate": 6,
     "onnxexport": 5,
     "imagefile": 4,

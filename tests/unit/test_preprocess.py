@@ -169,3 +169,13 @@ def test_a_rescale_that_is_not_a_usable_number_is_refused(slope: str, intercept:
         refused = r"Rescale Slope .* (is not a number|overflows)"
         with pytest.raises(PreprocessRefused, match=refused):
             preprocess(ds, InputSpec(size=32))
+
+
+def test_the_allocator_keeps_large_buffers_on_glibc() -> None:
+    import platform
+
+    from triage_node.allocator import keep_large_buffers
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_large_buffers() is True
