@@ -27,7 +27,7 @@ def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> d
     keep_large_buffers()
     model = Model(model_dir, intra_op_threads=config.intra_op_threads)
     studies: dict[str, list[ImageSource]] = {}
-    names: dict[str, str] = {}
+    names: dict[int, str] = {}  # by file index: two files may carry one SOP Instance UID
     unreadable: list[dict[str, str]] = []
     for index, path in enumerate(_files(paths)):
         try:
@@ -38,7 +38,7 @@ def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> d
             unreadable.append({"file": str(path), "reason": f"not readable as DICOM: {exc}"})
             continue
         studies.setdefault(study_uid, []).append(ImageSource(index, sop_uid, path))
-        names[sop_uid] = str(path)
+        names[index] = str(path)
 
     manifest = model.manifest
     report: dict[str, Any] = {
@@ -67,7 +67,7 @@ def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> d
                 "inference_ms": round(analysis.inference_ms, 2),
                 "images": [
                     {
-                        "file": names[i.sop_instance_uid],
+                        "file": names[i.instance_id],
                         "sop_instance_uid": i.sop_instance_uid,
                         "probability": round(i.probability, 6),
                         "peak_row": i.peak_row,
@@ -79,7 +79,7 @@ def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> d
                     for i in analysis.images
                 ],
                 "skipped": [
-                    {"file": names[k.sop_instance_uid], "reason": k.reason}
+                    {"file": names[k.instance_id], "reason": k.reason}
                     for k in analysis.skipped
                 ],
             }

@@ -54,3 +54,21 @@ def test_tags_then_guard(tmp_path: Path) -> None:
     guarded = analyse([bright], model, pictures=pictures)
     assert not guarded.images and guarded.outcome.value == "skipped"
     assert "scope guard score" in guarded.skipped[0].reason
+
+
+def test_infer_names_each_file_even_when_two_share_a_sop_instance_uid(tmp_path: Path) -> None:
+    from triage_node.config import WorkerConfig
+    from triage_node.files import analyse_files
+
+    model_dir = write_model_dir(tmp_path / "model", size=32, scope=FRACATLAS_SCOPE.to_document())
+    folder = tmp_path / "files"
+    folder.mkdir()
+    first = radiograph(64, 48, seed=1)
+    first.BodyPartExamined = "HAND"
+    first.save_as(folder / "a.dcm", enforce_file_format=True)
+    first.BodyPartExamined = "CHEST"  # the same SOP Instance UID, another file
+    first.save_as(folder / "b.dcm", enforce_file_format=True)
+    report = analyse_files([folder], model_dir, WorkerConfig(intra_op_threads=1))
+    [study] = report["studies"]
+    assert [Path(i["file"]).name for i in study["images"]] == ["a.dcm"]
+    assert [Path(k["file"]).name for k in study["skipped"]] == ["b.dcm"]
