@@ -232,7 +232,7 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
         from triage_node.backbone import Pooling
         from triage_node.finalise import train
         from triage_node.net import NetSpec
-        from triage_node.training import TrainConfig, pretrained_defaults, with_overrides
+        from triage_node.trainconfig import TrainConfig, pretrained_defaults, with_overrides
     except ImportError as exc:
         print(
             f"triage-node train needs the 'train' extra ({exc.name} is missing): "

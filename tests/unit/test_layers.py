@@ -23,6 +23,8 @@ LAYERS = {
     "pipeline": 6,
     "training": 7,
     "finalise": 8,
+    "trainconfig": 4,
+    "trainimages": 5,
     "backbone": 1,
     "calibration": 1,
     "ood": 1,

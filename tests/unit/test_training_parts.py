@@ -16,7 +16,9 @@ from triage_node.infer import Model  # noqa: E402
 from triage_node.net import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
 from triage_node.onnxexport import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
 from triage_node.preprocess import InputSpec  # noqa: E402
-from triage_node.training import Images, TrainConfig, _load_init_weights, fit  # noqa: E402
+from triage_node.trainconfig import TrainConfig  # noqa: E402
+from triage_node.trainimages import Images  # noqa: E402
+from triage_node.training import _load_init_weights, fit  # noqa: E402
 
 TINY = NetSpec(widths=(16, 16, 16, 16), blocks=(1, 1, 1, 1), stem=16)
 
