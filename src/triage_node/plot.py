@@ -48,8 +48,8 @@ def reliability_png(rows: list[dict[str, float]], path: Path, *, title: str, ece
     for row, (x, y) in zip(rows, points, strict=True):
         radius = 3 + 12 * (row["images"] / total) ** 0.5
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=(31, 119, 180))
-    draw.text((MARGIN, 20), title, fill="black")
-    draw.text((MARGIN, 36), f"expected calibration error {ece:.3f}", fill="black")
+    draw.text((MARGIN, 6), title, fill="black")
+    draw.text((MARGIN, 20), f"expected calibration error {ece:.3f}", fill="black")
     image.save(path, format="PNG")
 
 
@@ -67,8 +67,8 @@ def roc_png(
     side = SIZE - 2 * MARGIN
     xy = _axes(draw, "1 - specificity", "sensitivity")
     draw.line([xy(float(f), float(t)) for f, t in points], fill=(31, 119, 180), width=2)
-    draw.text((MARGIN, 20), f"{title}", fill="black")
-    draw.text((MARGIN, 36), f"AUROC {auc:.3f}", fill="black")
+    draw.text((MARGIN, 6), f"{title}", fill="black")
+    draw.text((MARGIN, 20), f"AUROC {auc:.3f}", fill="black")
     for index, (name, (fpr, tpr)) in enumerate((marks or {}).items()):
         colour = MARK_COLOURS[index % len(MARK_COLOURS)]
         x, y = xy(fpr, tpr)
