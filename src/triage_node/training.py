@@ -253,8 +253,9 @@ def cross_validate(
     """k-fold cross-validation (by blocks) of the recipe; returns each fold's best AUROC and
     CAM localisation at that epoch.
 
-    With *directory*, each finished fold is recorded in ``cross-validation.json`` and a fold in
-    progress checkpoints to ``cv-fold-K.pt``, so ``--resume`` goes on where it stopped.
+    With *directory*, each finished fold is recorded in ``cross-validation.json`` (its best
+    network and held-out logits in ``cv-fold-K-best.pt``) and a fold in progress checkpoints to
+    ``cv-fold-K.pt``, so ``--resume`` goes on where it stopped.
     """
     position = {e.image_id: i for i, e in enumerate(examples)}
     record_path = directory / "cross-validation.json" if directory else None
@@ -280,6 +281,17 @@ def cross_validate(
         held_images = subset(held)
         net, best = fit(subset(train), held_images, config, report, None, state)
         scored = score_images(net, held_images, config)
+        if directory is not None:  # the fold's network and its held-out logits, for ensembles
+            torch.save(
+                {
+                    "fingerprint": fingerprint(config),
+                    "net": net.state_dict(),
+                    "held_logits": {
+                        e.image_id: float(v) for e, v in zip(held, scored.logits, strict=True)
+                    },
+                },
+                directory / f"cv-fold-{fold}-best.pt",
+            )
         folds[str(fold)] = {
             "auroc": round(best["auroc"], 4),
             "best_epoch": best["epoch"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.support.peers import SHARED, triage_node_command
@@ -144,6 +145,10 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     manifest = load_manifest(out)
     assert len(manifest.metrics["cross_validation"]["auroc"]) == 2
+    # the fold's best network and held-out logits stay, for an ensemble or calibration
+    folds = [torch.load(out / f"cv-fold-{k}-best.pt", weights_only=True) for k in (1, 2)]
+    held = [set(f["held_logits"]) for f in folds]
+    assert not held[0] & held[1] and len(held[0] | held[1]) > 100  # train + validation, once
     assert "hand/wrist/fingers" in manifest.scope.regions  # labels.csv has FracAtlas's regions
     assert manifest.training_data["licence"] == "CC BY 4.0"
 
