@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.synth import write_study_set  # noqa: E402
 
-from triage_node.allocator import keep_large_buffers  # noqa: E402
-from triage_node.infer import Model, cam_peak  # noqa: E402
-from triage_node.model import sha256_of  # noqa: E402
-from triage_node.preprocess import Preprocessed, preprocess  # noqa: E402
+from triage_node.analysis.allocator import keep_large_buffers  # noqa: E402
+from triage_node.analysis.manifest import sha256_of  # noqa: E402
+from triage_node.analysis.preprocess import Preprocessed, preprocess  # noqa: E402
+from triage_node.analysis.runtime import Model, cam_peak  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache"
 BUNDLED = REPO / "models" / "fracture-v2"

@@ -25,10 +25,10 @@ sys.path.insert(0, str(REPO / "src"))
 
 import onnxruntime as ort  # noqa: E402
 
-from triage_node.backbone import BackboneSpec, Pooling, PretrainedNet  # noqa: E402
-from triage_node.net import ExportWrapper  # noqa: E402
-from triage_node.onnxexport import export_onnx  # noqa: E402
-from triage_node.preprocess import InputSpec  # noqa: E402
+from triage_node.analysis.preprocess import InputSpec  # noqa: E402
+from triage_node.training.backbone import BackboneSpec, Pooling, PretrainedNet  # noqa: E402
+from triage_node.training.export import export_onnx  # noqa: E402
+from triage_node.training.network import ExportWrapper  # noqa: E402
 
 INFERENCE_BUDGET_MS = 15.0  # 30 ms end to end minus 15 ms for read + preprocess
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pynetdicom import AE, _config, evt
 
-from triage_node.receive import supported_contexts
+from triage_node.dicom.storage_scp import supported_contexts
 
 
 def on_open(event: Any) -> None:

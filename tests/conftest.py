@@ -12,8 +12,8 @@ from sqlalchemy.exc import OperationalError
 
 from tests.support.node import Node
 from tests.support.peers import missing
-from triage_node.db import make_engine, upgrade
-from triage_node.store import Store
+from triage_node.db.database import Database
+from triage_node.db.engine import make_engine, upgrade
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -55,11 +55,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    """A Store on a freshly migrated database (SQLite and PostgreSQL)."""
+def store(database_url: str) -> Iterator[Database]:
+    """A Database on a freshly migrated database (SQLite and PostgreSQL)."""
     engine = make_engine(database_url)
     upgrade(engine)
-    yield Store(engine)
+    yield Database(engine)
     engine.dispose()
 
 

@@ -13,8 +13,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from triage_node import __version__
 from triage_node.config import Config, load_config
 from triage_node.errors import TriageError
@@ -208,19 +206,19 @@ def _evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _serve(config: Config, _args: argparse.Namespace) -> int:
-    from triage_node.service import serve
+    from triage_node.service.supervisor import serve
 
     return serve(config)
 
 
 def _worker(config: Config, _args: argparse.Namespace) -> int:
-    from triage_node.service import serve_workers
+    from triage_node.service.supervisor import serve_workers
 
     return serve_workers(config)
 
 
 def _infer(config: Config, args: argparse.Namespace) -> int:
-    from triage_node.files import analyse_files, format_report
+    from triage_node.analysis.files import analyse_files, format_report
 
     report = analyse_files(args.paths, args.model or config.worker.model_dir, config.worker)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -229,10 +227,10 @@ def _infer(config: Config, args: argparse.Namespace) -> int:
 
 def _train(_config: Config, args: argparse.Namespace) -> int:
     try:
-        from triage_node.backbone import Pooling
-        from triage_node.finalise import train
-        from triage_node.net import NetSpec
-        from triage_node.trainconfig import TrainConfig, pretrained_defaults, with_overrides
+        from triage_node.training.backbone import Pooling
+        from triage_node.training.finalise import train
+        from triage_node.training.network import NetSpec
+        from triage_node.training.settings import TrainConfig, pretrained_defaults, with_overrides
     except ImportError as exc:
         print(
             f"triage-node train needs the 'train' extra ({exc.name} is missing): "
@@ -309,7 +307,7 @@ def _train(_config: Config, args: argparse.Namespace) -> int:
 
 
 def _evaluate(config: Config, args: argparse.Namespace) -> int:
-    from triage_node.evaluate import evaluate, format_evaluation
+    from triage_node.training.evaluate import evaluate, format_evaluation
 
     document = evaluate(
         args.model or config.worker.model_dir,
@@ -329,7 +327,8 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:
-    from triage_node.health import collect_status, format_status
+    from triage_node.ops.status import collect_status
+    from triage_node.ops.status_text import format_status
 
     report = collect_status(config, timeout=args.timeout)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
@@ -339,23 +338,24 @@ def _status(config: Config, args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _open_store(config: Config) -> Iterator[Any]:
     """The node's database, which must exist at the current schema."""
-    from triage_node.db import make_engine, require_current_schema
-    from triage_node.store import Store
+    from triage_node.db.database import Database
+    from triage_node.db.engine import make_engine, require_current_schema
 
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     try:
         require_current_schema(engine)
-        yield Store(engine)
+        yield Database(engine)
     finally:
         engine.dispose()
 
 
 def _worklist(config: Config, args: argparse.Namespace) -> int:
     from triage_node.domain import utcnow
-    from triage_node.health import format_worklist, worklist_entry
+    from triage_node.ops.status import worklist_entry
+    from triage_node.ops.status_text import format_worklist
 
     with _open_store(config) as store:
-        rows = store.worklist(limit=args.limit)
+        rows = store.priority.worklist(limit=args.limit)
     now = utcnow()
     entries = [worklist_entry(row, now) for row in rows]
     if args.json:
@@ -371,7 +371,7 @@ def _priority(config: Config, args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     with _open_store(config) as store:
-        row = store.priority(args.study_uid)
+        row = store.priority.row(args.study_uid)
     if row is None:
         print(f"{args.study_uid}: no such study", file=sys.stderr)
         return EXIT_FAILED
@@ -391,7 +391,8 @@ def _priority(config: Config, args: argparse.Namespace) -> int:
 
 
 def _mark_reported(config: Config, args: argparse.Namespace) -> int:
-    from triage_node.domain import ReportSource, is_valid_uid, utcnow
+    from triage_node.db.priority import ReportSource
+    from triage_node.domain import is_valid_uid, utcnow
 
     if bool(args.study_uids) == bool(args.accession):
         print("triage-node mark-reported: give STUDY_UID(s) or --accession", file=sys.stderr)
@@ -409,7 +410,7 @@ def _mark_reported(config: Config, args: argparse.Namespace) -> int:
             else [{"accession_number": args.accession}]
         )
         for query in queries:
-            found = store.mark_reported(ReportSource.CLI, now, **query)
+            found = store.priority.mark_reported(ReportSource.CLI, now, **query)
             if not found:
                 missing += 1
                 print(
@@ -423,15 +424,16 @@ def _mark_reported(config: Config, args: argparse.Namespace) -> int:
 
 
 def _outbox(config: Config, args: argparse.Namespace) -> int:
-    from triage_node.domain import OutboxState, utcnow
+    from triage_node.db.outbox import OutboxState
+    from triage_node.domain import utcnow
 
     with _open_store(config) as store:
         if args.outbox_command == "retry":
-            revived = store.outbox_retry(utcnow(), args.ids or None)
+            revived = store.outbox.retry(utcnow(), args.ids or None)
             print(f"{revived} dead item(s) queued again")
             return EXIT_OK
         state = OutboxState(args.state) if args.state else None
-        items = store.outbox_items(state, args.limit)
+        items = store.outbox.items(state, args.limit)
     if args.json:
         print(json.dumps([_outbox_json(i) for i in items], indent=2))
         return EXIT_OK
@@ -464,7 +466,13 @@ def _outbox_json(item: Any) -> dict[str, Any]:
 
 
 def _db(config: Config, args: argparse.Namespace) -> int:
-    from triage_node.db import current_revision, head_revision, make_engine, redact_url, upgrade
+    from triage_node.db.engine import (
+        current_revision,
+        head_revision,
+        make_engine,
+        redact_url,
+        upgrade,
+    )
 
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     try:
@@ -507,9 +515,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](config, args)
     except TriageError as exc:
         print(f"triage-node: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except SQLAlchemyError as exc:
-        print(f"triage-node: database error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED

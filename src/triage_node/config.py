@@ -19,9 +19,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from triage_node.domain import Destination, TlsFiles
+from triage_node.domain import Destination, TlsFiles, field_name
 from triage_node.errors import ConfigError
-from triage_node.hl7 import field_name
 
 ENV_PREFIX = "TRIAGE_NODE_"
 ENV_CONFIG_FILE = "TRIAGE_NODE_CONFIG"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from triage_node.errors import InvalidUID
 
+MANUFACTURER = "triage-node"  # on every object the node writes; how it knows its own outputs
+
 
 def utcnow() -> datetime:
     """Now, timezone-aware UTC: the only kind of time the node stores."""
@@ -41,14 +43,6 @@ def validate_uid(value: object, what: str) -> str:
     return str(value)
 
 
-class StudyState(enum.StrEnum):
-    """Where a study is on the data path (architecture.md, result contract item 4)."""
-
-    RECEIVED = "RECEIVED"  # instances arriving, or settling before it is queued
-    QUEUED = "QUEUED"  # a job waits for a worker
-    INFERRED = "INFERRED"  # analysed; ``outcome`` says how
-
-
 class Outcome(enum.StrEnum):
     """What the analysis of a study found (architecture.md, result contract item 4)."""
 
@@ -58,64 +52,8 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"  # no instance the model is for
 
 
-class PriorityState(enum.StrEnum):
-    """A study's place in the priority table (architecture.md, result contract item 4).
-
-    RECEIVED, QUEUED and INFERRED follow the processing state; FLAGGED (a positive result, not yet
-    reported) and REPORTED (a radiologist's report is known) then hold whatever happens next:
-    a flag is never taken back by a later analysis, only by a report.
-    """
-
-    RECEIVED = "RECEIVED"
-    QUEUED = "QUEUED"
-    INFERRED = "INFERRED"
-    FLAGGED = "FLAGGED"
-    REPORTED = "REPORTED"
-
-
-class ReportSource(enum.StrEnum):
-    """How the node learnt that a study was reported, most reliable first."""
-
-    HL7 = "hl7"  # ORU^R01 with OBR-25 F or C
-    C_FIND = "c-find"  # a report object in the study that the node did not make
-    CLI = "cli"  # triage-node mark-reported
-
-
 # The operating points of a manifest, weakest first: priority compares them by this order.
 OPERATING_POINT_ORDER = ("high_sensitivity", "high_specificity")
-
-
-@dataclass(frozen=True, slots=True)
-class PriorityRow:
-    """One study in the priority table. ``rank`` is its place among unreported positives
-    (1 = read first), None for every other study."""
-
-    study_uid: str
-    state: PriorityState
-    outcome: Outcome | None
-    score: float | None
-    operating_point: str | None
-    model_version: str | None
-    study_date: str
-    received_at: datetime
-    inferred_at: datetime | None
-    flagged_at: datetime | None
-    reported_at: datetime | None
-    report_source: ReportSource | None
-    escalations: int
-    escalated_at: datetime | None
-    rank: int | None = None
-    skip_reason: str | None = None  # for a skipped study: why (e.g. "out of scope: ...")
-
-
-class JobState(enum.StrEnum):
-    """Life of one analysis job."""
-
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    DONE = "DONE"
-    FAILED = "FAILED"
-    SUPERSEDED = "SUPERSEDED"  # a newer job for the same study replaced it before it ran
 
 
 _DESTINATION = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
@@ -164,14 +102,6 @@ class TlsFiles:
         return context
 
 
-class OutboxState(enum.StrEnum):
-    """Life of one result object on its way to one destination."""
-
-    PENDING = "PENDING"  # to send, at next_attempt_at
-    SENT = "SENT"  # the destination answered Success or Warning
-    DEAD = "DEAD"  # gave up after the maximum attempts; `triage-node outbox retry` revives it
-
-
 @dataclass(frozen=True, slots=True)
 class ResultFile:
     """A result object written to the spool, to be sent."""
@@ -182,21 +112,18 @@ class ResultFile:
     path: Path
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
-    id: int
-    study_uid: str
-    result_version: int
-    kind: str
-    sop_instance_uid: str
-    path: Path
-    destination: str
-    state: OutboxState
-    attempts: int
-    next_attempt_at: datetime
-    last_status: int | None
-    last_error: str | None
-    sent_at: datetime | None
+# An HL7 v2 segment field as configured (``OBR-18``): the configuration checks it, the parser
+# reads it.
+_FIELD_NAME = re.compile(r"^(?P<segment>[A-Z][A-Z0-9]{2})-(?P<field>[1-9][0-9]{0,2})$")
+
+
+def field_name(text: str) -> tuple[str, int]:
+    """An HL7 v2 field by segment and position: ``"OBR-18"`` -> ``("OBR", 18)``; ValueError
+    for anything else."""
+    match = _FIELD_NAME.match(text.strip().upper())
+    if match is None:
+        raise ValueError(f"{text!r} is not a segment field like OBR-18")
+    return match["segment"], int(match["field"])
 
 
 class AssociationEnd(enum.StrEnum):
@@ -241,46 +168,6 @@ class SpooledFile:
     relpath: str
     size: int
     replaced: bool  # a file of the same SOP Instance UID was there before
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedInstance:
-    """What the database said after an instance was recorded."""
-
-    study_id: int
-    instance_id: int
-    replaced: bool  # the SOP Instance UID was already known (a resend)
-    reopened: bool  # the study had already been queued or processed
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyStudy:
-    """A study that has settled and may be queued."""
-
-    study_id: int
-    study_uid: str
-    revision: int
-    last_received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    """A job a worker holds the lease of."""
-
-    job_id: int
-    study_id: int
-    study_uid: str
-    study_revision: int
-    attempts: int  # including this one
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceRef:
-    """A stored instance of a study, as the worker sees it."""
-
-    instance_id: int
-    sop_instance_uid: str
-    path: str  # relative to the spool
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,14 @@ class DatabaseError(TriageError):
     """The database could not be used."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached, or refused the statement."""
+
+    def __init__(self, message: str | None = None, *, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause  # the driver's exception class, for logs (never its parameters)
+
+
 class SchemaOutOfDate(DatabaseError):
     """The database schema is older than this triage-node; run 'triage-node db upgrade'."""
 

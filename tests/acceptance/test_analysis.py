@@ -15,8 +15,8 @@ from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
 from tests.support.peers import storescu, triage_node_command, wait_for
 from tests.support.synth import write_study_set
-from triage_node.db import make_engine
-from triage_node.store import Store
+from triage_node.db.database import Database
+from triage_node.db.engine import make_engine
 
 
 def rows(url: str, sql: str) -> list[tuple]:
@@ -91,7 +91,7 @@ def test_job_of_a_dead_worker_is_taken_over(tmp_path: Path) -> None:
         assert node.stop() == 0
     # A worker claims the job and dies without a word (its lease is all that is left).
     engine = make_engine(node.database_url)
-    dead = Store(engine).claim("gone-host:1", datetime.now(UTC), timedelta(seconds=2))
+    dead = Database(engine).claim("gone-host:1", datetime.now(UTC), timedelta(seconds=2))
     engine.dispose()
     assert dead is not None
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from tests.support.peers import SHARED, require_shared_dicom, triage_node_command
+from triage_node.analysis.manifest import load_manifest
+from triage_node.analysis.runtime import Model
 from triage_node.config import WorkerConfig
-from triage_node.infer import Model
-from triage_node.model import load_manifest
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 V1, V2 = MODELS / "fracture-v1", MODELS / "fracture-v2"
@@ -158,8 +158,8 @@ def test_fracture_v2_analyses_in_scope_fracatlas_test_images_sent_as_dicom(tmp_p
     from pydicom.uid import generate_uid
 
     from tests.support.synth import dx_from_picture
-    from triage_node.dataset import load_folder
-    from triage_node.evaluate import select
+    from triage_node.training.evaluate import select
+    from triage_node.training.folders import load_folder
 
     with open(FRACATLAS / "labels.csv", newline="") as handle:
         regions = {

@@ -15,7 +15,7 @@ from tests.support.synth import (
     SYNTHETIC_PATIENT_NAME,
     write_study_set,
 )
-from triage_node.db import head_revision
+from triage_node.db.engine import head_revision
 
 
 def status(node: Node) -> tuple[int, dict]:

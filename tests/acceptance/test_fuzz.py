@@ -37,8 +37,8 @@ from tests.support.onnx_models import write_model_dir
 from tests.support.pdus import association_request
 from tests.support.peers import wait_for
 from tests.support.synth import radiograph
-from triage_node.infer import Model
-from triage_node.pipeline import ImageSource, analyse
+from triage_node.analysis.pipeline import ImageSource, analyse
+from triage_node.analysis.runtime import Model
 
 WIRE_PDUS = int(os.environ.get("FUZZ_PDUS", 2_000))
 WIRE_DATASETS = int(os.environ.get("FUZZ_DATASETS", 8_000))  # with the PDUs: 10,000

@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.support.peers import SHARED, triage_node_command
 from tests.support.synth import write_study_set
-from triage_node.model import load_manifest
+from triage_node.analysis.manifest import load_manifest
 
 pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 
@@ -252,8 +252,9 @@ def test_evaluate_and_train_fail_clearly_on_a_malformed_folder(
 def test_the_runtime_path_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "import triage_node.cli, triage_node.service, triage_node.worker, triage_node.files\n"
-        "import triage_node.evaluate, triage_node.health\n"
+        "import triage_node.cli, triage_node.service.supervisor, triage_node.service.worker\n"
+        "import triage_node.analysis.files\n"
+        "import triage_node.training.evaluate, triage_node.ops.status\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad\n"
     )

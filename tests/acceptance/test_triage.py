@@ -23,8 +23,8 @@ from tests.support.onnx_models import write_model_dir
 from tests.support.orthanc import Orthanc, node_and_orthanc
 from tests.support.peers import free_port, storescu, wait_for
 from tests.support.synth import write_study_set
-from triage_node.hl7 import parse
-from triage_node.mllp import send
+from triage_node.hl7.messages import parse
+from triage_node.hl7.mllp import send
 
 EVERYTHING_POSITIVE = {
     "high_sensitivity": {"threshold": 0.0, "sensitivity": 1.0},

@@ -14,11 +14,11 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 
 from tests.support.peers import StoreSCP, free_port, require_shared_dicom
 from tests.support.pki import make_pki
-from triage_node.deliver import FAILED, SENT, UNREACHABLE, send_files
+from triage_node.analysis.preprocess import InputSpec, preprocess
+from triage_node.analysis.render import heatmap
+from triage_node.dicom.storage_scu import FAILED, SENT, UNREACHABLE, send_files
 from triage_node.domain import Destination, TlsFiles
-from triage_node.preprocess import InputSpec, preprocess
-from triage_node.render import heatmap
-from triage_node.report import (
+from triage_node.results.objects import (
     Algorithm,
     AnalysedImage,
     ResultUIDs,

@@ -15,38 +15,37 @@ from tests.support.hl7msgs import oru
 from tests.support.peers import free_port
 from tests.support.records import header
 from triage_node.config import load_config
-from triage_node.domain import (
-    ImageResult,
-    PriorityState,
-    ReportSource,
-    SpooledFile,
-    StudyAnalysis,
-)
-from triage_node.escalate import Escalator
-from triage_node.hl7 import parse
-from triage_node.mllp import END, START, FrameReader, MLLPServer, frame, send
-from triage_node.reconcile import OruHandler
-from triage_node.store import Store
+from triage_node.db.database import Database
+from triage_node.db.priority import PriorityState, ReportSource
+from triage_node.domain import ImageResult, SpooledFile, StudyAnalysis
+from triage_node.hl7.messages import parse
+from triage_node.hl7.mllp import END, START, FrameReader, MLLPServer, frame, send
+from triage_node.service.escalation import Escalator
+from triage_node.service.reconciliation import OruHandler
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 
 
-def flagged_study(store: Store, study: str, accession: str) -> None:
+def flagged_study(store: Database, study: str, accession: str) -> None:
     h = replace(header(study=study, sop=study + ".1.1"), accession_number=accession)
-    store.record_instance(h, SpooledFile(f"{study}.dcm", 10, False), None, T0)
+    store.intake.record_instance(h, SpooledFile(f"{study}.dcm", 10, False), None, T0)
     [ready] = [
-        r for r in store.ready_studies(T0, timedelta(0), timedelta(1)) if r.study_uid == study
+        r
+        for r in store.intake.ready_studies(T0, timedelta(0), timedelta(1))
+        if r.study_uid == study
     ]
-    store.enqueue(ready, T0)
-    job = store.claim("w", T0, timedelta(minutes=1))
+    store.queue.enqueue(ready, T0)
+    job = store.queue.claim("w", T0, timedelta(minutes=1))
     assert job is not None
     image = ImageResult(job.study_id, h.sop_instance_uid, 0.9, 1, 1, 1, 0, 1)
-    assert store.complete(job, "w", StudyAnalysis((image,), (), "m", "1", "CPU", 0.3, 0.7, 1), T0)
+    assert store.queue.complete(
+        job, "w", StudyAnalysis((image,), (), "m", "1", "CPU", 0.3, 0.7, 1), T0
+    )
 
 
 @pytest.fixture
-def listener(store: Store) -> Iterator[MLLPServer]:
-    server = MLLPServer(("127.0.0.1", 0), OruHandler(store, ["OBR-18", "OBR-3"]))
+def listener(store: Database) -> Iterator[MLLPServer]:
+    server = MLLPServer(("127.0.0.1", 0), OruHandler(store.priority, ["OBR-18", "OBR-3"]))
     server.start()
     yield server
     server.stop()
@@ -58,19 +57,19 @@ def ack_of(answer: bytes) -> tuple[str, str, str]:
     return message.component(msa, 1), message.component(msa, 2), message.component(msa, 3)
 
 
-def test_final_report_marks_the_study_reported(store: Store, listener: MLLPServer) -> None:
+def test_final_report_marks_the_study_reported(store: Database, listener: MLLPServer) -> None:
     flagged_study(store, "1.3.1", "ACC-1")
     flagged_study(store, "1.3.2", "ACC-2")
     # A preliminary result changes nothing; the final one reports the study.
     code, control, _ = ack_of(send("127.0.0.1", listener.port, oru("P", "ACC-1", "C0"), 5))
     assert (code, control) == ("AA", "C0")
-    assert store.priority("1.3.1").state == PriorityState.FLAGGED  # type: ignore[union-attr]
+    assert store.priority.row("1.3.1").state == PriorityState.FLAGGED  # type: ignore[union-attr]
     code, control, text = ack_of(send("127.0.0.1", listener.port, oru("F", "ACC-1", "C1"), 5))
     assert (code, control, text) == ("AA", "C1", "1 study marked reported")
-    row = store.priority("1.3.1")
+    row = store.priority.row("1.3.1")
     assert row is not None and row.state == PriorityState.REPORTED
     assert row.report_source == ReportSource.HL7
-    assert store.priority("1.3.2").state == PriorityState.FLAGGED  # type: ignore[union-attr]
+    assert store.priority.row("1.3.2").state == PriorityState.FLAGGED  # type: ignore[union-attr]
     # The same message again is acknowledged and changes nothing.
     assert ack_of(send("127.0.0.1", listener.port, oru("F", "ACC-1", "C2"), 5))[2] == (
         "0 studies marked reported"
@@ -79,11 +78,11 @@ def test_final_report_marks_the_study_reported(store: Store, listener: MLLPServe
     assert ack_of(send("127.0.0.1", listener.port, oru("C", "NOT-HERE", "C3"), 5))[0] == "AA"
     # ZDS names the study even when the accession number differs.
     send("127.0.0.1", listener.port, oru("C", "OTHER", "C4", zds="1.3.2"), 5)
-    assert store.priority("1.3.2").state == PriorityState.REPORTED  # type: ignore[union-attr]
+    assert store.priority.row("1.3.2").state == PriorityState.REPORTED  # type: ignore[union-attr]
 
 
 def test_malformed_messages_get_an_error_ack_and_change_nothing(
-    store: Store, listener: MLLPServer
+    store: Database, listener: MLLPServer
 ) -> None:
     flagged_study(store, "1.3.5", "ACC-5")
     cases = {
@@ -101,11 +100,11 @@ def test_malformed_messages_get_an_error_ack_and_change_nothing(
             answer = reader.read()
             assert answer is not None
             assert ack_of(answer)[0] == expected, message
-    assert store.priority("1.3.5").state == PriorityState.FLAGGED  # type: ignore[union-attr]
+    assert store.priority.row("1.3.5").state == PriorityState.FLAGGED  # type: ignore[union-attr]
 
 
 def test_broken_framing_drops_the_connection_not_the_listener(
-    store: Store, listener: MLLPServer
+    store: Database, listener: MLLPServer
 ) -> None:
     flagged_study(store, "1.3.6", "ACC-6")
     with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as sock:
@@ -119,11 +118,11 @@ def test_broken_framing_drops_the_connection_not_the_listener(
             for _ in range(100):
                 sock.sendall(b"z" * 65536)
     assert ack_of(send("127.0.0.1", listener.port, oru("F", "ACC-6"), 5))[0] == "AA"
-    assert store.priority("1.3.6").state == PriorityState.REPORTED  # type: ignore[union-attr]
+    assert store.priority.row("1.3.6").state == PriorityState.REPORTED  # type: ignore[union-attr]
 
 
-def test_address_allow_list(store: Store) -> None:
-    server = MLLPServer(("127.0.0.1", 0), OruHandler(store, ["OBR-18"]), ["10.0.0.0/8"])
+def test_address_allow_list(store: Database) -> None:
+    server = MLLPServer(("127.0.0.1", 0), OruHandler(store.priority, ["OBR-18"]), ["10.0.0.0/8"])
     server.start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
@@ -164,7 +163,7 @@ class PlainRis:
         self.sock.close()
 
 
-def test_escalation_sends_a_priority_update_to_the_ris(store: Store) -> None:
+def test_escalation_sends_a_priority_update_to_the_ris(store: Database) -> None:
     flagged_study(store, "1.3.9", "ACC-9")
     ris = PlainRis()
     unused = free_port()
@@ -179,7 +178,7 @@ def test_escalation_sends_a_priority_update_to_the_ris(store: Store) -> None:
                 }
             )
             now = T0 + timedelta(minutes=minutes)
-            escalator = Escalator(store, config, clock=lambda: now)  # noqa: B023
+            escalator = Escalator(store.escalations, config, clock=lambda: now)  # noqa: B023
             assert escalator.escalate_due() == 1  # a RIS that is down does not stop escalation
             if target.endswith(str(ris.port)):
                 [message] = ris.received
@@ -189,18 +188,18 @@ def test_escalation_sends_a_priority_update_to_the_ris(store: Store) -> None:
                 assert orm.component(orm.all("ZDS")[0], 1) == "1.3.9"
     finally:
         ris.close()
-    row = store.priority("1.3.9")
+    row = store.priority.row("1.3.9")
     assert row is not None and row.escalations == 2
 
 
 def test_database_unavailable_gets_an_error_ack_to_send_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from triage_node.db import make_engine
+    from triage_node.db.engine import make_engine
 
     engine = make_engine(
         f"sqlite:///{tmp_path / 'no-schema.sqlite3'}"
     )  # no tables: every query fails
     try:
-        answer = OruHandler(Store(engine), ["OBR-18"])(oru("F", "ACC-1", "C9"))
+        answer = OruHandler(Database(engine).priority, ["OBR-18"])(oru("F", "ACC-1", "C9"))
     finally:
         engine.dispose()
     message = parse(answer.decode())

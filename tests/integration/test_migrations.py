@@ -4,14 +4,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from triage_node.db import (
+from triage_node.db.engine import (
     current_revision,
     head_revision,
     make_engine,
-    metadata,
     require_current_schema,
     upgrade,
 )
+from triage_node.db.schema import metadata
 from triage_node.errors import SchemaOutOfDate
 
 

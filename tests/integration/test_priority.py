@@ -9,37 +9,32 @@ from pathlib import Path
 import pytest
 
 from tests.support.records import analyse, header
-from triage_node.domain import (
-    OutboxState,
-    Outcome,
-    PriorityState,
-    ReportSource,
-    ResultFile,
-    SpooledFile,
-)
-from triage_node.store import Store
+from triage_node.db.database import Database
+from triage_node.db.outbox import OutboxState
+from triage_node.db.priority import PriorityState, ReportSource
+from triage_node.domain import Outcome, ResultFile, SpooledFile
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
 PACS = "PACS@127.0.0.1:4242"
 
 
-def receive(store: Store, study: str, at: datetime, accession: str = "ACC1") -> None:
+def receive(store: Database, study: str, at: datetime, accession: str = "ACC1") -> None:
     h = replace(
         header(study=study, sop=f"{study}.1.{at.timestamp():.0f}"), accession_number=accession
     )
-    store.record_instance(h, SpooledFile(f"{h.sop_instance_uid}.dcm", 10, False), None, at)
+    store.intake.record_instance(h, SpooledFile(f"{h.sop_instance_uid}.dcm", 10, False), None, at)
 
 
-def test_states_follow_the_data_path_and_positives_are_flagged(store: Store) -> None:
+def test_states_follow_the_data_path_and_positives_are_flagged(store: Database) -> None:
     receive(store, "1.9.1", T0)
-    assert store.priority("1.9.1").state == PriorityState.RECEIVED  # type: ignore[union-attr]
-    [ready] = store.ready_studies(T0, timedelta(0), timedelta(hours=1))
-    store.enqueue(ready, T0)
-    assert store.priority("1.9.1").state == PriorityState.QUEUED  # type: ignore[union-attr]
+    assert store.priority.row("1.9.1").state == PriorityState.RECEIVED  # type: ignore[union-attr]
+    [ready] = store.intake.ready_studies(T0, timedelta(0), timedelta(hours=1))
+    store.queue.enqueue(ready, T0)
+    assert store.priority.row("1.9.1").state == PriorityState.QUEUED  # type: ignore[union-attr]
     receive(store, "1.9.2", T0)
     analyse(store, T0 + timedelta(seconds=5), 0.5)
-    row = store.priority("1.9.1")
+    row = store.priority.row("1.9.1")
     assert row is not None
     assert row.state == PriorityState.FLAGGED and row.outcome == Outcome.POSITIVE
     assert row.score == pytest.approx(0.5) and row.operating_point == "high_sensitivity"
@@ -48,111 +43,117 @@ def test_states_follow_the_data_path_and_positives_are_flagged(store: Store) -> 
 
     receive(store, "1.9.3", T0)
     analyse(store, T0 + timedelta(seconds=6), 0.1)
-    negative = store.priority("1.9.3")
+    negative = store.priority.row("1.9.3")
     assert negative is not None and negative.state == PriorityState.INFERRED
     assert negative.outcome == Outcome.NEGATIVE and negative.flagged_at is None
     assert negative.rank is None and negative.operating_point is None
-    assert store.priority("9.9.9") is None
-    assert store.priority_counts() == {"FLAGGED": 2, "INFERRED": 1}
+    assert store.priority.row("9.9.9") is None
+    assert store.priority.counts() == {"FLAGGED": 2, "INFERRED": 1}
     assert negative.skip_reason is None
 
     receive(store, "1.9.4", T0)
     analyse(store, T0 + timedelta(seconds=7), None, "out of scope: Body Part Examined CHEST")
-    skipped = store.priority("1.9.4")
+    skipped = store.priority.row("1.9.4")
     assert skipped is not None and skipped.outcome == Outcome.SKIPPED
     assert skipped.skip_reason == "out of scope: Body Part Examined CHEST"
 
 
-def test_priority_only_goes_up(store: Store) -> None:
+def test_priority_only_goes_up(store: Database) -> None:
     receive(store, "1.8.1", T0)
     analyse(store, T0, 0.9)
-    first = store.priority("1.8.1")
+    first = store.priority.row("1.8.1")
     assert first is not None and first.operating_point == "high_specificity"
     receive(store, "1.8.1", T0 + timedelta(minutes=1))  # a late image: re-analysed
-    assert store.priority("1.8.1").state == PriorityState.FLAGGED  # type: ignore[union-attr]
+    assert store.priority.row("1.8.1").state == PriorityState.FLAGGED  # type: ignore[union-attr]
     analyse(store, T0 + timedelta(minutes=2), 0.05)  # now the study looks negative
-    again = store.priority("1.8.1")
+    again = store.priority.row("1.8.1")
     assert again is not None
     assert again.state == PriorityState.FLAGGED and again.outcome == Outcome.NEGATIVE
     assert again.score == pytest.approx(0.9) and again.operating_point == "high_specificity"
     assert again.flagged_at == first.flagged_at and again.rank == 1
 
 
-def test_rank_is_higher_score_then_older_study(store: Store) -> None:
+def test_rank_is_higher_score_then_older_study(store: Database) -> None:
     for n, (minute, probability) in enumerate([(0, 0.5), (1, 0.95), (2, 0.5), (3, 0.2)]):
         receive(store, f"1.7.{n}", T0 + timedelta(minutes=minute))
         analyse(store, T0 + timedelta(minutes=minute, seconds=1), probability)
-    worklist = store.worklist()
+    worklist = store.priority.worklist()
     assert [(r.study_uid, r.rank) for r in worklist] == [("1.7.1", 1), ("1.7.0", 2), ("1.7.2", 3)]
-    assert [store.priority(r.study_uid).rank for r in worklist] == [1, 2, 3]  # type: ignore[union-attr]
+    assert [store.priority.row(r.study_uid).rank for r in worklist] == [1, 2, 3]  # type: ignore[union-attr]
 
 
-def test_mark_reported_by_uid_and_accession(store: Store) -> None:
+def test_mark_reported_by_uid_and_accession(store: Database) -> None:
     receive(store, "1.6.1", T0, accession="A-1")
     receive(store, "1.6.2", T0, accession="A-2")
     receive(store, "1.6.3", T0, accession="A-2")
     analyse(store, T0, 0.8)
     now = T0 + timedelta(hours=1)
-    assert store.mark_reported(ReportSource.CLI, now, study_uid="1.6.1") == [("1.6.1", True)]
-    assert store.mark_reported(ReportSource.HL7, now, study_uid="1.6.1") == [("1.6.1", False)]
-    assert sorted(store.mark_reported(ReportSource.HL7, now, accession_number="A-2")) == [
+    assert store.priority.mark_reported(ReportSource.CLI, now, study_uid="1.6.1") == [
+        ("1.6.1", True)
+    ]
+    assert store.priority.mark_reported(ReportSource.HL7, now, study_uid="1.6.1") == [
+        ("1.6.1", False)
+    ]
+    assert sorted(store.priority.mark_reported(ReportSource.HL7, now, accession_number="A-2")) == [
         ("1.6.2", True),
         ("1.6.3", True),
     ]
-    assert store.mark_reported(ReportSource.HL7, now, accession_number="nope") == []
-    row = store.priority("1.6.1")
+    assert store.priority.mark_reported(ReportSource.HL7, now, accession_number="nope") == []
+    row = store.priority.row("1.6.1")
     assert row is not None and row.state == PriorityState.REPORTED
     assert row.report_source == ReportSource.CLI and row.reported_at == now and row.rank is None
-    assert store.worklist() == []
+    assert store.priority.worklist() == []
     # A report known before the analysis: the study never enters the worklist.
     receive(store, "1.6.4", T0)
-    store.mark_reported(ReportSource.HL7, now, study_uid="1.6.4")
+    store.priority.mark_reported(ReportSource.HL7, now, study_uid="1.6.4")
     analyse(store, now, 0.99)
-    assert store.priority("1.6.4").state == PriorityState.REPORTED  # type: ignore[union-attr]
-    assert store.worklist() == []
+    assert store.priority.row("1.6.4").state == PriorityState.REPORTED  # type: ignore[union-attr]
+    assert store.priority.worklist() == []
     with pytest.raises(ValueError):
-        store.mark_reported(ReportSource.CLI, now)
+        store.priority.mark_reported(ReportSource.CLI, now)
 
 
-def test_studies_to_check_least_recently_first(store: Store) -> None:
+def test_studies_to_check_least_recently_first(store: Database) -> None:
     for n in range(3):
         receive(store, f"1.5.{n}", T0)
     analyse(store, T0, 0.6)
     every = timedelta(minutes=5)
-    assert [uid for _, uid in store.studies_to_check(T0, every, 10)] == ["1.5.0", "1.5.1", "1.5.2"]
-    first_id = store.studies_to_check(T0, every, 1)[0][0]
-    store.checked(first_id, T0)
-    assert [uid for _, uid in store.studies_to_check(T0, every, 10)] == ["1.5.1", "1.5.2"]
+    assert [uid for _, uid in store.report_checks.due(T0, every, 10)] == ["1.5.0", "1.5.1", "1.5.2"]
+    first_id = store.report_checks.due(T0, every, 1)[0][0]
+    store.report_checks.checked(first_id, T0)
+    assert [uid for _, uid in store.report_checks.due(T0, every, 10)] == ["1.5.1", "1.5.2"]
     later = T0 + every
-    assert [uid for _, uid in store.studies_to_check(later, every, 10)][-1] == "1.5.0"
-    store.mark_reported(ReportSource.CLI, later, study_uid="1.5.1")
-    assert "1.5.1" not in [uid for _, uid in store.studies_to_check(later, every, 10)]
+    assert [uid for _, uid in store.report_checks.due(later, every, 10)][-1] == "1.5.0"
+    store.priority.mark_reported(ReportSource.CLI, later, study_uid="1.5.1")
+    assert "1.5.1" not in [uid for _, uid in store.report_checks.due(later, every, 10)]
 
 
-def test_escalation_once_per_interval_resends_the_latest_flag(store: Store) -> None:
+def test_escalation_once_per_interval_resends_the_latest_flag(store: Database) -> None:
     receive(store, "1.4.1", T0)
     analyse(store, T0, 0.8)
-    sid = store.studies_to_check(T0, timedelta(0), 1)[0][0]
+    sid = store.report_checks.due(T0, timedelta(0), 1)[0][0]
     ko = ResultFile("ko", "1.2.840.10008.5.1.4.1.1.88.59", "2.25.9", Path("/r/ko.dcm"))
     sr = ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.34", "2.25.8", Path("/r/sr.dcm"))
-    store.add_outbox(sid, 1, [ko, sr], [PACS], T0)
-    for item in store.due_outbox(T0):
-        store.outbox_sent(item.id, 0, T0)
+    store.outbox.add(sid, 1, [ko, sr], [PACS], T0)
+    for item in store.outbox.due(T0):
+        store.outbox.sent(item.id, 0, T0)
 
     after, repeat = timedelta(hours=1), timedelta(hours=2)
-    assert store.due_escalations(T0 + timedelta(minutes=59), after, repeat) == []
-    [due] = store.due_escalations(T0 + after, after, repeat)
+    assert store.escalations.due(T0 + timedelta(minutes=59), after, repeat) == []
+    [due] = store.escalations.due(T0 + after, after, repeat)
     assert due.study_uid == "1.4.1" and due.accession_number == "ACC1" and due.escalations == 0
-    assert store.escalate(due, T0 + after) == 1
-    assert store.escalate(due, T0 + after) is None  # counted once, however often it is asked
-    [pending] = store.due_outbox(T0 + after)
+    assert store.escalations.escalate(due, T0 + after) == 1
+    assert (
+        store.escalations.escalate(due, T0 + after) is None
+    )  # counted once, however often it is asked
+    [pending] = store.outbox.due(T0 + after)
     assert pending.kind == "ko" and pending.attempts == 0
-    assert store.due_escalations(T0 + after + timedelta(minutes=119), after, repeat) == []
-    [again] = store.due_escalations(T0 + after + repeat, after, repeat)
+    assert store.escalations.due(T0 + after + timedelta(minutes=119), after, repeat) == []
+    [again] = store.escalations.due(T0 + after + repeat, after, repeat)
     assert again.escalations == 1
-    assert store.escalate(again, T0 + after + repeat) == 1
-    row = store.priority("1.4.1")
+    assert store.escalations.escalate(again, T0 + after + repeat) == 1
+    row = store.priority.row("1.4.1")
     assert row is not None and row.escalations == 2 and row.escalated_at == T0 + after + repeat
-    store.mark_reported(ReportSource.CLI, T0 + timedelta(days=1), study_uid="1.4.1")
-    assert store.due_escalations(T0 + timedelta(days=2), after, repeat) == []
-    assert store.outbox_counts()[PACS][OutboxState.SENT.value] == 1
+    store.priority.mark_reported(ReportSource.CLI, T0 + timedelta(days=1), study_uid="1.4.1")
+    assert store.escalations.due(T0 + timedelta(days=2), after, repeat) == []
+    assert store.outbox.counts()[PACS][OutboxState.SENT.value] == 1

@@ -10,26 +10,23 @@ import pytest
 from sqlalchemy import select
 
 from tests.support.records import header
-from triage_node.db import image_results, jobs, studies, study_results
-from triage_node.domain import (
-    ImageResult,
-    JobState,
-    Skip,
-    SpooledFile,
-    StudyAnalysis,
-)
-from triage_node.store import Store
+from triage_node.db.database import Database
+from triage_node.db.queue import JobState
+from triage_node.db.schema import image_results, jobs, studies, study_results
+from triage_node.domain import ImageResult, Skip, SpooledFile, StudyAnalysis
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
 
 
-def queue_studies(store: Store, count: int) -> None:
+def queue_studies(store: Database, count: int) -> None:
     for n in range(count):
         h = header(study=f"1.2.{n}", sop=f"1.2.{n}.1.1", modality="DX")
-        store.record_instance(h, SpooledFile(f"{n}.dcm", 10, False), None, T0)
-    for ready in store.ready_studies(T0 + timedelta(seconds=10), timedelta(0), timedelta(hours=1)):
-        assert store.enqueue(ready, T0 + timedelta(seconds=10)) is not None
+        store.intake.record_instance(h, SpooledFile(f"{n}.dcm", 10, False), None, T0)
+    for ready in store.intake.ready_studies(
+        T0 + timedelta(seconds=10), timedelta(0), timedelta(hours=1)
+    ):
+        assert store.queue.enqueue(ready, T0 + timedelta(seconds=10)) is not None
 
 
 def analysis(instance_id: int, probability: float) -> StudyAnalysis:
@@ -45,13 +42,13 @@ def analysis(instance_id: int, probability: float) -> StudyAnalysis:
     )
 
 
-def test_two_workers_never_share_a_job(store: Store) -> None:
+def test_two_workers_never_share_a_job(store: Database) -> None:
     queue_studies(store, 30)
     claimed: dict[str, list[int]] = {"a": [], "b": []}
     now = T0 + timedelta(minutes=1)
 
     def work(name: str) -> None:
-        while (job := store.claim(name, now, LEASE)) is not None:
+        while (job := store.queue.claim(name, now, LEASE)) is not None:
             claimed[name].append(job.job_id)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in claimed]
@@ -63,17 +60,17 @@ def test_two_workers_never_share_a_job(store: Store) -> None:
     assert len(together) == 30 and len(set(together)) == 30
 
 
-def test_expired_lease_is_claimed_again_then_failed(store: Store) -> None:
+def test_expired_lease_is_claimed_again_then_failed(store: Database) -> None:
     queue_studies(store, 1)
     now = T0 + timedelta(minutes=1)
-    first = store.claim("dead-worker", now, LEASE)
+    first = store.queue.claim("dead-worker", now, LEASE)
     assert first is not None and first.attempts == 1
-    assert store.claim("other", now, LEASE) is None  # leased
-    assert store.requeue_expired(now + LEASE / 2, max_attempts=2) == (0, 0)
-    assert store.requeue_expired(now + LEASE * 2, max_attempts=2) == (1, 0)
-    second = store.claim("other", now + LEASE * 2, LEASE)
+    assert store.queue.claim("other", now, LEASE) is None  # leased
+    assert store.queue.requeue_expired(now + LEASE / 2, max_attempts=2) == (0, 0)
+    assert store.queue.requeue_expired(now + LEASE * 2, max_attempts=2) == (1, 0)
+    second = store.queue.claim("other", now + LEASE * 2, LEASE)
     assert second is not None and second.job_id == first.job_id and second.attempts == 2
-    assert store.requeue_expired(now + LEASE * 4, max_attempts=2) == (0, 1)
+    assert store.queue.requeue_expired(now + LEASE * 4, max_attempts=2) == (0, 1)
     with store.engine.connect() as conn:
         state, error = conn.execute(select(jobs.c.state, jobs.c.last_error)).one()
         study_state, outcome = conn.execute(select(studies.c.state, studies.c.outcome)).one()
@@ -81,63 +78,67 @@ def test_expired_lease_is_claimed_again_then_failed(store: Store) -> None:
     assert (study_state, outcome) == ("INFERRED", "failed")
 
 
-def test_jobs_interrupted_by_a_stopped_service_go_back_uncounted(store: Store) -> None:
+def test_jobs_interrupted_by_a_stopped_service_go_back_uncounted(store: Database) -> None:
     queue_studies(store, 3)
     now = T0 + timedelta(minutes=1)
     host = socket.gethostname()
     dead, alive, elsewhere = f"{host}:1001", f"{host}:1002", "other-host:1001"
     for owner in (dead, alive, elsewhere):
-        assert store.claim(owner, now, LEASE) is not None
-    recovered = store.recover_interrupted_jobs(lambda pid: pid == 1002, now)
+        assert store.queue.claim(owner, now, LEASE) is not None
+    recovered = store.queue.recover_interrupted(lambda pid: pid == 1002, now)
     assert recovered == 1  # the live worker's and the other host's jobs are not touched
-    again = store.claim("new-worker", now, LEASE)
+    again = store.queue.claim("new-worker", now, LEASE)
     assert again is not None and again.attempts == 1  # the interrupted attempt did not count
     with store.engine.connect() as conn:
         owners = set(conn.execute(select(jobs.c.lease_owner)).scalars())
     assert owners == {alive, elsewhere, "new-worker"}
 
 
-def test_job_that_keeps_failing_ends_failed_with_its_error(store: Store) -> None:
+def test_job_that_keeps_failing_ends_failed_with_its_error(store: Database) -> None:
     queue_studies(store, 1)
     now = T0 + timedelta(minutes=1)
     for attempt in (1, 2, 3):
-        job = store.claim("w", now, LEASE)
+        job = store.queue.claim("w", now, LEASE)
         assert job is not None and job.attempts == attempt
-        state = store.retry_or_fail(job, "w", f"boom {attempt}", now, max_attempts=3, retry_at=now)
+        state = store.queue.retry_or_fail(
+            job, "w", f"boom {attempt}", now, max_attempts=3, retry_at=now
+        )
         assert state == (JobState.FAILED if attempt == 3 else JobState.QUEUED)
-    assert store.claim("w", now, LEASE) is None
+    assert store.queue.claim("w", now, LEASE) is None
     with store.engine.connect() as conn:
         assert conn.execute(select(jobs.c.state, jobs.c.last_error)).one() == ("FAILED", "boom 3")
 
 
-def test_retry_waits_for_its_backoff(store: Store) -> None:
+def test_retry_waits_for_its_backoff(store: Database) -> None:
     queue_studies(store, 1)
     now = T0 + timedelta(minutes=1)
-    job = store.claim("w", now, LEASE)
+    job = store.queue.claim("w", now, LEASE)
     assert job is not None
-    store.retry_or_fail(job, "w", "x", now, max_attempts=3, retry_at=now + timedelta(seconds=20))
-    assert store.claim("w", now + timedelta(seconds=10), LEASE) is None
-    assert store.claim("w", now + timedelta(seconds=20), LEASE) is not None
+    store.queue.retry_or_fail(
+        job, "w", "x", now, max_attempts=3, retry_at=now + timedelta(seconds=20)
+    )
+    assert store.queue.claim("w", now + timedelta(seconds=10), LEASE) is None
+    assert store.queue.claim("w", now + timedelta(seconds=20), LEASE) is not None
 
 
-def test_release_does_not_count_an_attempt(store: Store) -> None:
+def test_release_does_not_count_an_attempt(store: Database) -> None:
     queue_studies(store, 1)
     now = T0 + timedelta(minutes=1)
-    job = store.claim("w1", now, LEASE)
+    job = store.queue.claim("w1", now, LEASE)
     assert job is not None
-    store.release(job, "w1", "cannot read the spool here", now)
-    again = store.claim("w2", now, LEASE)
+    store.queue.release(job, "w1", "cannot read the spool here", now)
+    again = store.queue.claim("w2", now, LEASE)
     assert again is not None and again.attempts == 1
 
 
-def test_complete_stores_results_and_marks_the_study(store: Store) -> None:
+def test_complete_stores_results_and_marks_the_study(store: Database) -> None:
     queue_studies(store, 1)
     now = T0 + timedelta(minutes=1)
-    job = store.claim("w", now, LEASE)
+    job = store.queue.claim("w", now, LEASE)
     assert job is not None
-    [ref] = store.instances_of(job.study_id)
-    assert store.complete(job, "w", analysis(ref.instance_id, 0.8), now)
-    assert not store.complete(job, "w", analysis(ref.instance_id, 0.8), now)  # only once
+    [ref] = store.queue.instances_of(job.study_id)
+    assert store.queue.complete(job, "w", analysis(ref.instance_id, 0.8), now)
+    assert not store.queue.complete(job, "w", analysis(ref.instance_id, 0.8), now)  # only once
     with store.engine.connect() as conn:
         result = conn.execute(select(study_results)).one()
         images = conn.execute(select(image_results)).all()
@@ -149,12 +150,12 @@ def test_complete_stores_results_and_marks_the_study(store: Store) -> None:
     assert tuple(study) == ("INFERRED", "positive")
 
 
-def test_lost_lease_cannot_complete(store: Store) -> None:
+def test_lost_lease_cannot_complete(store: Database) -> None:
     queue_studies(store, 1)
     now = T0 + timedelta(minutes=1)
-    job = store.claim("slow", now, LEASE)
+    job = store.queue.claim("slow", now, LEASE)
     assert job is not None
-    store.requeue_expired(now + LEASE * 2, max_attempts=5)
-    assert store.claim("fast", now + LEASE * 2, LEASE) is not None
-    assert not store.extend_lease(job.job_id, "slow", now + LEASE * 3)
-    assert not store.complete(job, "slow", analysis(1, 0.1), now + LEASE * 2)
+    store.queue.requeue_expired(now + LEASE * 2, max_attempts=5)
+    assert store.queue.claim("fast", now + LEASE * 2, LEASE) is not None
+    assert not store.queue.extend_lease(job.job_id, "slow", now + LEASE * 3)
+    assert not store.queue.complete(job, "slow", analysis(1, 0.1), now + LEASE * 2)

@@ -16,9 +16,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.support.peers import dciodvfy_errors, require_shared_dicom, require_tool
-from triage_node.preprocess import InputSpec, preprocess
-from triage_node.render import LEGEND_TEXT, heatmap
-from triage_node.report import (
+from triage_node.analysis.preprocess import InputSpec, preprocess
+from triage_node.analysis.render import LEGEND_TEXT, heatmap
+from triage_node.results.objects import (
     CERTAINTY,
     FRACTURE,
     MANUFACTURER,
@@ -143,7 +143,7 @@ def test_heatmap_pixels_hold_no_patient_data_and_show_a_legend() -> None:
     display = np.full((600, 400), 0.9, np.float32)
     cam = np.zeros((4, 4), np.float32)
     cam[1, 2] = 1
-    from triage_node.preprocess import Geometry
+    from triage_node.analysis.preprocess import Geometry
 
     pixels = heatmap(display, cam, Geometry(600, 400, 64 / 600, 64 / 600, 0, 10), 64)
     assert pixels.shape == (600, 400, 3) and pixels.dtype == np.uint8

@@ -10,17 +10,17 @@ from sqlalchemy import select
 
 from tests.support.onnx_models import write_model_dir
 from tests.support.synth import write_study_set
+from triage_node.analysis.runtime import Model
 from triage_node.config import WorkerConfig
-from triage_node.db import jobs, studies
+from triage_node.db.database import Database
+from triage_node.db.schema import jobs, studies
+from triage_node.dicom.storage_scp import read_header
 from triage_node.domain import utcnow
-from triage_node.infer import Model
-from triage_node.receive import read_header
+from triage_node.service.worker import Worker
 from triage_node.spool import Spool
-from triage_node.store import Store
-from triage_node.worker import Worker
 
 
-def stored_study(store: Store, spool: Spool, tmp_path: Path, count: int) -> list[Path]:
+def stored_study(store: Database, spool: Spool, tmp_path: Path, count: int) -> list[Path]:
     """Spool *count* synthetic images of one study exactly as the receiver would, and queue it."""
     files = write_study_set(tmp_path / "set", count, 96, 80, per_study=count)
     now = utcnow() - timedelta(minutes=1)
@@ -29,18 +29,20 @@ def stored_study(store: Store, spool: Spool, tmp_path: Path, count: int) -> list
         partial.write_bytes(path.read_bytes())
         h = read_header(partial)
         assert h.sop_instance_uid == str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        store.record_instance(h, spool.commit(partial, h), None, now)
-    [ready] = store.ready_studies(utcnow(), timedelta(seconds=1), timedelta(hours=1))
-    assert store.enqueue(ready, utcnow()) is not None
+        store.intake.record_instance(h, spool.commit(partial, h), None, now)
+    [ready] = store.intake.ready_studies(utcnow(), timedelta(seconds=1), timedelta(hours=1))
+    assert store.queue.enqueue(ready, utcnow()) is not None
     return files
 
 
-def test_worker_analyses_and_records(store: Store, tmp_path: Path) -> None:
+def test_worker_analyses_and_records(store: Database, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
     stored_study(store, spool, tmp_path, 3)
     model = Model(write_model_dir(tmp_path / "model", size=64))
-    worker = Worker(store, spool, model, WorkerConfig(), name="w1")
+    worker = Worker(
+        store.queue, store.outbox, store.processes, spool, model, WorkerConfig(), name="w1"
+    )
     assert worker.run_once() is True
     assert worker.run_once() is False  # nothing left
     with store.engine.connect() as conn:
@@ -48,7 +50,9 @@ def test_worker_analyses_and_records(store: Store, tmp_path: Path) -> None:
         assert conn.execute(select(studies.c.state)).scalar_one() == "INFERRED"
 
 
-def test_worker_that_cannot_read_the_spool_gives_the_job_back(store: Store, tmp_path: Path) -> None:
+def test_worker_that_cannot_read_the_spool_gives_the_job_back(
+    store: Database, tmp_path: Path
+) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
     stored_study(store, spool, tmp_path, 2)
@@ -56,7 +60,18 @@ def test_worker_that_cannot_read_the_spool_gives_the_job_back(store: Store, tmp_
     elsewhere = Spool(tmp_path / "not-mounted")
     elsewhere.prepare()
     model = Model(write_model_dir(tmp_path / "model", size=64))
-    assert Worker(store, elsewhere, model, WorkerConfig(), name="blind").run_once() is True
+    assert (
+        Worker(
+            store.queue,
+            store.outbox,
+            store.processes,
+            elsewhere,
+            model,
+            WorkerConfig(),
+            name="blind",
+        ).run_once()
+        is True
+    )
     with store.engine.connect() as conn:
         state, attempts, error = conn.execute(
             select(jobs.c.state, jobs.c.attempts, jobs.c.last_error)

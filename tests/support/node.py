@@ -16,7 +16,7 @@ import jsonschema
 from sqlalchemy import create_engine, text
 
 from tests.support.peers import free_port, triage_node_command
-from triage_node.health import echo_listener
+from triage_node.dicom.echo_scu import echo_listener
 
 STATUS_SCHEMA = json.loads(
     (Path(__file__).resolve().parents[2] / "docs" / "status.schema.json").read_text()

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from triage_node.model import sha256_of
+from triage_node.analysis.manifest import sha256_of
 
 
 def build_cam_model(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from triage_node.db.database import Database
 from triage_node.domain import ImageResult, InstanceHeader, Skip, StudyAnalysis
-from triage_node.store import Store
 
 LEASE = timedelta(seconds=60)
 
@@ -27,14 +27,14 @@ def header(study: str = "1.2.3", sop: str = "1.2.3.1.1", modality: str = "CR") -
 
 
 def analyse(
-    store: Store, at: datetime, probability: float | None, skip_reason: str = "no reason"
+    store: Database, at: datetime, probability: float | None, skip_reason: str = "no reason"
 ) -> None:
     """Queue every settled study and complete its job with *probability* (None: all skipped,
     each image for *skip_reason*)."""
-    for ready in store.ready_studies(at, timedelta(0), timedelta(hours=1)):
-        assert store.enqueue(ready, at) is not None
-    while (job := store.claim("w", at, LEASE)) is not None:
-        refs = store.instances_of(job.study_id)
+    for ready in store.intake.ready_studies(at, timedelta(0), timedelta(hours=1)):
+        assert store.queue.enqueue(ready, at) is not None
+    while (job := store.queue.claim("w", at, LEASE)) is not None:
+        refs = store.queue.instances_of(job.study_id)
         ref = refs[0]
         images = (
             ()
@@ -47,4 +47,4 @@ def analyse(
             else ()
         )
         analysis = StudyAnalysis(images, skipped, "m", "2", "CPU", 0.3, 0.7, 1.0)
-        assert store.complete(job, "w", analysis, at)
+        assert store.queue.complete(job, "w", analysis, at)

@@ -11,7 +11,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 pytest.importorskip("efficientnet_lite_pytorch", reason="the 'train' extra is not installed")
 
-from triage_node.backbone import (  # noqa: E402
+from triage_node.analysis.preprocess import InputSpec  # noqa: E402
+from triage_node.analysis.runtime import Model  # noqa: E402
+from triage_node.training.backbone import (  # noqa: E402
     BackboneSpec,
     Pooling,
     PretrainedNet,
@@ -19,11 +21,9 @@ from triage_node.backbone import (  # noqa: E402
     pool_logits,
     weights_file,
 )
-from triage_node.infer import Model  # noqa: E402
-from triage_node.net import ExportWrapper  # noqa: E402
-from triage_node.onnxexport import PARITY_TOLERANCE, export_checked, write_manifest  # noqa: E402
-from triage_node.ood import fit_whitening  # noqa: E402
-from triage_node.preprocess import InputSpec  # noqa: E402
+from triage_node.training.export import PARITY_TOLERANCE, export_checked, write_manifest  # noqa: E402
+from triage_node.training.network import ExportWrapper  # noqa: E402
+from triage_node.training.ood import fit_whitening  # noqa: E402
 
 SPEC = BackboneSpec(name="efficientnet-lite0", size=64)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from triage_node.calibration import Platt, expected_calibration_error, fit_platt, logit
-from triage_node.ood import fit_whitening, threshold_for_pass_rate
+from triage_node.training.calibration import Platt, expected_calibration_error, fit_platt, logit
+from triage_node.training.ood import fit_whitening, threshold_for_pass_rate
 
 
 def test_platt_recovers_a_known_miscalibration() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.peers import SHARED
-from triage_node.dataset import block_folds, block_split, load_folder
 from triage_node.errors import DatasetFolderError
+from triage_node.training.folders import block_folds, block_split, load_folder
 
 FRACATLAS = SHARED / "data" / "fracatlas"
 

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from triage_node.hl7 import (
+from triage_node.domain import field_name
+from triage_node.hl7.messages import (
     HL7Error,
     acknowledgement,
-    field_name,
     parse,
     priority_update,
     report_notices,

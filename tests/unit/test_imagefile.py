@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from tests.support.synth import write_study_set
-from triage_node.dataset import load_folder
+from triage_node.analysis.preprocess import windowed_image
 from triage_node.errors import DatasetFolderError
-from triage_node.imagefile import read_display
-from triage_node.preprocess import windowed_image
+from triage_node.training.folders import load_folder
+from triage_node.training.imagefile import read_display
 
 
 def test_8_and_16_bit_pictures_scale_to_unit_range(tmp_path: Path) -> None:

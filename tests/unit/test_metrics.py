@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from triage_node.metrics import (
+from triage_node.training.statistics import (
     auroc,
     calibration_table,
     confusion,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tests.support.onnx_models import write_model_dir
+from triage_node.analysis.manifest import load_manifest
+from triage_node.analysis.preprocess import Geometry
+from triage_node.analysis.runtime import Model, cam_peak, choose_providers
 from triage_node.errors import ModelError
-from triage_node.infer import Model, cam_peak, choose_providers
-from triage_node.model import load_manifest
-from triage_node.preprocess import Geometry
 
 
 def edit_manifest(directory: Path, change) -> None:  # type: ignore[no-untyped-def]

@@ -9,9 +9,9 @@ import numpy as np
 
 from tests.support.onnx_models import write_model_dir
 from tests.support.synth import radiograph
-from triage_node.infer import Model
-from triage_node.pipeline import ImageSource, analyse
-from triage_node.scope import FRACATLAS_SCOPE
+from triage_node.analysis.pipeline import ImageSource, analyse
+from triage_node.analysis.runtime import Model
+from triage_node.analysis.scope import FRACATLAS_SCOPE
 
 
 def source(directory: Path, index: int, **values: str) -> ImageSource:
@@ -57,8 +57,8 @@ def test_tags_then_guard(tmp_path: Path) -> None:
 
 
 def test_infer_names_each_file_even_when_two_share_a_sop_instance_uid(tmp_path: Path) -> None:
+    from triage_node.analysis.files import analyse_files
     from triage_node.config import WorkerConfig
-    from triage_node.files import analyse_files
 
     model_dir = write_model_dir(tmp_path / "model", size=32, scope=FRACATLAS_SCOPE.to_document())
     folder = tmp_path / "files"

@@ -14,8 +14,7 @@ from pydicom.tag import Tag
 
 from tests.support.peers import DICOM_DIR
 from tests.support.synth import radiograph
-from triage_node.errors import PreprocessRefused
-from triage_node.preprocess import (
+from triage_node.analysis.preprocess import (
     InputSpec,
     apply_modality,
     apply_presentation,
@@ -25,6 +24,7 @@ from triage_node.preprocess import (
     resize,
     window,
 )
+from triage_node.errors import PreprocessRefused
 
 pytestmark = pytest.mark.skipif(not DICOM_DIR.is_dir(), reason=f"{DICOM_DIR} not found")
 
@@ -174,7 +174,7 @@ def test_a_rescale_that_is_not_a_usable_number_is_refused(slope: str, intercept:
 def test_the_allocator_keeps_large_buffers_on_glibc() -> None:
     import platform
 
-    from triage_node.allocator import keep_large_buffers
+    from triage_node.analysis.allocator import keep_large_buffers
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")

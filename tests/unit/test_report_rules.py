@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from triage_node.config import load_config
-from triage_node.query import PacsObject, PacsSeries, StudyContents
-from triage_node.reconcile import ReportRules
+from triage_node.dicom.find_scu import PacsObject, PacsSeries, StudyContents
+from triage_node.service.reconciliation import ReportRules
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"

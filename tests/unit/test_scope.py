@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from triage_node.scope import FRACATLAS_SCOPE, Scope, scope_from_document, words_of
+from triage_node.analysis.scope import FRACATLAS_SCOPE, Scope, scope_from_document, words_of
 
 
 def header(**values: str) -> Dataset:

@@ -10,15 +10,15 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 
-from triage_node.augment import AugmentSpec, augment, localisation_loss  # noqa: E402
+from triage_node.analysis.preprocess import InputSpec  # noqa: E402
+from triage_node.analysis.runtime import Model  # noqa: E402
 from triage_node.errors import ModelError  # noqa: E402
-from triage_node.infer import Model  # noqa: E402
-from triage_node.net import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
-from triage_node.onnxexport import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
-from triage_node.preprocess import InputSpec  # noqa: E402
-from triage_node.trainconfig import TrainConfig  # noqa: E402
-from triage_node.trainimages import Images  # noqa: E402
-from triage_node.training import _load_init_weights, fit  # noqa: E402
+from triage_node.training.augment import AugmentSpec, augment, localisation_loss  # noqa: E402
+from triage_node.training.export import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
+from triage_node.training.images import Images  # noqa: E402
+from triage_node.training.loop import _load_init_weights, fit  # noqa: E402
+from triage_node.training.network import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
+from triage_node.training.settings import TrainConfig  # noqa: E402
 
 TINY = NetSpec(widths=(16, 16, 16, 16), blocks=(1, 1, 1, 1), stem=16)
 

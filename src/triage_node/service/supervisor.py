@@ -1,0 +1,435 @@
+"""``triage-node serve``: one supervisor, N receiver processes, and the scheduler.
+
+The supervisor binds the DICOM port once and hands the listening socket to N receiver processes
+(spawned, one per core by default) so associations use every core despite the GIL. It restarts a
+receiver that dies, runs the scheduler, and on SIGTERM stops taking associations, lets the ones
+in progress finish (``service.shutdown_grace_seconds``) and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import IO, Any
+
+from triage_node import __version__
+from triage_node.analysis.allocator import keep_large_buffers
+from triage_node.analysis.runtime import Model
+from triage_node.config import Config, DicomConfig
+from triage_node.db.database import Database
+from triage_node.db.engine import make_engine, redact_url, require_current_schema, upgrade
+from triage_node.db.intake import Intake
+from triage_node.dicom.storage_scp import (
+    ReceiverServer,
+    StorageHandlers,
+    build_ae,
+    configure_pynetdicom,
+    server_tls_context,
+)
+from triage_node.domain import utcnow
+from triage_node.errors import AlreadyRunning, ModelError, TriageError
+from triage_node.hl7.mllp import MLLPServer
+from triage_node.logs import configure_logging, get_logger, log_event
+from triage_node.ops.exporter import start_metrics_server
+from triage_node.service.reconciliation import OruHandler
+from triage_node.service.scheduler import ServiceScheduler
+from triage_node.service.worker import Worker
+from triage_node.spool import EarlyWriteback, Spool, pid_alive
+
+LOG = get_logger(__name__)
+_PR_SET_PDEATHSIG = 1
+_RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
+
+
+def receiver_count(config: DicomConfig) -> int:
+    return config.receivers or max(1, min(os.cpu_count() or 1, 8))
+
+
+def open_listener(config: DicomConfig, port: int | None = None) -> socket.socket:
+    """Bind and listen on the DICOM port (or *port*, the TLS one); a clear TriageError when
+    that is not possible."""
+    port = config.port if port is None else port
+    family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.bind, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TriageError(f"port {port} on {config.bind} is already in use") from None
+        if exc.errno == errno.EACCES:
+            raise TriageError(
+                f"no permission to listen on port {port} (ports below 1024 need "
+                "CAP_NET_BIND_SERVICE)"
+            ) from None
+        raise TriageError(f"cannot listen on {config.bind}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def open_tls_listener(config: DicomConfig) -> socket.socket | None:
+    """The ``dicom.tls_port`` listener, after checking that its certificate and key load."""
+    if not config.tls_port:
+        return None
+    server_tls_context(config)  # a bad certificate stops the service here, not in a receiver
+    return open_listener(config, config.tls_port)
+
+
+def _port_error(what: str, bind: str, port: int, exc: OSError) -> TriageError:
+    if exc.errno == errno.EADDRINUSE:
+        return TriageError(f"{what} port {port} on {bind} is already in use")
+    return TriageError(f"cannot listen for {what} on {bind}:{port}: {exc.strerror or exc}")
+
+
+def open_hl7_listener(config: Config, store: Database) -> MLLPServer | None:
+    """The ORU^R01 listener of ``[hl7]``, started; None when ``hl7.port`` is 0."""
+    hl7 = config.hl7
+    if not hl7.port:
+        return None
+    handler = OruHandler(store.priority, hl7.accession_fields)
+    try:
+        server = MLLPServer((hl7.bind, hl7.port), handler, hl7.allowed_networks)
+    except OSError as exc:
+        raise _port_error("HL7", hl7.bind, hl7.port, exc) from None
+    server.start()
+    return server
+
+
+def open_metrics_endpoint(config: Config) -> Any:
+    """Prometheus ``/metrics`` (``service.metrics_port``); None when the port is 0."""
+    service = config.service
+    if not service.metrics_port:
+        return None
+    try:
+        server, _thread = start_metrics_server(config)
+    except OSError as exc:
+        raise _port_error("metrics", service.metrics_bind, service.metrics_port, exc) from None
+    return server
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(data_dir / "serve.lock", "w")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(
+            f"another 'triage-node serve' already uses the data directory {data_dir}"
+        ) from None
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare_database(config: Config) -> Database:
+    """Open the database and bring its schema up to date (or insist that it is)."""
+    engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    if config.database.auto_upgrade:
+        revision = upgrade(engine)
+        log_event(
+            LOG,
+            logging.INFO,
+            "schema_ready",
+            "database schema is current",
+            revision=revision,
+            database=redact_url(config.database_url),
+        )
+    else:
+        require_current_schema(engine)
+    return Database(engine)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this receiver if the supervisor dies, so no orphan keeps the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _child_process_setup(config: Config) -> threading.Event:
+    """Signals, parent-death and logging of a spawned child; the event is set on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _die_with_parent()
+    configure_logging(config.log.level, config.log.format)
+    return stop
+
+
+def run_receiver(
+    config: Config, listen_socket: socket.socket, tls_socket: socket.socket | None, index: int
+) -> None:
+    """Entry point of a receiver process: the DICOM port and, when configured, the TLS port."""
+    stop = _child_process_setup(config)
+
+    spool = Spool(config.storage.spool_path)
+    incoming = spool.incoming_dir()
+    configure_pynetdicom(incoming)
+    writeback = EarlyWriteback(incoming)
+    writeback.start()
+    engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    handlers = StorageHandlers(spool, Intake(engine), config.storage.min_free_mb * 2**20)
+    ae = build_ae(config.dicom)
+    servers = [ReceiverServer(ae, listen_socket, config.dicom, handlers)]
+    if tls_socket is not None:
+        context = server_tls_context(config.dicom)
+        servers.append(ReceiverServer(ae, tls_socket, config.dicom, handlers, context))
+    for number, server in enumerate(servers):
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name=f"accept-{number}",
+            daemon=True,
+        ).start()
+    log_event(LOG, logging.INFO, "receiver_started", "receiver ready", receiver=index)
+
+    def active() -> list[Any]:
+        return [assoc for server in servers for assoc in server.active_associations]
+
+    stop.wait()
+    for server in servers:
+        server.shutdown()
+    deadline = time.monotonic() + config.service.shutdown_grace_seconds
+    while active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remaining = active()
+    for assoc in remaining:
+        assoc.abort()
+    log_event(
+        LOG,
+        logging.INFO,
+        "receiver_stopped",
+        "receiver stopped",
+        receiver=index,
+        aborted_associations=len(remaining),
+    )
+    writeback.stop()
+    engine.dispose()
+
+
+def run_worker(config: Config, index: int) -> None:
+    """Entry point of a worker process: load the model (retrying while it is missing), work."""
+    stop = _child_process_setup(config)
+    keep_large_buffers()
+    engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    model = None
+    while model is None and not stop.is_set():
+        try:
+            model = Model(config.worker.model_dir, intra_op_threads=config.worker.intra_op_threads)
+        except ModelError as exc:
+            log_event(
+                LOG,
+                logging.ERROR,
+                "model_unavailable",
+                f"no usable model; jobs wait in the queue: {exc}",
+                worker=index,
+            )
+            stop.wait(config.worker.model_retry_seconds)
+    if model is not None:
+        database = Database(engine)
+        worker = Worker(
+            database.queue,
+            database.outbox,
+            database.processes,
+            Spool(config.storage.spool_path),
+            model,
+            config.worker,
+            destinations=config.delivery.destinations,
+        )
+        log_event(LOG, logging.INFO, "worker_started", "worker ready", worker=index)
+        worker.run_forever(stop)
+    log_event(LOG, logging.INFO, "worker_stopped", "worker stopped", worker=index)
+    engine.dispose()
+
+
+class ProcessGroup:
+    """Child processes of one kind, restarted with backoff when one dies."""
+
+    def __init__(
+        self, kind: str, target: Callable[..., None], args: tuple[Any, ...], count: int
+    ) -> None:
+        self.kind = kind
+        self.target = target
+        self.args = args
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: list[BaseProcess | None] = [None] * count
+        self.restarts = [0] * count
+        self.next_start = [0.0] * count
+
+    def _start(self, index: int) -> None:
+        process = self.context.Process(
+            target=self.target, args=(*self.args, index), name=f"triage-node-{self.kind}-{index}"
+        )
+        process.start()
+        self.processes[index] = process
+
+    def start_all(self) -> None:
+        for index in range(len(self.processes)):
+            self._start(index)
+
+    def check(self) -> None:
+        """Restart children that died (with backoff)."""
+        now = time.monotonic()
+        for index, process in enumerate(self.processes):
+            if process is not None and process.is_alive():
+                continue
+            if process is not None:
+                log_event(
+                    LOG,
+                    logging.ERROR,
+                    f"{self.kind}_died",
+                    f"{self.kind} process died; restarting",
+                    index=index,
+                    exitcode=process.exitcode,
+                )
+                delay = _RESTART_BACKOFF_SECONDS[
+                    min(self.restarts[index], len(_RESTART_BACKOFF_SECONDS) - 1)
+                ]
+                self.restarts[index] += 1
+                self.next_start[index] = now + delay
+                self.processes[index] = None
+            if now >= self.next_start[index]:
+                self._start(index)
+
+    def stop_all(self, grace: float) -> None:
+        live = [p for p in self.processes if p is not None and p.is_alive()]
+        for process in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid or 0, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5
+        for process in live:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log_event(
+            LOG, logging.INFO, "stopping", "stop requested", signal=signal.Signals(signum).name
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def _private_files() -> None:
+    """Everything the service creates (spool, SQLite database and journal, results) is for
+    the service user alone: files 0600, directories 0700, whatever umask it was started with."""
+    os.umask(0o077)
+
+
+def serve_workers(config: Config) -> int:
+    """``triage-node worker``: analysis workers alone, sharing the database and spool."""
+    _private_files()
+    configure_logging(config.log.level, config.log.format)
+    store = prepare_database(config)
+    interrupted = store.queue.recover_interrupted(pid_alive, utcnow())
+    store.engine.dispose()
+    count = config.worker.count or 1
+    stop = _stop_on_signals()
+    workers = ProcessGroup("worker", run_worker, (config,), count)
+    try:
+        workers.start_all()
+        log_event(
+            LOG,
+            logging.INFO,
+            "workers_started",
+            "workers running",
+            workers=count,
+            interrupted_jobs=interrupted,
+        )
+        while not stop.wait(0.5):
+            workers.check()
+    finally:
+        workers.stop_all(config.service.shutdown_grace_seconds)
+        log_event(LOG, logging.INFO, "workers_stopped", "workers stopped")
+    return 0
+
+
+def serve(config: Config) -> int:
+    """Run the node until SIGTERM or SIGINT; return the exit status."""
+    _private_files()
+    configure_logging(config.log.level, config.log.format)
+    lock = _lock_data_dir(config.storage.data_dir)
+    store = prepare_database(config)
+    spool = Spool(config.storage.spool_path)
+    spool.prepare()
+    purged = spool.purge_stale_incoming()
+    lost = store.intake.close_lost_associations(pid_alive, utcnow())
+    interrupted = store.queue.recover_interrupted(pid_alive, utcnow())
+    listen_socket = open_listener(config.dicom)
+    tls_socket = open_tls_listener(config.dicom)
+    count = receiver_count(config.dicom)
+    stop = _stop_on_signals()
+    receivers = ProcessGroup("receiver", run_receiver, (config, listen_socket, tls_socket), count)
+    workers = ProcessGroup("worker", run_worker, (config,), config.worker.count)
+    scheduler = ServiceScheduler(store, config)
+    hl7_server = metrics_server = None
+    try:
+        hl7_server = open_hl7_listener(config, store)
+        metrics_server = open_metrics_endpoint(config)
+        receivers.start_all()
+        workers.start_all()
+        scheduler.start()
+        log_event(
+            LOG,
+            logging.INFO,
+            "service_started",
+            "triage-node is listening",
+            ae_title=config.dicom.ae_title,
+            bind=config.dicom.bind,
+            port=config.dicom.port,
+            tls_port=config.dicom.tls_port or None,
+            client_certificates=config.dicom.tls_verify_client if tls_socket else None,
+            receivers=count,
+            workers=config.worker.count,
+            hl7_port=config.hl7.port or None,
+            metrics_port=config.service.metrics_port or None,
+            version=__version__,
+            database=redact_url(config.database_url),
+            spool=str(spool.root),
+            purged_partial_files=purged,
+            lost_associations=lost,
+            interrupted_jobs=interrupted,
+        )
+        while not stop.wait(0.5):
+            receivers.check()
+            workers.check()
+    finally:
+        receivers.stop_all(config.service.shutdown_grace_seconds)
+        workers.stop_all(config.service.shutdown_grace_seconds)
+        listen_socket.close()
+        if tls_socket is not None:
+            tls_socket.close()
+        if hl7_server is not None:
+            hl7_server.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        scheduler.stop()
+        with contextlib.suppress(Exception):
+            store.processes.service_stopped(utcnow())
+        store.engine.dispose()
+        log_event(LOG, logging.INFO, "service_stopped", "triage-node stopped")
+        lock.close()
+    return 0

