@@ -16,7 +16,8 @@ from tests.support.peers import StoreSCP, free_port, require_shared_dicom
 from tests.support.pki import make_pki
 from triage_node.analysis.preprocess import InputSpec, preprocess
 from triage_node.analysis.render import heatmap
-from triage_node.dicom.storage_scu import FAILED, SENT, UNREACHABLE, send_files
+from triage_node.dicom.status import DeliveryOutcome
+from triage_node.dicom.storage_scu import send_files
 from triage_node.domain import Destination, TlsFiles
 from triage_node.results.objects import (
     Algorithm,
@@ -76,7 +77,9 @@ def test_storescp_receives_sr_sc_and_ko(tmp_path: Path, result_files: list[Path]
         )
     finally:
         scp.stop()
-    assert [s.outcome for s in sent] == [SENT] * 3 and all(s.status == 0 for s in sent)
+    assert [s.outcome for s in sent] == [DeliveryOutcome.SENT] * 3 and all(
+        s.status == 0 for s in sent
+    )
     received = {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "received").iterdir()}
     assert received == {pydicom.dcmread(p).SOPInstanceUID for p in result_files}
 
@@ -85,7 +88,7 @@ def test_nobody_listening_is_unreachable(result_files: list[Path]) -> None:
     sent = send_files(
         result_files, Destination("NOBODY", "127.0.0.1", free_port()), calling_ae="T", timeout=5
     )
-    assert [s.outcome for s in sent] == [UNREACHABLE] * 3
+    assert [s.outcome for s in sent] == [DeliveryOutcome.UNREACHABLE] * 3
     assert "NOBODY@127.0.0.1" in sent[0].detail
 
 
@@ -122,9 +125,9 @@ def test_failure_and_warning_statuses_are_told_apart(
     statuses.extend([0xB000, 0xA700, 0xC000])
     sent = send_files(result_files, Destination("FUSSY", "127.0.0.1", port), calling_ae="T")
     assert [(s.outcome, s.status) for s in sent] == [
-        (SENT, 0xB000),
-        (FAILED, 0xA700),
-        (FAILED, 0xC000),
+        (DeliveryOutcome.SENT, 0xB000),
+        (DeliveryOutcome.FAILED, 0xA700),
+        (DeliveryOutcome.FAILED, 0xC000),
     ]
     assert sent[1].detail == "disk full on the PACS"
 
@@ -138,7 +141,12 @@ def test_an_unreadable_result_file_fails_alone(
     sent = send_files(
         [broken, *result_files], Destination("FUSSY", "127.0.0.1", port), calling_ae="T"
     )
-    assert [s.outcome for s in sent] == [FAILED, SENT, SENT, SENT]
+    assert [s.outcome for s in sent] == [
+        DeliveryOutcome.FAILED,
+        DeliveryOutcome.SENT,
+        DeliveryOutcome.SENT,
+        DeliveryOutcome.SENT,
+    ]
     assert "cannot read the result file" in sent[0].detail
 
 
@@ -151,9 +159,11 @@ def test_tls_destination_verified_against_the_configured_ca(
         target = Destination.parse(f"STORESCP@127.0.0.1:{scp.port}+tls")
         assert target.tls and str(target).endswith("+tls")
         sent = send_files(result_files, target, calling_ae="T", tls=TlsFiles(ca_file=pki["ca"]))
-        assert [s.outcome for s in sent] == [SENT] * 3
+        assert [s.outcome for s in sent] == [DeliveryOutcome.SENT] * 3
         untrusted = send_files(result_files, target, calling_ae="T", timeout=10)
-        assert [s.outcome for s in untrusted] == [UNREACHABLE] * 3  # system CAs do not know it
+        assert [s.outcome for s in untrusted] == [
+            DeliveryOutcome.UNREACHABLE
+        ] * 3  # system CAs do not know it
     finally:
         scp.stop()
     assert len(list((tmp_path / "received").iterdir())) == 3

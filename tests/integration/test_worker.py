@@ -77,3 +77,20 @@ def test_worker_that_cannot_read_the_spool_gives_the_job_back(
             select(jobs.c.state, jobs.c.attempts, jobs.c.last_error)
         ).one()
     assert (state, attempts) == ("QUEUED", 0) and "cannot read spooled file" in error
+
+
+def test_a_worker_counts_the_jobs_it_did_in_its_heartbeat(store: Database, tmp_path: Path) -> None:
+    """``status`` lists each live worker with its jobs done (it used to say 0 for ever)."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    stored_study(store, spool, tmp_path, 1)
+    model = Model(write_model_dir(tmp_path / "model", size=64))
+    worker = Worker(
+        store.queue, store.outbox, store.processes, spool, model, WorkerConfig(), name="w1"
+    )
+    worker.heartbeat()
+    since = utcnow() - timedelta(minutes=1)
+    assert [w.jobs_done for w in store.processes.live_workers(since)] == [0]
+    assert worker.run_once() is True
+    worker.heartbeat()
+    assert [w.jobs_done for w in store.processes.live_workers(since)] == [1]

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from triage_node.db.engine import Aggregate, process_owner
 from triage_node.db.schema import (
     associations,
+    fit,
     instances,
     series,
     studies,
@@ -84,9 +85,9 @@ class Intake(Aggregate):
                 associations.insert()
                 .values(
                     owner=process_owner(),
-                    calling_ae=calling_ae[:16],
-                    called_ae=called_ae[:16],
-                    peer_address=peer_address[:64],
+                    calling_ae=fit(associations, "calling_ae", calling_ae),
+                    called_ae=fit(associations, "called_ae", called_ae),
+                    peer_address=fit(associations, "peer_address", peer_address),
                     started_at=now,
                 )
                 .returning(associations.c.id)
@@ -205,8 +206,8 @@ class Intake(Aggregate):
                 sql.study,
                 {
                     "study_uid": header.study_uid,
-                    "accession_number": header.accession_number[:16],
-                    "study_date": header.study_date[:8],
+                    "accession_number": fit(studies, "accession_number", header.accession_number),
+                    "study_date": fit(studies, "study_date", header.study_date),
                     "now": now,
                 },
             ).scalar_one()
@@ -215,9 +216,9 @@ class Intake(Aggregate):
                 {
                     "study_id": study_id,
                     "series_uid": header.series_uid,
-                    "modality": header.modality[:16],
-                    "body_part": header.body_part[:64],
-                    "description": header.series_description[:64],
+                    "modality": fit(series, "modality", header.modality),
+                    "body_part": fit(series, "body_part", header.body_part),
+                    "description": fit(series, "description", header.series_description),
                 },
             ).scalar_one()
             instance_id = conn.execute(

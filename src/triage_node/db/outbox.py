@@ -23,6 +23,7 @@ from sqlalchemy import (
 
 from triage_node.db.engine import Aggregate
 from triage_node.db.schema import (
+    fit,
     outbox,
     studies,
 )
@@ -179,7 +180,7 @@ class Outbox(Aggregate):
                 .values(
                     attempts=outbox.c.attempts + 1,
                     last_status=status,
-                    last_error=error[:4000],
+                    last_error=fit(outbox, "last_error", error),
                     next_attempt_at=retry_at,
                     state=case(
                         (outbox.c.attempts + 1 >= max_attempts, dead),

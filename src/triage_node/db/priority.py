@@ -23,6 +23,7 @@ from sqlalchemy import (
 
 from triage_node.db.engine import Aggregate
 from triage_node.db.schema import (
+    fit,
     image_results,
     studies,
     study_results,
@@ -98,7 +99,7 @@ def raise_priority(conn: Connection, study_id: int, analysis: StudyAnalysis, now
             (or_(studies.c.score.is_(None), studies.c.score < score), score),
             else_=studies.c.score,
         ),
-        "model_version": analysis.model_version[:32],
+        "model_version": fit(studies, "model_version", analysis.model_version),
     }
     point = analysis.operating_point
     if point is not None:
@@ -224,7 +225,8 @@ class PriorityTable(Aggregate):
         match = (
             studies.c.study_uid == study_uid
             if study_uid is not None
-            else studies.c.accession_number == (accession_number or "")[:16]
+            else studies.c.accession_number
+            == fit(studies, "accession_number", accession_number or "")
         )
         with self._begin() as conn:
             found = conn.execute(

@@ -17,6 +17,7 @@ from sqlalchemy import (
 from triage_node.db.engine import Aggregate, process_owner
 from triage_node.db.schema import (
     associations,
+    fit,
     instances,
     jobs,
     services,
@@ -93,9 +94,9 @@ class Processes(Aggregate):
         self, model: str, version: str, provider: str, jobs_done: int, now: datetime
     ) -> None:
         values = {
-            "model_name": model[:64],
-            "model_version": version[:32],
-            "provider": provider[:64],
+            "model_name": fit(workers, "model_name", model),
+            "model_version": fit(workers, "model_version", version),
+            "provider": fit(workers, "provider", provider),
             "jobs_done": jobs_done,
         }
         self._heartbeat(workers, values, now)

@@ -27,6 +27,7 @@ from triage_node.db.engine import Aggregate
 from triage_node.db.intake import ReadyStudy, StudyState
 from triage_node.db.priority import raise_priority
 from triage_node.db.schema import (
+    fit,
     image_results,
     instances,
     jobs,
@@ -283,7 +284,7 @@ class JobQueue(Aggregate):
                     "peak_column": None,
                     "peak_value": None,
                     "peak_area": None,
-                    "skip_reason": k.reason[:1000],
+                    "skip_reason": fit(image_results, "skip_reason", k.reason),
                 }
                 for k in analysis.skipped
             ]
@@ -335,7 +336,7 @@ class JobQueue(Aggregate):
                     state=JobState.QUEUED.value,
                     run_after=retry_at,
                     lease_owner=None,
-                    last_error=error[:4000],
+                    last_error=fit(jobs, "last_error", error),
                 )
             )
         return JobState.QUEUED
@@ -351,7 +352,7 @@ class JobQueue(Aggregate):
                     run_after=retry_at,
                     lease_owner=None,
                     attempts=jobs.c.attempts - 1,
-                    last_error=reason[:4000],
+                    last_error=fit(jobs, "last_error", reason),
                 )
             )
 
@@ -364,7 +365,7 @@ class JobQueue(Aggregate):
                 state=JobState.FAILED.value,
                 finished_at=now,
                 lease_owner=None,
-                last_error=error[:4000],
+                last_error=fit(jobs, "last_error", error),
             )
         )
         study = conn.execute(

@@ -142,7 +142,7 @@ jobs = Table(
     Column("lease_owner", String(128)),
     Column("lease_expires_at", UTCDateTime()),
     Column("finished_at", UTCDateTime()),
-    Column("last_error", Text),
+    Column("last_error", Text, info={"max_length": 4000}),
     Index(None, "state", "run_after"),
 )
 
@@ -180,7 +180,7 @@ image_results = Table(
     Column("peak_column", Integer),
     Column("peak_value", Float),
     Column("peak_area", Float),
-    Column("skip_reason", Text),
+    Column("skip_reason", Text, info={"max_length": 1000}),
 )
 
 workers = Table(
@@ -226,7 +226,7 @@ outbox = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", UTCDateTime(), nullable=False),
     Column("last_status", Integer),
-    Column("last_error", Text),
+    Column("last_error", Text, info={"max_length": 4000}),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("sent_at", UTCDateTime()),
     UniqueConstraint("destination", "sop_instance_uid"),
@@ -246,6 +246,8 @@ retention_runs = Table(
 
 
 def fit(table: Table, column: str, value: str) -> str:
-    """*value* cut to the length of ``table.column`` (hostile DICOM strings can be longer)."""
-    length = getattr(table.c[column].type, "length", None)
+    """*value* cut to the length of ``table.column`` (hostile DICOM strings can be longer): the
+    type's length, or for a Text column the ``max_length`` the node keeps of it."""
+    col = table.c[column]
+    length = getattr(col.type, "length", None) or col.info.get("max_length")
     return value if length is None else value[:length]

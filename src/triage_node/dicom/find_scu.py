@@ -20,12 +20,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from triage_node.dicom.status import FIND_PENDING, SUCCESS
 from triage_node.domain import Destination, TlsFiles
 from triage_node.errors import TriageError
 
 # Series that may hold a report; their instances are looked at one by one.
 REPORT_SERIES_MODALITIES = frozenset({"SR", "DOC"})
-_PENDING = frozenset({0xFF00, 0xFF01})
 
 
 class QueryFailed(TriageError):
@@ -64,9 +64,9 @@ def _find(assoc: Association, identifier: Dataset) -> list[Dataset]:
         code = getattr(status, "Status", None)
         if code is None:
             raise QueryFailed("no C-FIND response (timeout or association aborted)")
-        if code in _PENDING and found is not None:
+        if code in FIND_PENDING and found is not None:
             answers.append(found)
-        elif code not in _PENDING and code != 0x0000:
+        elif code not in FIND_PENDING and code != SUCCESS:
             comment = str(status.get("ErrorComment", ""))
             raise QueryFailed(f"C-FIND status 0x{code:04X} {comment}".rstrip())
     return answers

@@ -24,10 +24,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
+from triage_node.dicom.status import DeliveryOutcome, classify_store_status
 from triage_node.domain import Destination, TlsFiles
-
-SENT, FAILED, UNREACHABLE = "sent", "failed", "unreachable"
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +33,9 @@ class Sent:
     """What happened to one file."""
 
     path: Path
-    outcome: str  # SENT, FAILED or UNREACHABLE
+    outcome: DeliveryOutcome
     status: int | None = None
     detail: str = ""
-
-
-def classify(status: int) -> str:
-    return SENT if status == 0x0000 or status in WARNING_STATUSES else FAILED
 
 
 def send_files(
@@ -60,7 +54,9 @@ def send_files(
             # The header names the presentation context; the file itself is sent from disk.
             datasets.append((path, dcmread(path, stop_before_pixels=True)))
         except (OSError, InvalidDicomError) as exc:
-            results.append(Sent(path, FAILED, None, f"cannot read the result file: {exc}"))
+            results.append(
+                Sent(path, DeliveryOutcome.FAILED, None, f"cannot read the result file: {exc}")
+            )
     if not datasets:
         return results
     ae = AE(ae_title=calling_ae)
@@ -79,7 +75,8 @@ def send_files(
             tls_args = ((tls or TlsFiles()).context(), destination.host)
         except (OSError, ssl.SSLError) as exc:
             return results + [
-                Sent(path, FAILED, None, f"TLS set-up failed: {exc}") for path, _ in datasets
+                Sent(path, DeliveryOutcome.FAILED, None, f"TLS set-up failed: {exc}")
+                for path, _ in datasets
             ]
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
@@ -87,7 +84,7 @@ def send_files(
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         return results + [
-            Sent(path, UNREACHABLE, None, f"association {why}: {destination}")
+            Sent(path, DeliveryOutcome.UNREACHABLE, None, f"association {why}: {destination}")
             for path, _ in datasets
         ]
     try:
@@ -101,13 +98,15 @@ def send_files(
 
 def _store_one(assoc: Association, path: Path) -> Sent:
     if not assoc.is_established:
-        return Sent(path, UNREACHABLE, None, "association lost")
+        return Sent(path, DeliveryOutcome.UNREACHABLE, None, "association lost")
     try:
         answer = assoc.send_c_store(path)
     except (ValueError, RuntimeError, OSError) as exc:  # no accepted context, or unreadable
-        return Sent(path, FAILED, None, f"not sent: {exc}")
+        return Sent(path, DeliveryOutcome.FAILED, None, f"not sent: {exc}")
     if "Status" not in answer:
-        return Sent(path, UNREACHABLE, None, "no response (timeout or association aborted)")
+        return Sent(
+            path, DeliveryOutcome.UNREACHABLE, None, "no response (timeout or association aborted)"
+        )
     status = int(answer.Status)
     comment = str(answer.get("ErrorComment", ""))
-    return Sent(path, classify(status), status, comment)
+    return Sent(path, classify_store_status(status), status, comment)

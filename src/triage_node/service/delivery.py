@@ -14,13 +14,15 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from triage_node.config import DeliveryConfig
 from triage_node.db.outbox import Outbox, OutboxItem, OutboxState
-from triage_node.dicom.storage_scu import SENT, UNREACHABLE, send_files
+from triage_node.dicom.status import DeliveryOutcome
+from triage_node.dicom.storage_scu import send_files
 from triage_node.domain import Destination, utcnow
 from triage_node.logs import get_logger, log_event
+from triage_node.service.backoff import exponential_backoff
 
 LOG = get_logger(__name__)
 
@@ -30,12 +32,6 @@ class Round:
     sent: int = 0
     retrying: int = 0
     dead: int = 0
-
-
-def backoff(config: DeliveryConfig, attempts: int, rng: random.Random) -> timedelta:
-    """Wait after the *attempts*-th failure: doubling, capped, with +-50% jitter."""
-    base = min(config.retry_max_seconds, config.retry_backoff_seconds * 2 ** max(0, attempts - 1))
-    return timedelta(seconds=base * rng.uniform(0.5, 1.5))
 
 
 class OutboxDelivery:
@@ -85,10 +81,10 @@ class OutboxDelivery:
                 tls=self.config.tls,
             )
             outcomes = [
-                (item, s.status, s.detail or s.outcome, s.outcome == SENT)
+                (item, s.status, s.detail or s.outcome, s.outcome == DeliveryOutcome.SENT)
                 for item, s in zip(items, sent, strict=True)
             ]
-            if any(s.outcome == UNREACHABLE for s in sent):
+            if any(s.outcome == DeliveryOutcome.UNREACHABLE for s in sent):
                 log_event(
                     LOG,
                     logging.WARNING,
@@ -119,7 +115,13 @@ class OutboxDelivery:
                 item.id,
                 status,
                 detail,
-                retry_at=now + backoff(self.config, item.attempts + 1, self.rng),
+                retry_at=now
+                + exponential_backoff(
+                    self.config.retry_backoff_seconds,
+                    item.attempts + 1,
+                    cap=self.config.retry_max_seconds,
+                    rng=self.rng,
+                ),
                 max_attempts=self.config.max_attempts,
             )
             if state == OutboxState.DEAD:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import logging
 import multiprocessing
@@ -31,19 +30,22 @@ from triage_node.config import Config, DicomConfig
 from triage_node.db.database import Database
 from triage_node.db.engine import make_engine, redact_url, require_current_schema, upgrade
 from triage_node.db.intake import Intake
-from triage_node.dicom.storage_scp import (
+from triage_node.dicom.server import (
     ReceiverServer,
-    StorageHandlers,
     build_ae,
     configure_pynetdicom,
     server_tls_context,
 )
+from triage_node.dicom.storage_scp import StorageHandlers
 from triage_node.domain import utcnow
-from triage_node.errors import AlreadyRunning, ModelError, TriageError
-from triage_node.hl7.mllp import MLLPServer
+from triage_node.errors import AlreadyRunning, ModelError
 from triage_node.logs import configure_logging, get_logger, log_event
-from triage_node.ops.exporter import start_metrics_server
-from triage_node.service.reconciliation import OruHandler
+from triage_node.service.listeners import (
+    open_hl7_listener,
+    open_listener,
+    open_metrics_endpoint,
+    open_tls_listener,
+)
 from triage_node.service.scheduler import ServiceScheduler
 from triage_node.service.worker import Worker
 from triage_node.spool import EarlyWriteback, Spool, pid_alive
@@ -55,69 +57,6 @@ _RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
 
 def receiver_count(config: DicomConfig) -> int:
     return config.receivers or max(1, min(os.cpu_count() or 1, 8))
-
-
-def open_listener(config: DicomConfig, port: int | None = None) -> socket.socket:
-    """Bind and listen on the DICOM port (or *port*, the TLS one); a clear TriageError when
-    that is not possible."""
-    port = config.port if port is None else port
-    family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((config.bind, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise TriageError(f"port {port} on {config.bind} is already in use") from None
-        if exc.errno == errno.EACCES:
-            raise TriageError(
-                f"no permission to listen on port {port} (ports below 1024 need "
-                "CAP_NET_BIND_SERVICE)"
-            ) from None
-        raise TriageError(f"cannot listen on {config.bind}:{port}: {exc.strerror}") from None
-    sock.listen(128)
-    return sock
-
-
-def open_tls_listener(config: DicomConfig) -> socket.socket | None:
-    """The ``dicom.tls_port`` listener, after checking that its certificate and key load."""
-    if not config.tls_port:
-        return None
-    server_tls_context(config)  # a bad certificate stops the service here, not in a receiver
-    return open_listener(config, config.tls_port)
-
-
-def _port_error(what: str, bind: str, port: int, exc: OSError) -> TriageError:
-    if exc.errno == errno.EADDRINUSE:
-        return TriageError(f"{what} port {port} on {bind} is already in use")
-    return TriageError(f"cannot listen for {what} on {bind}:{port}: {exc.strerror or exc}")
-
-
-def open_hl7_listener(config: Config, store: Database) -> MLLPServer | None:
-    """The ORU^R01 listener of ``[hl7]``, started; None when ``hl7.port`` is 0."""
-    hl7 = config.hl7
-    if not hl7.port:
-        return None
-    handler = OruHandler(store.priority, hl7.accession_fields)
-    try:
-        server = MLLPServer((hl7.bind, hl7.port), handler, hl7.allowed_networks)
-    except OSError as exc:
-        raise _port_error("HL7", hl7.bind, hl7.port, exc) from None
-    server.start()
-    return server
-
-
-def open_metrics_endpoint(config: Config) -> Any:
-    """Prometheus ``/metrics`` (``service.metrics_port``); None when the port is 0."""
-    service = config.service
-    if not service.metrics_port:
-        return None
-    try:
-        server, _thread = start_metrics_server(config)
-    except OSError as exc:
-        raise _port_error("metrics", service.metrics_bind, service.metrics_port, exc) from None
-    return server
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:

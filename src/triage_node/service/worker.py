@@ -32,6 +32,7 @@ from triage_node.domain import ResultFile, StudyAnalysis, utcnow
 from triage_node.errors import TriageError
 from triage_node.logs import RepeatedFailure, get_logger, log_event
 from triage_node.results.spooled import content_key, read_predecessor, result_objects, write_results
+from triage_node.service.backoff import exponential_backoff
 from triage_node.spool import Spool
 
 LOG = get_logger(__name__)
@@ -171,14 +172,14 @@ class Worker:
         return write_results(self.spool, job.study_uid, objects)
 
     def _failed(self, job: ClaimedJob, error: str) -> None:
-        delay = self.config.retry_backoff_seconds * 2 ** (job.attempts - 1)
         state = self.queue.retry_or_fail(
             job,
             self.owner,
             error,
             self.clock(),
             max_attempts=self.config.max_attempts,
-            retry_at=self.clock() + timedelta(seconds=delay),
+            retry_at=self.clock()
+            + exponential_backoff(self.config.retry_backoff_seconds, job.attempts),
         )
         log_event(
             LOG,

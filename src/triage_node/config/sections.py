@@ -1,125 +1,28 @@
-"""Configuration: built-in defaults, then one TOML file, then ``TRIAGE_NODE_*`` variables.
-
-Every key lives in a section (``[dicom] port = 11112``) and can be overridden by the variable
-``TRIAGE_NODE_<SECTION>_<KEY>`` (``TRIAGE_NODE_DICOM_PORT=104``). The file is named by
-``--config PATH`` or ``TRIAGE_NODE_CONFIG``; with neither, the defaults below are used as they
-are. A bad value stops the program at start with a message naming the key, where it came from
-and what is wrong. ``docs/configuration.md`` lists every key.
-"""
+"""The configuration's sections: one frozen dataclass per ``[section]`` of the file, each
+setting with its default, check and description."""
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import tomllib
-import types
-import typing
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from triage_node.domain import Destination, TlsFiles, field_name
-from triage_node.errors import ConfigError
-
-ENV_PREFIX = "TRIAGE_NODE_"
-ENV_CONFIG_FILE = "TRIAGE_NODE_CONFIG"
-
-Check = Callable[[Any], str | None]  # returns a complaint, or None when the value is fine
-
-
-def _between(low: float, high: float) -> Check:
-    def check(value: Any) -> str | None:
-        return None if low <= value <= high else f"must be between {low} and {high}"
-
-    return check
-
-
-def _ae_title(value: Any) -> str | None:
-    # PS3.5 Table 6.2-1 (AE): 1-16 characters of the default repertoire, no backslash or
-    # control characters, not all spaces.
-    if not 0 < len(value.strip()) <= 16:
-        return "must be 1 to 16 characters"
-    if any(c == "\\" or not 32 <= ord(c) < 127 for c in value):
-        return "may only hold printable ASCII characters other than backslash"
-    return None
-
-
-def _ae_titles(value: Any) -> str | None:
-    for title in value:
-        problem = _ae_title(title)
-        if problem:
-            return f"entry {title!r} {problem}"
-    return None
-
-
-def _networks(value: Any) -> str | None:
-    for item in value:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            return f"entry {item!r} is not an IP address or network (like 10.0.0.0/8)"
-    return None
-
-
-def _log_level(value: Any) -> str | None:
-    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
-    return None if value.upper() in levels else f"must be one of {', '.join(levels)}"
-
-
-def _log_format(value: Any) -> str | None:
-    return None if value in ("text", "json") else "must be 'text' or 'json'"
-
-
-def _unlabelled(value: Any) -> str | None:
-    return None if value in ("analyse", "skip") else "must be 'analyse' or 'skip'"
-
-
-def _db_url(value: Any) -> str | None:
-    if value and not value.startswith(("sqlite", "postgresql")):
-        return "must be empty (embedded SQLite), a sqlite:/// URL or a postgresql+psycopg:// URL"
-    return None
-
-
-def _destinations(value: Any) -> str | None:
-    for item in value:
-        try:
-            Destination.parse(item)
-        except ValueError as exc:
-            return f"entry {exc}"
-    return None
-
-
-def _one_destination(value: Any) -> str | None:
-    return _destinations([value]) if value else None
-
-
-def _host_port(value: Any) -> str | None:
-    host, _, port = str(value).rpartition(":")
-    if value and (not host or not port.isdigit() or not 0 < int(port) < 65536):
-        return "must be empty or host:port"
-    return None
-
-
-def _hl7_fields(value: Any) -> str | None:
-    if not value:
-        return "must name at least one field"
-    for item in value:
-        try:
-            segment, _ = field_name(item)
-        except ValueError as exc:
-            return str(exc)
-        if segment not in ("OBR", "ORC"):
-            return f"entry {item!r}: the accession number is read from OBR or ORC fields"
-    return None
-
-
-def _setting(default: Any, check: Check | None = None, doc: str = "") -> Any:
-    return field(default=default, metadata={"check": check, "doc": doc})
-
-
-def _list_setting(check: Check | None = None, doc: str = "", default: tuple[str, ...] = ()) -> Any:
-    return field(default_factory=lambda: list(default), metadata={"check": check, "doc": doc})
+from triage_node.config.checks import (
+    _ae_title,
+    _ae_titles,
+    _between,
+    _db_url,
+    _destinations,
+    _hl7_fields,
+    _host_port,
+    _list_setting,
+    _log_format,
+    _log_level,
+    _networks,
+    _one_destination,
+    _setting,
+    _unlabelled,
+)
+from triage_node.domain import Destination, TlsFiles
 
 
 @dataclass(frozen=True)
@@ -421,130 +324,3 @@ SECTIONS: dict[str, type] = {
     "retention": RetentionConfig,
     "log": LogConfig,
 }
-
-
-def _coerce(raw: Any, annotation: Any, *, from_env: bool) -> Any:
-    """Turn a TOML or environment value into the type the setting declares."""
-    origin = typing.get_origin(annotation)
-    if origin is types.UnionType:  # ``X | None``
-        inner = next(a for a in typing.get_args(annotation) if a is not type(None))
-        if raw is None or (from_env and raw == ""):
-            return None
-        return _coerce(raw, inner, from_env=from_env)
-    if origin is list:
-        if from_env:
-            raw = [part.strip() for part in str(raw).split(",") if part.strip()]
-        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-            raise ValueError("must be a list of strings")
-        return list(raw)
-    if annotation is bool:
-        if isinstance(raw, bool):
-            return raw
-        if from_env and raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if from_env and raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("must be true or false")
-    if annotation is int:
-        if isinstance(raw, bool):
-            raise ValueError("must be a whole number")
-        if isinstance(raw, int):
-            return raw
-        if from_env:
-            return int(raw)
-        raise ValueError("must be a whole number")
-    if annotation is float:
-        if isinstance(raw, bool):
-            raise ValueError("must be a number")
-        if isinstance(raw, int | float):
-            return float(raw)
-        if from_env:
-            return float(raw)
-        raise ValueError("must be a number")
-    if annotation is Path:
-        if not isinstance(raw, str) or not raw:
-            raise ValueError("must be a non-empty path")
-        return Path(raw).expanduser()
-    if annotation is str:
-        if not isinstance(raw, str):
-            raise ValueError("must be a string")
-        return raw
-    raise TypeError(f"unsupported setting type {annotation!r}")
-
-
-def _build_section(section: str, cls: type, values: Mapping[str, tuple[Any, str, bool]]) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, (raw, origin, from_env) in values.items():
-        if key not in known:
-            raise ConfigError(f"{section}.{key} ({origin}): unknown setting")
-        try:
-            value = _coerce(raw, hints[key], from_env=from_env)
-        except ValueError as exc:
-            detail = str(exc) if "must" in str(exc) else f"cannot read {raw!r}"
-            raise ConfigError(f"{section}.{key} ({origin}): {detail}") from None
-        check = known[key].metadata.get("check")
-        problem = check(value) if check and value is not None else None
-        if problem:
-            raise ConfigError(f"{section}.{key} ({origin}): {problem}, got {raw!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the configuration; raise :class:`ConfigError` naming the first bad key."""
-    env = os.environ if environ is None else environ
-    if path is None and env.get(ENV_CONFIG_FILE):
-        path = Path(env[ENV_CONFIG_FILE])
-    collected: dict[str, dict[str, tuple[Any, str, bool]]] = {name: {} for name in SECTIONS}
-
-    if path is not None:
-        try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"configuration file {path} cannot be read: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
-        for section, table in document.items():
-            if section not in SECTIONS:
-                raise ConfigError(f"[{section}] ({path}): unknown section")
-            if not isinstance(table, dict):
-                raise ConfigError(f"{section} ({path}): must be a [table]")
-            for key, value in table.items():
-                collected[section][key] = (value, str(path), False)
-
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
-            continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
-        if section not in SECTIONS or not key:
-            raise ConfigError(f"{name}: not a triage-node setting (TRIAGE_NODE_<SECTION>_<KEY>)")
-        collected[section][key] = (value, name, True)
-
-    built = {name: _build_section(name, cls, collected[name]) for name, cls in SECTIONS.items()}
-    _check_tls(built["dicom"])
-    source = str(path) if path is not None else "defaults"
-    return Config(**built, source=source)
-
-
-def _check_tls(dicom: DicomConfig) -> None:
-    """Settings of the TLS listener that only make sense together."""
-    if dicom.tls_port and (dicom.tls_cert_file is None or dicom.tls_key_file is None):
-        raise ConfigError("dicom.tls_port: needs dicom.tls_cert_file and dicom.tls_key_file")
-    if dicom.tls_port and dicom.tls_port == dicom.port:
-        raise ConfigError(f"dicom.tls_port: must differ from dicom.port, got {dicom.tls_port}")
-    if dicom.tls_verify_client and dicom.tls_ca_file is None:
-        raise ConfigError("dicom.tls_verify_client: needs dicom.tls_ca_file to verify against")
-
-
-def describe_settings() -> list[tuple[str, str, Any, str]]:
-    """(section, key, default, description) for every setting, for docs and ``--help``."""
-    rows = []
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            rows.append((section, f.name, default, f.metadata.get("doc", "")))
-    return rows

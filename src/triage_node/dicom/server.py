@@ -1,0 +1,269 @@
+"""The socket server of a receiver process: the address allow-list, TLS, rejections and the
+association threads (pynetdicom's ``ThreadedAssociationServer`` with a request handler of ours),
+and the Application Entity the handlers are bound to."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import socketserver
+import ssl
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from triage_node.config import DicomConfig
+from triage_node.errors import (
+    TriageError,
+)
+from triage_node.logs import get_logger, log_event
+
+if TYPE_CHECKING:  # the aggregate is passed in when the handlers are bound
+    pass
+
+from triage_node.dicom.storage_scp import (
+    StorageHandlers,
+    stop_waiting_for_request,
+    supported_contexts,
+)
+
+LOG = get_logger(__name__)
+
+# A-ASSOCIATE-RJ for a peer outside the address allow-list: rejected-permanent (1),
+# DICOM UL service-user (1), no-reason-given (1) (PS3.8 Section 9.3.4; no reason code
+# exists for network addresses).
+_REJECT_ADDRESS = (0x01, 0x01, 0x01)
+
+
+def _reject_connection(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Answer an association request with A-ASSOCIATE-RJ and close the connection."""
+    try:
+        sock.settimeout(timeout)
+        header = sock.recv(6)  # PDU type, reserved, length: read before answering (PS3.8 9.3.1)
+        if len(header) == 6 and header[0] == 0x01:
+            pdu = A_ASSOCIATE_RJ()
+            pdu.result, pdu.source, pdu.reason_diagnostic = _REJECT_ADDRESS
+            sock.sendall(pdu.encode())
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def server_tls_context(config: DicomConfig) -> ssl.SSLContext:
+    """The TLS context of the ``dicom.tls_port`` listener (PS3.15 B.1, TLS 1.2 or newer).
+
+    With ``tls_verify_client`` a peer must present a certificate signed by ``tls_ca_file``.
+    Raises TriageError naming the file when a certificate or key cannot be loaded.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise TriageError(
+            f"cannot load the TLS certificate {config.tls_cert_file} with key "
+            f"{config.tls_key_file}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if config.tls_verify_client:
+        try:
+            context.load_verify_locations(cafile=str(config.tls_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise TriageError(
+                f"cannot load the client CA file {config.tls_ca_file}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _RequestHandler(RequestHandler):
+    """Per-connection entry: TCP_NODELAY, the TLS handshake on a TLS listener, then the address
+    allow-list, then pynetdicom."""
+
+    server: ReceiverServer
+
+    def handle(self) -> None:
+        sock = self.request
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address = str(self.client_address[0])
+        if not self._peer_sent_data(sock):
+            # A bare TCP check (load balancer, port scan): pynetdicom would keep a thread and an
+            # association slot waiting for the A-ASSOCIATE-RQ until the ACSE timeout.
+            log_event(
+                LOG,
+                logging.DEBUG,
+                "connection_closed",
+                "connection closed before a request",
+                peer=address,
+            )
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        if self.server.tls_context is not None:
+            wrapped = self._tls_handshake(sock, address)
+            if wrapped is None:
+                return
+            self.request = sock = wrapped
+        if not self.server.address_allowed(address):
+            log_event(
+                LOG,
+                logging.WARNING,
+                "association_rejected",
+                "association rejected: source address not allowed",
+                peer=address,
+            )
+            _reject_connection(sock)
+            return
+        # pynetdicom's handle(), then this connection's thread waits for its association to
+        # end, to tidy up after it however it ended (an exception inside pynetdicom's state
+        # machine, such as a full disk while a dataset arrives, ends it without any event).
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        while assoc.is_alive():
+            assoc.join(0.5)
+            dul = assoc.dul
+            if dul.ident is not None and not dul.is_alive():  # its state machine died
+                stop_waiting_for_request(assoc)
+        self.server.handlers.association_finished(assoc)
+
+    def _tls_handshake(self, sock: socket.socket, address: str) -> ssl.SSLSocket | None:
+        """The server side of the TLS handshake, in this connection's thread (pynetdicom would
+        do it in the accept loop, where one slow peer stalls every other)."""
+        assert self.server.tls_context is not None
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self.server.ae.acse_timeout)
+            wrapped = self.server.tls_context.wrap_socket(sock, server_side=True)
+            wrapped.settimeout(previous)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            log_event(
+                LOG,
+                logging.WARNING,
+                "tls_handshake_failed",
+                f"TLS handshake failed: {reason}",
+                peer=address,
+            )
+            with contextlib.suppress(OSError):
+                sock.close()
+            return None
+        log_event(
+            LOG,
+            logging.DEBUG,
+            "tls_established",
+            "TLS connection established",
+            peer=address,
+            tls_version=wrapped.version(),
+            client_certificate=wrapped.getpeercert() is not None,
+        )
+        return wrapped
+
+    def _peer_sent_data(self, sock: socket.socket) -> bool:
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self.server.ae.acse_timeout)
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
+
+
+class ReceiverServer(ThreadedAssociationServer):
+    """An association server on a listening socket made by the service (shared by receivers).
+
+    The service binds the port once; every receiver process accepts from the same socket,
+    which is non-blocking so a process that loses the race for a connection returns at once.
+    """
+
+    def __init__(
+        self,
+        ae: AE,
+        listen_socket: socket.socket,
+        config: DicomConfig,
+        handlers: StorageHandlers,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._listen_socket = listen_socket
+        self.tls_context = tls_context  # applied per connection by _RequestHandler
+        self.handlers = handlers
+        self.daemon_threads = True  # a connection's thread never holds the process up
+        self._allowed = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
+        listen_socket.setblocking(False)
+        address = listen_socket.getsockname()[:2]
+        super().__init__(
+            ae,
+            address,
+            config.ae_title,
+            supported_contexts(),
+            None,
+            handlers.bindings(),
+            _RequestHandler,
+        )
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # the placeholder socket TCPServer made
+        self.socket = self._listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """The service already called listen()."""
+
+    def server_close(self) -> None:
+        # Close only this process's descriptor; shutdown() would stop every receiver.
+        if self.socket is not None:
+            self.socket.close()
+
+    def shutdown(self) -> None:
+        """Stop accepting; associations in progress carry on."""
+        socketserver.BaseServer.shutdown(self)  # pynetdicom's also closes the shared socket
+        self.server_close()
+
+    def address_allowed(self, address: str) -> bool:
+        if not self._allowed:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._allowed)
+
+
+def configure_pynetdicom(incoming_dir: Path) -> None:
+    """Process-wide pynetdicom settings for a receiver process.
+
+    Datasets are streamed to files in *incoming_dir* (same file system as the spool, so
+    storing is a rename); identifiers of requests are never logged.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    tempfile.tempdir = str(incoming_dir)
+
+
+def build_ae(config: DicomConfig) -> AE:
+    """The application entity with the node's title, limits, timeouts and allow-lists."""
+    ae = AE(ae_title=config.ae_title)
+    ae.require_called_aet = config.require_called_ae
+    ae.require_calling_aet = list(config.allowed_calling_aes)
+    ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = config.max_pdu_size
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    ae.network_timeout = config.network_timeout
+    ae.supported_contexts = supported_contexts()
+    return ae

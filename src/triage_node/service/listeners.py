@@ -1,0 +1,81 @@
+"""The sockets the service opens before it starts its processes: the DICOM port (plain and
+TLS), the HL7 listener and the metrics endpoint, with errors that say what is in the way."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from triage_node.config import Config, DicomConfig
+from triage_node.db.database import Database
+from triage_node.dicom.server import (
+    server_tls_context,
+)
+from triage_node.errors import TriageError
+from triage_node.hl7.mllp import MLLPServer
+from triage_node.ops.exporter import start_metrics_server
+from triage_node.service.reconciliation import OruHandler
+
+
+def open_listener(config: DicomConfig, port: int | None = None) -> socket.socket:
+    """Bind and listen on the DICOM port (or *port*, the TLS one); a clear TriageError when
+    that is not possible."""
+    port = config.port if port is None else port
+    family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.bind, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TriageError(f"port {port} on {config.bind} is already in use") from None
+        if exc.errno == errno.EACCES:
+            raise TriageError(
+                f"no permission to listen on port {port} (ports below 1024 need "
+                "CAP_NET_BIND_SERVICE)"
+            ) from None
+        raise TriageError(f"cannot listen on {config.bind}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def open_tls_listener(config: DicomConfig) -> socket.socket | None:
+    """The ``dicom.tls_port`` listener, after checking that its certificate and key load."""
+    if not config.tls_port:
+        return None
+    server_tls_context(config)  # a bad certificate stops the service here, not in a receiver
+    return open_listener(config, config.tls_port)
+
+
+def _port_error(what: str, bind: str, port: int, exc: OSError) -> TriageError:
+    if exc.errno == errno.EADDRINUSE:
+        return TriageError(f"{what} port {port} on {bind} is already in use")
+    return TriageError(f"cannot listen for {what} on {bind}:{port}: {exc.strerror or exc}")
+
+
+def open_hl7_listener(config: Config, store: Database) -> MLLPServer | None:
+    """The ORU^R01 listener of ``[hl7]``, started; None when ``hl7.port`` is 0."""
+    hl7 = config.hl7
+    if not hl7.port:
+        return None
+    handler = OruHandler(store.priority, hl7.accession_fields)
+    try:
+        server = MLLPServer((hl7.bind, hl7.port), handler, hl7.allowed_networks)
+    except OSError as exc:
+        raise _port_error("HL7", hl7.bind, hl7.port, exc) from None
+    server.start()
+    return server
+
+
+def open_metrics_endpoint(config: Config) -> Any:
+    """Prometheus ``/metrics`` (``service.metrics_port``); None when the port is 0."""
+    service = config.service
+    if not service.metrics_port:
+        return None
+    try:
+        server, _thread = start_metrics_server(config)
+    except OSError as exc:
+        raise _port_error("metrics", service.metrics_bind, service.metrics_port, exc) from None
+    return server
