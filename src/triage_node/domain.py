@@ -52,8 +52,23 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"  # no instance the model is for
 
 
-# The operating points of a manifest, weakest first: priority compares them by this order.
-OPERATING_POINT_ORDER = ("high_sensitivity", "high_specificity")
+class OperatingPointName(enum.StrEnum):
+    """The operating points of a manifest (architecture.md, result contract item 3)."""
+
+    HIGH_SENSITIVITY = "high_sensitivity"  # its threshold decides the flag
+    HIGH_SPECIFICITY = "high_specificity"
+
+
+# Weakest first: priority compares operating points by this order. The one list of them.
+OPERATING_POINT_ORDER = tuple(OperatingPointName)
+
+
+class ResultKind(enum.StrEnum):
+    """The result objects the node writes into a study (architecture.md, "result contract")."""
+
+    SR = "sr"  # Comprehensive 3D SR, TID 1500 measurement report
+    SC = "sc"  # Secondary Capture: the heatmap of one image
+    KO = "ko"  # Key Object Selection of the positive images
 
 
 _DESTINATION = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
@@ -106,7 +121,7 @@ class TlsFiles:
 class ResultFile:
     """A result object written to the spool, to be sent."""
 
-    kind: str  # sr, sc or ko
+    kind: ResultKind
     sop_class_uid: str
     sop_instance_uid: str
     path: Path
@@ -215,12 +230,12 @@ class StudyAnalysis:
         )
 
     @property
-    def operating_point(self) -> str | None:
+    def operating_point(self) -> OperatingPointName | None:
         """The strictest operating point the score reaches."""
         if self.score is None:
             return None
         if self.score >= self.threshold_high_specificity:
-            return "high_specificity"
+            return OperatingPointName.HIGH_SPECIFICITY
         if self.score >= self.threshold_high_sensitivity:
-            return "high_sensitivity"
+            return OperatingPointName.HIGH_SENSITIVITY
         return None

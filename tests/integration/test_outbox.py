@@ -11,13 +11,15 @@ from tests.support.records import header
 from triage_node.db.database import Database
 from triage_node.db.outbox import OutboxState
 from triage_node.db.schema import studies
-from triage_node.domain import InstanceHeader, ResultFile, SpooledFile
+from triage_node.domain import InstanceHeader, ResultFile, ResultKind, SpooledFile
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 PACS, ARCHIVE = "PACS@127.0.0.1:4242", "ARCHIVE@10.0.0.9:104"
 FILES = [
-    ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.34", "2.25.1", Path("/spool/results/sr.dcm")),
-    ResultFile("sc", "1.2.840.10008.5.1.4.1.1.7", "2.25.2", Path("/spool/results/sc.dcm")),
+    ResultFile(
+        ResultKind.SR, "1.2.840.10008.5.1.4.1.1.88.34", "2.25.1", Path("/spool/results/sr.dcm")
+    ),
+    ResultFile(ResultKind.SC, "1.2.840.10008.5.1.4.1.1.7", "2.25.2", Path("/spool/results/sc.dcm")),
 ]
 
 

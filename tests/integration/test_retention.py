@@ -15,7 +15,7 @@ from triage_node.db.database import Database
 from triage_node.db.outbox import OutboxState
 from triage_node.db.priority import ReportSource
 from triage_node.db.retention import RetentionCounts
-from triage_node.domain import ResultFile
+from triage_node.domain import ResultFile, ResultKind
 from triage_node.service.retention import Retention
 from triage_node.spool import Spool
 
@@ -45,7 +45,7 @@ class World:
         """A result file for the study in the outbox, sent at *at* (or left PENDING or DEAD)."""
         sop = f"{study}.99"
         path = self.spool.write_result(study, sop, b"result")
-        result = ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.34", sop, path)
+        result = ResultFile(ResultKind.SR, "1.2.840.10008.5.1.4.1.1.88.34", sop, path)
         self.store.outbox.add(self.study_id(study), 1, [result], [PACS], at)
         [item] = [i for i in self.store.outbox.items() if i.sop_instance_uid == sop]
         if state == OutboxState.SENT:

@@ -15,10 +15,10 @@ from typing import Any
 
 from triage_node.analysis.preprocess import InputSpec
 from triage_node.analysis.scope import Scope, scope_from_document
+from triage_node.domain import OPERATING_POINT_ORDER, OperatingPointName
 from triage_node.errors import ModelError
 
 MANIFEST = "manifest.json"
-OPERATING_POINTS = ("high_sensitivity", "high_specificity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,7 @@ class Manifest:
     cam_output: str
     input: InputSpec
     labels: tuple[str, ...]
-    operating_points: dict[str, OperatingPoint]
+    operating_points: dict[OperatingPointName, OperatingPoint]
     selection: Selection
     scope: Scope = field(default_factory=Scope)
     ood_output: str | None = None  # the graph's out-of-distribution score, if it has one ...
@@ -148,7 +148,7 @@ def load_manifest(directory: Path, *, verify: bool = True) -> Manifest:
         windowing=r.choice("input.windowing", ("header", "percentile"), "header"),  # type: ignore[arg-type]
     )
     points = {}
-    for name in OPERATING_POINTS:
+    for name in OPERATING_POINT_ORDER:
         key = f"operating_points.{name}"
         points[name] = OperatingPoint(
             name=name,

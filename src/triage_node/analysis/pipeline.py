@@ -22,7 +22,7 @@ from triage_node.analysis.preprocess import Geometry, preprocess
 from triage_node.analysis.render import heatmap, shrink
 from triage_node.analysis.runtime import Model, cam_peak
 from triage_node.analysis.scope import UnlabelledPolicy
-from triage_node.domain import MANUFACTURER, ImageResult, Skip, StudyAnalysis
+from triage_node.domain import MANUFACTURER, ImageResult, OperatingPointName, Skip, StudyAnalysis
 from triage_node.errors import PreprocessRefused
 
 
@@ -143,7 +143,11 @@ def analyse(
         model_name=manifest.name,
         model_version=manifest.version,
         provider=model.provider,
-        threshold_high_sensitivity=manifest.operating_points["high_sensitivity"].threshold,
-        threshold_high_specificity=manifest.operating_points["high_specificity"].threshold,
+        threshold_high_sensitivity=manifest.operating_points[
+            OperatingPointName.HIGH_SENSITIVITY
+        ].threshold,
+        threshold_high_specificity=manifest.operating_points[
+            OperatingPointName.HIGH_SPECIFICITY
+        ].threshold,
         inference_ms=inference_ms,
     )

@@ -27,7 +27,7 @@ from triage_node.db.schema import (
     outbox,
     studies,
 )
-from triage_node.domain import ResultFile
+from triage_node.domain import ResultFile, ResultKind
 
 
 class OutboxState(enum.StrEnum):
@@ -43,7 +43,7 @@ class OutboxItem:
     id: int
     study_uid: str
     result_version: int
-    kind: str
+    kind: ResultKind
     sop_instance_uid: str
     path: Path
     destination: str
@@ -72,7 +72,7 @@ class Outbox(Aggregate):
             {
                 "study_id": study_id,
                 "result_version": result_version,
-                "kind": f.kind,
+                "kind": str(f.kind),
                 "sop_class_uid": f.sop_class_uid,
                 "sop_instance_uid": f.sop_instance_uid,
                 "path": str(f.path),
@@ -102,7 +102,7 @@ class Outbox(Aggregate):
             id=row.id,
             study_uid=row.study_uid,
             result_version=row.result_version,
-            kind=row.kind,
+            kind=ResultKind(row.kind),
             sop_instance_uid=row.sop_instance_uid,
             path=Path(row.path),
             destination=row.destination,
@@ -120,7 +120,7 @@ class Outbox(Aggregate):
             select(outbox.c.path)
             .where(
                 outbox.c.study_id == study_id,
-                outbox.c.kind == "sr",
+                outbox.c.kind == ResultKind.SR.value,
                 outbox.c.result_version < before_version,
             )
             .order_by(outbox.c.result_version.desc(), outbox.c.id.desc())
@@ -229,14 +229,14 @@ class Outbox(Aggregate):
         how many items (one per destination) were re-queued. Runs in the caller's transaction."""
         latest = (
             select(func.max(outbox.c.result_version))
-            .where(outbox.c.study_id == study_id, outbox.c.kind == "ko")
+            .where(outbox.c.study_id == study_id, outbox.c.kind == ResultKind.KO.value)
             .scalar_subquery()
         )
         resent = conn.execute(
             update(outbox)
             .where(
                 outbox.c.study_id == study_id,
-                outbox.c.kind == "ko",
+                outbox.c.kind == ResultKind.KO.value,
                 outbox.c.result_version == latest,
             )
             .values(state=OutboxState.PENDING.value, attempts=0, next_attempt_at=now)

@@ -103,14 +103,14 @@ def raise_priority(conn: Connection, study_id: int, analysis: StudyAnalysis, now
     }
     point = analysis.operating_point
     if point is not None:
-        weaker = list(OPERATING_POINT_ORDER[: OPERATING_POINT_ORDER.index(point)])
+        weaker = [p.value for p in OPERATING_POINT_ORDER[: OPERATING_POINT_ORDER.index(point)]]
         values["operating_point"] = case(
             (
                 or_(
                     studies.c.operating_point.is_(None),
                     studies.c.operating_point.in_(weaker),
                 ),
-                point,
+                point.value,
             ),
             else_=studies.c.operating_point,
         )

@@ -34,7 +34,7 @@ from triage_node.db.schema import (
     studies,
     study_results,
 )
-from triage_node.domain import Outcome, StudyAnalysis
+from triage_node.domain import OperatingPointName, Outcome, StudyAnalysis
 
 
 class JobState(enum.StrEnum):
@@ -241,6 +241,7 @@ class JobQueue(Aggregate):
                 return False
             # The high-sensitivity threshold decides the outcome; reaching the high-specificity
             # point means the score passed both (StudyAnalysis.outcome / .operating_point).
+            point = analysis.operating_point
             result_id = conn.execute(
                 study_results.insert()
                 .values(
@@ -249,9 +250,9 @@ class JobQueue(Aggregate):
                     study_revision=job.study_revision,
                     outcome=analysis.outcome.value,
                     score=analysis.score,
-                    operating_point=analysis.operating_point,
+                    operating_point=None if point is None else point.value,
                     positive_high_sensitivity=analysis.outcome == Outcome.POSITIVE,
-                    positive_high_specificity=analysis.operating_point == "high_specificity",
+                    positive_high_specificity=point == OperatingPointName.HIGH_SPECIFICITY,
                     model_name=analysis.model_name,
                     model_version=analysis.model_version,
                     provider=analysis.provider,

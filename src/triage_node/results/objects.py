@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from triage_node import __version__
-from triage_node.domain import MANUFACTURER
+from triage_node.domain import MANUFACTURER, ResultKind
 
 FRACTURE = CodedConcept("125605004", "SCT", "Fracture of bone")
 PRESENT = CodedConcept("52101004", "SCT", "Present")
@@ -40,7 +40,7 @@ UNITLESS = CodedConcept("1", "UCUM", "no units")
 OF_INTEREST = CodedConcept("113000", "DCM", "Of Interest")
 RADIOGRAPHY = CodedConcept("363680008", "SCT", "Radiographic imaging procedure")
 HOT_REGION = CodedConcept("128773", "DCM", "Reference Geometry")
-SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "ko": 9903}
+SERIES_NUMBERS = {ResultKind.SR: 9901, ResultKind.SC: 9902, ResultKind.KO: 9903}
 HEATMAP_DESCRIPTION = "AI FRACTURE HEATMAP - NOT FOR DIAGNOSTIC USE"
 _UID_NAMESPACE = uuid.UUID("5b1f3a4e-2c53-4c1e-9d0e-7a7c1e2f9b10")  # triage-node's own
 
@@ -85,10 +85,10 @@ class ResultUIDs:
             "result", self.study_uid, self.model_version, str(self.result_version), *parts
         )
 
-    def series(self, kind: str) -> str:
+    def series(self, kind: ResultKind) -> str:
         return self.uid(kind, "series")
 
-    def instance(self, kind: str, index: int = 0) -> str:
+    def instance(self, kind: ResultKind, index: int = 0) -> str:
         return self.uid(kind, "instance", str(index))
 
 
@@ -245,9 +245,9 @@ def _comprehensive_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=[image.source for image in images],
         content=report[0],
-        series_instance_uid=uids.series("sr"),
-        series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=uids.instance("sr"),
+        series_instance_uid=uids.series(ResultKind.SR),
+        series_number=SERIES_NUMBERS[ResultKind.SR],
+        sop_instance_uid=uids.instance(ResultKind.SR),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -273,9 +273,9 @@ def heatmap_capture(
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=uids.series("sc"),
-            series_number=SERIES_NUMBERS["sc"],
-            sop_instance_uid=uids.instance("sc", index),
+            series_instance_uid=uids.series(ResultKind.SC),
+            series_number=SERIES_NUMBERS[ResultKind.SC],
+            sop_instance_uid=uids.instance(ResultKind.SC, index),
             instance_number=index + 1,
             manufacturer=MANUFACTURER,
             # highdicom insists on an orientation in the PATIENT system; a source without one
@@ -342,9 +342,9 @@ def _key_object_document(
     return hd.ko.KeyObjectSelectionDocument(
         evidence=positives,
         content=content,
-        series_instance_uid=uids.series("ko"),
-        series_number=SERIES_NUMBERS["ko"],
-        sop_instance_uid=uids.instance("ko"),
+        series_instance_uid=uids.series(ResultKind.KO),
+        series_number=SERIES_NUMBERS[ResultKind.KO],
+        sop_instance_uid=uids.instance(ResultKind.KO),
         instance_number=1,
         manufacturer=MANUFACTURER,
         contributing_equipment=[_equipment(algorithm)],

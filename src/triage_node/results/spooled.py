@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from triage_node.domain import ResultFile, StudyAnalysis
+from triage_node.domain import OperatingPointName, ResultFile, ResultKind, StudyAnalysis
 from triage_node.results.objects import (
     Algorithm,
     AnalysedImage,
@@ -36,17 +36,17 @@ from triage_node.spool import Spool
 def algorithm_of(analysis: StudyAnalysis) -> Algorithm:
     """The algorithm as the SR names it: the operating point the study reached (or the
     high-sensitivity one, whose threshold decides the flag)."""
-    if analysis.operating_point == "high_specificity":
+    if analysis.operating_point == OperatingPointName.HIGH_SPECIFICITY:
         return Algorithm(
             analysis.model_name,
             analysis.model_version,
-            "high_specificity",
+            OperatingPointName.HIGH_SPECIFICITY,
             analysis.threshold_high_specificity,
         )
     return Algorithm(
         analysis.model_name,
         analysis.model_version,
-        "high_sensitivity",
+        OperatingPointName.HIGH_SENSITIVITY,
         analysis.threshold_high_sensitivity,
     )
 
@@ -66,7 +66,7 @@ def result_objects(
     headers: Mapping[str, Dataset],
     pictures: Mapping[str, np.ndarray],
     predecessor: Dataset | None = None,
-) -> list[tuple[str, Dataset]]:
+) -> list[tuple[ResultKind, Dataset]]:
     """(kind, dataset) for each result object of the study; empty when nothing was analysed."""
     if not analysis.images:
         return []
@@ -83,17 +83,17 @@ def result_objects(
         )
         for i in analysis.images
     ]
-    if predecessor is not None and predecessor.SOPInstanceUID == uids.instance("sr"):
+    if predecessor is not None and predecessor.SOPInstanceUID == uids.instance(ResultKind.SR):
         predecessor = None  # the same content sent again: this *is* that report
-    objects: list[tuple[str, Dataset]] = [
-        ("sr", structured_report(images, algorithm, uids, predecessor))
+    objects: list[tuple[ResultKind, Dataset]] = [
+        (ResultKind.SR, structured_report(images, algorithm, uids, predecessor))
     ]
     for index, image in enumerate(images):
         picture = pictures.get(str(image.source.SOPInstanceUID))
         if picture is not None:
-            objects.append(("sc", heatmap_capture(image, picture, algorithm, uids, index)))
+            objects.append((ResultKind.SC, heatmap_capture(image, picture, algorithm, uids, index)))
     if any(image.positive for image in images):
-        objects.append(("ko", key_objects(images, algorithm, uids)))
+        objects.append((ResultKind.KO, key_objects(images, algorithm, uids)))
     return objects
 
 
@@ -104,7 +104,7 @@ def encode(dataset: Dataset) -> bytes:
 
 
 def write_results(
-    spool: Spool, study_uid: str, objects: list[tuple[str, Dataset]]
+    spool: Spool, study_uid: str, objects: list[tuple[ResultKind, Dataset]]
 ) -> list[ResultFile]:
     """Each object durably into the spool; the files to deliver."""
     files = []

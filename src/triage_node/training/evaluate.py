@@ -229,7 +229,7 @@ def evaluate(
     if len({e.label for e in examples}) < 2:
         raise DatasetFolderError(f"{data_dir} ({split}): needs both fractured and normal images")
     predictions = predict(model, examples, progress=progress, flip=flip)
-    thresholds = {n: p.threshold for n, p in manifest.operating_points.items()}
+    thresholds = {str(n): p.threshold for n, p in manifest.operating_points.items()}
     document = {
         "model": {"name": manifest.name, "version": manifest.version, "provider": model.provider},
         "data": {"directory": str(data_dir), "split": split},

@@ -1,4 +1,5 @@
-"""The database layer on SQLite and on PostgreSQL (the same tests, both backends)."""
+"""Intake (associations, instances, study completeness) on SQLite and on PostgreSQL (the same
+tests, both backends)."""
 
 from __future__ import annotations
 
