@@ -18,7 +18,7 @@ from tests.support.node import Node
 from tests.support.orthanc import Orthanc, node_and_orthanc
 from tests.support.peers import SHARED, require_shared_dicom, wait_for
 from tests.support.synth import dx_from_picture
-from triage_node.results.objects import CERTAINTY
+from triage_node.results.codes import CERTAINTY
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "fracture-v1"
 FRACATLAS = SHARED / "data" / "fracatlas"

@@ -19,14 +19,10 @@ from triage_node.analysis.render import heatmap
 from triage_node.dicom.status import DeliveryOutcome
 from triage_node.dicom.storage_scu import send_files
 from triage_node.domain import Destination, TlsFiles
-from triage_node.results.objects import (
-    Algorithm,
-    AnalysedImage,
-    ResultUIDs,
-    heatmap_capture,
-    key_objects,
-    structured_report,
-)
+from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs
+from triage_node.results.kos import key_objects
+from triage_node.results.sc import heatmap_capture
+from triage_node.results.sr import structured_report
 
 ALGORITHM = Algorithm("fracture-v1", "1.0.0", "high_sensitivity", 0.3)
 

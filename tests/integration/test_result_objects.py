@@ -18,18 +18,12 @@ from pydicom.dataset import Dataset
 from tests.support.peers import dciodvfy_errors, require_shared_dicom, require_tool
 from triage_node.analysis.preprocess import InputSpec, preprocess
 from triage_node.analysis.render import LEGEND_TEXT, heatmap
-from triage_node.results.objects import (
-    CERTAINTY,
-    FRACTURE,
-    MANUFACTURER,
-    PRESENT,
-    Algorithm,
-    AnalysedImage,
-    ResultUIDs,
-    heatmap_capture,
-    key_objects,
-    structured_report,
-)
+from triage_node.domain import MANUFACTURER
+from triage_node.results.codes import CERTAINTY, FRACTURE, PRESENT
+from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs
+from triage_node.results.kos import key_objects
+from triage_node.results.sc import heatmap_capture
+from triage_node.results.sr import structured_report
 
 SOURCES = (
     "CR_RG3_extremityAP_mono1_10bit_JPEG-lossless.dcm",

@@ -21,15 +21,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from triage_node.domain import OperatingPointName, ResultFile, ResultKind, StudyAnalysis
-from triage_node.results.objects import (
-    Algorithm,
-    AnalysedImage,
-    ResultUIDs,
-    evidence_header,
-    heatmap_capture,
-    key_objects,
-    structured_report,
-)
+from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs, evidence_header
+from triage_node.results.kos import key_objects
+from triage_node.results.sc import heatmap_capture
+from triage_node.results.sr import structured_report
 from triage_node.spool import Spool
 
 

@@ -1,0 +1,137 @@
+"""What every result object shares: deterministic UIDs (PS3.5 B.2, ``2.25.`` UUID form), the
+algorithm and the analysed image as the objects describe them, the source header they copy, and
+the device observer and contributing equipment that name the node."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from triage_node import __version__
+from triage_node.domain import MANUFACTURER, ResultKind
+
+_UID_NAMESPACE = uuid.UUID("5b1f3a4e-2c53-4c1e-9d0e-7a7c1e2f9b10")  # triage-node's own
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID named by *parts*: "2.25." and a name-based (SHA-1) UUID (PS3.5 B.2)."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(parts)).int}"
+
+
+@dataclass(frozen=True, slots=True)
+class Algorithm:
+    name: str
+    version: str
+    operating_point: str
+    threshold: float
+
+    @property
+    def device_uid(self) -> str:
+        return derived_uid("device", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysedImage:
+    source: Dataset  # the source instance's header (pixel data not needed)
+    probability: float
+    positive: bool
+    peak_row: int
+    peak_column: int
+    peak_area: float  # share of the image at least half as hot as the peak
+
+
+@dataclass(frozen=True, slots=True)
+class ResultUIDs:
+    """Deterministic UIDs of one result set: same study, model and result version, same UIDs."""
+
+    study_uid: str
+    model_version: str
+    result_version: str | int  # changes exactly when the analysed content changes
+
+    def uid(self, *parts: str) -> str:
+        return derived_uid(
+            "result", self.study_uid, self.model_version, str(self.result_version), *parts
+        )
+
+    def series(self, kind: ResultKind) -> str:
+        return self.uid(kind, "series")
+
+    def instance(self, kind: ResultKind, index: int = 0) -> str:
+        return self.uid(kind, "instance", str(index))
+
+
+@contextmanager
+def tolerant_of_source_names() -> Iterator[None]:
+    """Source headers carry what modalities wrote: highdicom warns about person names such as a
+    single-component Referring Physician's Name, copied unchanged from the source. Not our error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The string .* person name", category=UserWarning)
+        yield
+
+
+# Type 2 attributes of the Patient and General Study modules that the result objects copy from
+# their source (PS3.3 C.7.1.1, C.7.2.1). A source that lacks one gets it empty, as Type 2 allows.
+_COPIED_TYPE_2 = (
+    ("PatientName", "PN"),
+    ("PatientID", "LO"),
+    ("PatientBirthDate", "DA"),
+    ("PatientSex", "CS"),
+    ("StudyDate", "DA"),
+    ("StudyTime", "TM"),
+    ("ReferringPhysicianName", "PN"),
+    ("StudyID", "SH"),
+    ("AccessionNumber", "SH"),
+)
+
+
+def evidence_header(source: Dataset) -> Dataset:
+    """A copy of a source header with the Type 2 attributes the result objects copy present."""
+    header = Dataset()
+    header.update(source)
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
+    for keyword, vr in _COPIED_TYPE_2:
+        if keyword not in header:
+            header.add_new(keyword, vr, "")
+    return header
+
+
+def device_observer(algorithm: Algorithm) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm.device_uid,
+            name=algorithm.name,
+            manufacturer_name=MANUFACTURER,
+            model_name=algorithm.name,
+        ),
+    )
+
+
+def equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm.name,
+        software_versions=f"{__version__} model {algorithm.version}",
+        device_serial_number=algorithm.device_uid[-16:],
+    )
+
+
+def algorithm_id(algorithm: Algorithm) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[
+            f"operating point {algorithm.operating_point}",
+            f"threshold {algorithm.threshold:.6g}",
+        ],
+        manufacturer=MANUFACTURER,
+    )
