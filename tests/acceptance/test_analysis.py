@@ -91,7 +91,7 @@ def test_job_of_a_dead_worker_is_taken_over(tmp_path: Path) -> None:
         assert node.stop() == 0
     # A worker claims the job and dies without a word (its lease is all that is left).
     engine = make_engine(node.database_url)
-    dead = Database(engine).claim("gone-host:1", datetime.now(UTC), timedelta(seconds=2))
+    dead = Database(engine).queue.claim("gone-host:1", datetime.now(UTC), timedelta(seconds=2))
     engine.dispose()
     assert dead is not None
 
