@@ -37,7 +37,7 @@ from tests.support.synth import write_study_set  # noqa: E402
 from triage_node.analysis.allocator import keep_large_buffers  # noqa: E402
 from triage_node.analysis.manifest import sha256_of  # noqa: E402
 from triage_node.analysis.preprocess import Preprocessed, preprocess  # noqa: E402
-from triage_node.analysis.runtime import Model, cam_peak  # noqa: E402
+from triage_node.analysis.runtime import ModelSession, cam_peak  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache"
 BUNDLED = REPO / "models" / "fracture-v2"
@@ -154,7 +154,7 @@ def median_ms(samples: list[float]) -> float:
 
 def measure(model_dir: Path, runs: int, threads: int, preference: tuple[str, ...]) -> None:
     keep_large_buffers()  # as each worker process does when it starts
-    model = Model(model_dir, intra_op_threads=threads, preference=preference)
+    model = ModelSession(model_dir, intra_op_threads=threads, preference=preference)
     spec = model.manifest.input
     [path] = write_study_set(CACHE / "infer-radiograph", 1, 2500, 2000)
     pre, tensors = [], []

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.peers import SHARED, require_shared_dicom, triage_node_command
 from triage_node.analysis.manifest import load_manifest
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 from triage_node.config import WorkerConfig
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -60,7 +60,7 @@ def test_fracture_v2_is_pretrained_calibrated_and_scoped() -> None:
 
 @pytest.mark.parametrize("directory", BUNDLED)
 def test_runs_with_batches_and_a_cam_per_image(directory: Path) -> None:
-    model = Model(directory, intra_op_threads=1)
+    model = ModelSession(directory, intra_op_threads=1)
     batch = np.zeros((3, 1, 320, 320), np.float32)
     probs, cams, _ = model.run(batch)
     assert probs.shape == (3,) and cams.shape == (3, 10, 10)

@@ -38,7 +38,7 @@ from tests.support.pdus import association_request
 from tests.support.peers import wait_for
 from tests.support.synth import radiograph
 from triage_node.analysis.pipeline import ImageSource, analyse
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 
 WIRE_PDUS = int(os.environ.get("FUZZ_PDUS", 2_000))
 WIRE_DATASETS = int(os.environ.get("FUZZ_DATASETS", 8_000))  # with the PDUs: 10,000
@@ -393,7 +393,7 @@ def hostile_images(draw: st.DrawFn) -> Dataset:
 
 @pytest.mark.long
 def test_hostile_images_into_preprocessing(tmp_path: Path) -> None:
-    model = Model(write_model_dir(tmp_path / "model"), intra_op_threads=1)
+    model = ModelSession(write_model_dir(tmp_path / "model"), intra_op_threads=1)
     path = tmp_path / "image.dcm"
     outcomes: dict[str, int] = {}
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from tests.support.onnx_models import write_model_dir
 from tests.support.synth import write_study_set
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 from triage_node.config import WorkerConfig
 from triage_node.db.database import Database
 from triage_node.db.schema import jobs, studies
@@ -39,7 +39,7 @@ def test_worker_analyses_and_records(store: Database, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
     stored_study(store, spool, tmp_path, 3)
-    model = Model(write_model_dir(tmp_path / "model", size=64))
+    model = ModelSession(write_model_dir(tmp_path / "model", size=64))
     worker = Worker(
         store.queue, store.outbox, store.processes, spool, model, WorkerConfig(), name="w1"
     )
@@ -59,7 +59,7 @@ def test_worker_that_cannot_read_the_spool_gives_the_job_back(
     # This host sees an empty mount where the spool should be.
     elsewhere = Spool(tmp_path / "not-mounted")
     elsewhere.prepare()
-    model = Model(write_model_dir(tmp_path / "model", size=64))
+    model = ModelSession(write_model_dir(tmp_path / "model", size=64))
     assert (
         Worker(
             store.queue,
@@ -84,7 +84,7 @@ def test_a_worker_counts_the_jobs_it_did_in_its_heartbeat(store: Database, tmp_p
     spool = Spool(tmp_path / "spool")
     spool.prepare()
     stored_study(store, spool, tmp_path, 1)
-    model = Model(write_model_dir(tmp_path / "model", size=64))
+    model = ModelSession(write_model_dir(tmp_path / "model", size=64))
     worker = Worker(
         store.queue, store.outbox, store.processes, spool, model, WorkerConfig(), name="w1"
     )

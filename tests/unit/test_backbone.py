@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not in
 pytest.importorskip("efficientnet_lite_pytorch", reason="the 'train' extra is not installed")
 
 from triage_node.analysis.preprocess import InputSpec  # noqa: E402
-from triage_node.analysis.runtime import Model  # noqa: E402
+from triage_node.analysis.runtime import ModelSession  # noqa: E402
 from triage_node.training.backbone import (  # noqa: E402
     BackboneSpec,
     Pooling,
@@ -100,7 +100,7 @@ def test_export_folds_calibration_and_guard_into_the_graph(tmp_path: Path) -> No
             "ood": {"threshold": 3.0},
         },
     )
-    outputs = Model(tmp_path, intra_op_threads=1).outputs(inputs)
+    outputs = ModelSession(tmp_path, intra_op_threads=1).outputs(inputs)
     expected = 1 / (1 + np.exp(-(0.7 * logits - 1.2)))
     np.testing.assert_allclose(outputs.probabilities, expected, atol=1e-5)
     assert outputs.ood_scores is not None

@@ -11,7 +11,7 @@ import pytest
 from tests.support.onnx_models import write_model_dir
 from triage_node.analysis.manifest import load_manifest
 from triage_node.analysis.preprocess import Geometry
-from triage_node.analysis.runtime import Model, cam_peak, choose_providers
+from triage_node.analysis.runtime import ModelSession, cam_peak, choose_providers
 from triage_node.errors import ModelError
 
 
@@ -23,7 +23,7 @@ def edit_manifest(directory: Path, change) -> None:  # type: ignore[no-untyped-d
 
 
 def test_outputs_have_the_declared_shapes_and_batching_is_consistent(tmp_path: Path) -> None:
-    model = Model(write_model_dir(tmp_path / "m", size=32))
+    model = ModelSession(write_model_dir(tmp_path / "m", size=32))
     rng = np.random.default_rng(1)
     batch = rng.normal(size=(8, 1, 32, 32)).astype(np.float32)
     probs, cams, ms = model.run(batch)
@@ -51,7 +51,7 @@ def test_sha256_mismatch_refuses_to_load(tmp_path: Path) -> None:
     with open(directory / "model.onnx", "ab") as handle:
         handle.write(b"\0")
     with pytest.raises(ModelError, match="does not match the manifest"):
-        Model(directory)
+        ModelSession(directory)
 
 
 @pytest.mark.parametrize(
@@ -81,11 +81,11 @@ def test_graph_that_does_not_match_the_manifest_is_refused(tmp_path: Path) -> No
     directory = write_model_dir(tmp_path / "m", size=32)
     edit_manifest(directory, lambda d: d["input"].update(size=64))
     with pytest.raises(ModelError, match="does not match the manifest"):
-        Model(directory)
+        ModelSession(directory)
     directory = write_model_dir(tmp_path / "n", size=32)
     edit_manifest(directory, lambda d: d["onnx"]["outputs"].update(cam="heatmap"))
     with pytest.raises(ModelError, match="no output named 'heatmap'"):
-        Model(directory)
+        ModelSession(directory)
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_cam_peak_maps_back_through_the_letterbox() -> None:
 
 
 def test_scope_guard_output_and_threshold(tmp_path: Path) -> None:
-    model = Model(write_model_dir(tmp_path / "m", size=32, ood_threshold=0.5))
+    model = ModelSession(write_model_dir(tmp_path / "m", size=32, ood_threshold=0.5))
     assert model.manifest.ood_output == "ood_score" and model.manifest.ood_threshold == 0.5
     batch = np.stack([np.zeros((1, 32, 32)), np.full((1, 32, 32), 2.0)]).astype(np.float32)
     outputs = model.outputs(batch)
@@ -116,7 +116,7 @@ def test_scope_guard_output_and_threshold(tmp_path: Path) -> None:
     refusal = model.out_of_scope(float(outputs.ood_scores[1]))
     assert refusal is not None and refusal.startswith("out of scope") and "2.00 > 0.50" in refusal
     assert model.out_of_scope(float("nan")) is not None  # a broken score never passes
-    plain = Model(write_model_dir(tmp_path / "plain", size=32))
+    plain = ModelSession(write_model_dir(tmp_path / "plain", size=32))
     assert plain.outputs(batch).ood_scores is None and plain.out_of_scope(None) is None
 
 

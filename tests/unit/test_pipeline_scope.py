@@ -10,7 +10,7 @@ import numpy as np
 from tests.support.onnx_models import write_model_dir
 from tests.support.synth import radiograph
 from triage_node.analysis.pipeline import ImageSource, analyse
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 from triage_node.analysis.scope import FRACATLAS_SCOPE
 
 
@@ -31,7 +31,7 @@ def test_tags_then_guard(tmp_path: Path) -> None:
     model_dir = write_model_dir(
         tmp_path / "model", size=32, ood_threshold=0.5, scope=FRACATLAS_SCOPE.to_document()
     )
-    model = Model(model_dir, intra_op_threads=1)
+    model = ModelSession(model_dir, intra_op_threads=1)
     sources = [
         source(tmp_path, 0, BodyPartExamined="HAND"),
         source(tmp_path, 1, BodyPartExamined="CHEST"),

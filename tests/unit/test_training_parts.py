@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 
 from triage_node.analysis.preprocess import InputSpec  # noqa: E402
-from triage_node.analysis.runtime import Model  # noqa: E402
+from triage_node.analysis.runtime import ModelSession  # noqa: E402
 from triage_node.errors import ModelError  # noqa: E402
 from triage_node.training.augment import AugmentSpec, augment, localisation_loss  # noqa: E402
 from triage_node.training.export import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
@@ -122,7 +122,7 @@ def test_export_parity_dynamic_batch_and_manifest(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, document)
     assert manifest.sha256 == json.loads((tmp_path / "manifest.json").read_text())["onnx"]["sha256"]
 
-    model = Model(tmp_path, intra_op_threads=1)
+    model = ModelSession(tmp_path, intra_op_threads=1)
     for batch in (1, 3):  # the batch axis is dynamic
         probs, cams, _ = model.run(inputs[:batch])
         cells = 64 // TINY.stride

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from triage_node.analysis.allocator import keep_large_buffers
 from triage_node.analysis.pipeline import ImageSource, analyse, read_dataset
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 from triage_node.analysis.scope import UnlabelledPolicy
 from triage_node.config import WorkerConfig
 
@@ -25,7 +25,7 @@ def _files(paths: list[Path]) -> list[Path]:
 def analyse_files(paths: list[Path], model_dir: Path, config: WorkerConfig) -> dict[str, Any]:
     """Analyse every DICOM file under *paths*; a study is the files sharing a Study UID."""
     keep_large_buffers()
-    model = Model(model_dir, intra_op_threads=config.intra_op_threads)
+    model = ModelSession(model_dir, intra_op_threads=config.intra_op_threads)
     studies: dict[str, list[ImageSource]] = {}
     names: dict[int, str] = {}  # by file index: two files may carry one SOP Instance UID
     unreadable: list[dict[str, str]] = []

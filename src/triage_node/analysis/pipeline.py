@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from triage_node.analysis.manifest import Manifest
 from triage_node.analysis.preprocess import Geometry, preprocess
 from triage_node.analysis.render import heatmap, shrink
-from triage_node.analysis.runtime import Model, cam_peak
+from triage_node.analysis.runtime import ModelSession, cam_peak
 from triage_node.analysis.scope import UnlabelledPolicy
 from triage_node.domain import MANUFACTURER, ImageResult, OperatingPointName, Skip, StudyAnalysis
 from triage_node.errors import PreprocessRefused
@@ -68,7 +68,7 @@ def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
 
 def analyse(
     sources: Iterable[ImageSource],
-    model: Model,
+    model: ModelSession,
     max_batch: int = 8,
     pictures: dict[str, np.ndarray] | None = None,
     unlabelled: UnlabelledPolicy = "analyse",

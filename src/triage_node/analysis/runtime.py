@@ -53,7 +53,7 @@ class CamPeak:
     area_fraction: float  # share of the image whose scaled CAM is at least half the peak
 
 
-class Model:
+class ModelSession:
     """A loaded, checked model ready to run batches of preprocessed images."""
 
     def __init__(

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from triage_node import __version__
 from triage_node.analysis.allocator import keep_large_buffers
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 from triage_node.config import Config, DicomConfig
 from triage_node.db.database import Database
 from triage_node.db.engine import make_engine, redact_url, require_current_schema, upgrade
@@ -168,7 +168,9 @@ def run_worker(config: Config, index: int) -> None:
     model = None
     while model is None and not stop.is_set():
         try:
-            model = Model(config.worker.model_dir, intra_op_threads=config.worker.intra_op_threads)
+            model = ModelSession(
+                config.worker.model_dir, intra_op_threads=config.worker.intra_op_threads
+            )
         except ModelError as exc:
             log_event(
                 LOG,

@@ -21,7 +21,7 @@ from typing import cast
 import numpy as np
 
 from triage_node.analysis.pipeline import ImageSource, analyse, read_dataset
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 from triage_node.analysis.scope import UnlabelledPolicy
 from triage_node.config import WorkerConfig
 from triage_node.db.engine import process_owner
@@ -49,7 +49,7 @@ class Worker:
         outbox: Outbox,
         processes: Processes,
         spool: Spool,
-        model: Model,
+        model: ModelSession,
         config: WorkerConfig,
         *,
         destinations: Sequence[str] = (),

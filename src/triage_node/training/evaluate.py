@@ -1,7 +1,7 @@
 """``triage-node evaluate``: how well a model directory does on a labelled folder.
 
 Everything runs through the run-time path (ONNX Runtime via
-:class:`triage_node.analysis.runtime.Model`, the runtime's resize and normalisation), so the
+:class:`triage_node.analysis.runtime.ModelSession`, the runtime's resize and normalisation), so the
 figures describe the model as the node runs it:
 AUROC with its DeLong 95% CI, sensitivity and specificity at each operating point of the manifest
 and at the Youden threshold, the ROC curve, calibration (a table, the expected calibration error
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from triage_node.analysis.preprocess import Geometry, model_input
-from triage_node.analysis.runtime import Model, cam_peak
+from triage_node.analysis.runtime import ModelSession, cam_peak
 from triage_node.errors import DatasetFolderError
 from triage_node.training.calibration import expected_calibration_error
 from triage_node.training.folders import Box, Example, block_split, load_folder
@@ -58,7 +58,7 @@ class Predictions:
 
 
 def predict(
-    model: Model,
+    model: ModelSession,
     examples: Sequence[Example],
     batch: int = 16,
     progress: Progress | None = None,
@@ -223,7 +223,7 @@ def evaluate(
     flip: bool = False,
 ) -> dict[str, Any]:
     """Evaluate, write ``evaluation.json`` and ``roc.png`` into *out_dir*, return the document."""
-    model = Model(model_dir, intra_op_threads=intra_op_threads)
+    model = ModelSession(model_dir, intra_op_threads=intra_op_threads)
     manifest = model.manifest
     examples = select(load_folder(data_dir), split, manifest.training_data.get("split", {}))
     if len({e.label for e in examples}) < 2:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from triage_node import __version__
-from triage_node.analysis.runtime import Model
+from triage_node.analysis.runtime import ModelSession
 from triage_node.analysis.scope import FRACATLAS_SCOPE, Scope
 from triage_node.errors import DatasetFolderError, ModelError
 from triage_node.training.backbone import PACKAGED, weights_file
@@ -231,7 +231,7 @@ def finalise(
 
     provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
     write_manifest(config.out, _manifest(config, splits, provisional, metrics, best, extra))
-    model = Model(config.out, intra_op_threads=config.threads)
+    model = ModelSession(config.out, intra_op_threads=config.threads)
     on_validation = predict(model, splits["validation"])
     thresholds = operating_thresholds(on_validation, config.sensitivity_target)
     metrics["validation"] = summarise(on_validation, thresholds)
