@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     and_,
     case,
     func,
@@ -65,6 +66,22 @@ class ClaimedJob:
     study_uid: str
     study_revision: int
     attempts: int  # including this one
+
+
+def _study_inferred(
+    conn: Connection, study_id: int, revision: int, outcome: Outcome, now: datetime
+) -> None:
+    """The study's job is over: INFERRED with *outcome*. A study re-opened meanwhile (a newer
+    revision) stays RECEIVED/QUEUED for its new job."""
+    conn.execute(
+        update(studies)
+        .where(
+            studies.c.id == study_id,
+            studies.c.revision == revision,
+            studies.c.state == StudyState.QUEUED.value,
+        )
+        .values(state=StudyState.INFERRED.value, outcome=outcome.value, inferred_at=now)
+    )
 
 
 class JobQueue(Aggregate):
@@ -296,20 +313,7 @@ class JobQueue(Aggregate):
                 .where(jobs.c.id == job.job_id)
                 .values(state=JobState.DONE.value, finished_at=now, lease_owner=None)
             )
-            # A study re-opened meanwhile (newer revision) stays RECEIVED/QUEUED for its new job.
-            conn.execute(
-                update(studies)
-                .where(
-                    studies.c.id == job.study_id,
-                    studies.c.revision == job.study_revision,
-                    studies.c.state == StudyState.QUEUED.value,
-                )
-                .values(
-                    state=StudyState.INFERRED.value,
-                    outcome=analysis.outcome.value,
-                    inferred_at=now,
-                )
-            )
+            _study_inferred(conn, job.study_id, job.study_revision, analysis.outcome, now)
             raise_priority(conn, job.study_id, analysis, now)
         return True
 
@@ -372,15 +376,7 @@ class JobQueue(Aggregate):
         study = conn.execute(
             select(jobs.c.study_id, jobs.c.study_revision).where(jobs.c.id == job_id)
         ).one()
-        conn.execute(
-            update(studies)
-            .where(
-                studies.c.id == study.study_id,
-                studies.c.revision == study.study_revision,
-                studies.c.state == StudyState.QUEUED.value,
-            )
-            .values(state=StudyState.INFERRED.value, outcome=Outcome.FAILED.value, inferred_at=now)
-        )
+        _study_inferred(conn, study.study_id, study.study_revision, Outcome.FAILED, now)
 
     def oldest_queued(self) -> datetime | None:
         with self._connect() as conn:
