@@ -7,6 +7,7 @@ import pytest
 
 from triage_node.training.calibration import Platt, expected_calibration_error, fit_platt, logit
 from triage_node.training.ood import fit_whitening, threshold_for_pass_rate
+from triage_node.training.statistics import calibration_table
 
 
 def test_platt_recovers_a_known_miscalibration() -> None:
@@ -52,3 +53,11 @@ def test_whitening_scores_typical_images_near_one_and_odd_ones_high() -> None:
     assert (odd > threshold).all()
     with pytest.raises(ValueError):
         fit_whitening(np.zeros((1, 4)))
+
+
+def test_expected_calibration_error_of_one_class_and_its_table() -> None:
+    """A month without a fracture still has a calibration: every 0.1 is 0.1 too high."""
+    p = np.array([0.1] * 5 + [0.3] * 5)
+    y = np.zeros(10, dtype=int)
+    assert expected_calibration_error(y, p) == pytest.approx(0.2)
+    assert [(n, round(f, 3)) for _, _, n, _, f in calibration_table(y, p)] == [(5, 0.0), (5, 0.0)]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from triage_node.training.statistics import calibration_table
+
 
 @dataclass(frozen=True, slots=True)
 class Platt:
@@ -63,18 +65,13 @@ def expected_calibration_error(
     labels: np.ndarray, probabilities: np.ndarray, bins: int = 10
 ) -> float:
     """ECE (Naeini et al. 2015; Guo et al. 2017): the case-weighted mean gap between the mean
-    predicted probability and the observed fraction positive, over equal-width bins."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.asarray(probabilities, dtype=np.float64).ravel()
-    if y.shape != p.shape or not len(y):
-        raise ValueError("labels and probabilities must be non-empty and of one length")
-    index = np.minimum((p * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = index == b
-        if inside.any():
-            total += inside.sum() * abs(p[inside].mean() - y[inside].mean())
-    return float(total / len(y))
+    predicted probability and the observed fraction positive, over the equal-width bins of
+    :func:`triage_node.training.statistics.calibration_table` (the reliability diagram's)."""
+    table = calibration_table(labels, probabilities, bins)
+    cases = sum(n for _, _, n, _, _ in table)
+    return float(
+        sum(n * abs(predicted - observed) for _, _, n, predicted, observed in table) / cases
+    )
 
 
 def logit(probabilities: np.ndarray) -> np.ndarray:

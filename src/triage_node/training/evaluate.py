@@ -25,7 +25,7 @@ from triage_node.analysis.preprocess import Geometry, model_input
 from triage_node.analysis.runtime import ModelSession, cam_peak
 from triage_node.errors import DatasetFolderError
 from triage_node.training.calibration import expected_calibration_error
-from triage_node.training.folders import Box, Example, block_split, load_folder
+from triage_node.training.folders import NEAR_BOX_PIXELS, Box, Example, block_split, load_folder
 from triage_node.training.imagefile import read_display
 from triage_node.training.plots import reliability_png, roc_png
 from triage_node.training.statistics import (
@@ -40,17 +40,20 @@ from triage_node.training.statistics import (
 
 SPLITS = ("all", "train", "validation", "test")
 Progress = Callable[[int, int], None]
-NEAR_BOX_PIXELS = 16  # model-input pixels: the tolerant localisation measure
 
 
 @dataclass(frozen=True, slots=True)
 class Predictions:
     examples: tuple[Example, ...]
     probabilities: np.ndarray  # (N,)
-    peak_inside_box: tuple[bool | None, ...]  # None: no box to check against
+    peak_box_distance: tuple[float | None, ...]  # model-input pixels to the nearest box (0:
+    # inside one); None where there is no box to check against
     milliseconds_per_image: float
-    peak_box_distance: tuple[float | None, ...] = ()  # model-input pixels to the nearest box
     ood_scores: np.ndarray | None = None  # (N,) where the model has a scope guard
+
+    @property
+    def peak_inside_box(self) -> tuple[bool | None, ...]:
+        return tuple(None if d is None else d == 0 for d in self.peak_box_distance)
 
     @property
     def labels(self) -> np.ndarray:
@@ -70,7 +73,6 @@ def predict(
     scope-guard score are the unflipped image's)."""
     spec = model.manifest.input
     probabilities: list[float] = []
-    inside: list[bool | None] = []
     distances: list[float | None] = []
     guard: list[float] = []
     started = time.perf_counter()
@@ -96,12 +98,10 @@ def predict(
             probabilities.append(float(probability))
             if example.label == 1 and example.boxes:
                 peak = cam_peak(cam, geometry, spec.size)
-                inside.append(any(b.contains(peak.column, peak.row) for b in example.boxes))
                 distances.append(
                     min(_distance(b, peak.row, peak.column, geometry) for b in example.boxes)
                 )
             else:
-                inside.append(None)
                 distances.append(None)
         if progress is not None:
             progress(min(start + batch, len(examples)), len(examples))
@@ -109,9 +109,8 @@ def predict(
     return Predictions(
         tuple(examples),
         np.asarray(probabilities),
-        tuple(inside),
-        elapsed / max(1, len(examples)),
         tuple(distances),
+        elapsed / max(1, len(examples)),
         np.asarray(guard) if guard else None,
     )
 

@@ -25,6 +25,11 @@ from triage_node.errors import DatasetFolderError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
 
 
+# Model-input pixels: the tolerant CAM localisation measure (peak within this of a box), the
+# same in training's validation and in ``evaluate``.
+NEAR_BOX_PIXELS = 16
+
+
 @dataclass(frozen=True, slots=True)
 class Box:
     x0: float

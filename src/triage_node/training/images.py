@@ -13,14 +13,13 @@ import torch
 
 from triage_node.analysis.preprocess import resize
 from triage_node.training.backbone import PretrainedNet, pool_logits
-from triage_node.training.folders import Example
+from triage_node.training.folders import NEAR_BOX_PIXELS, Example
 from triage_node.training.imagefile import read_display
 from triage_node.training.network import FractureNet
 from triage_node.training.settings import TrainConfig
 
 Report = Callable[[str], None]
 CamNet = FractureNet | PretrainedNet
-LOCALISATION_TOLERANCE = 16  # input pixels: the tolerant CAM-peak-near-a-box measure
 
 
 @dataclass(slots=True)
@@ -105,7 +104,7 @@ class Scored:
     logits: np.ndarray  # (N,)
     features: np.ndarray  # (N, D) global-average-pooled last features
     peak_in_box: float | None  # share of boxed images whose CAM peak cell centre is in a box
-    peak_near_box: float | None  # ... within LOCALISATION_TOLERANCE input pixels of one
+    peak_near_box: float | None  # ... within NEAR_BOX_PIXELS input pixels of one
 
 
 def _box_distance(boxes: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -138,7 +137,7 @@ def score_images(net: CamNet, images: Images, config: TrainConfig) -> Scored:
                 rows = (peak // cells) * stride + stride // 2
                 columns = (peak % cells) * stride + stride // 2
                 inside.append(boxes[has_box][torch.arange(len(peak)), rows, columns])
-                near.append(_box_distance(boxes[has_box], rows, columns) <= LOCALISATION_TOLERANCE)
+                near.append(_box_distance(boxes[has_box], rows, columns) <= NEAR_BOX_PIXELS)
 
     def share(parts: list[torch.Tensor]) -> float | None:
         return float(torch.cat(parts).float().mean()) if parts else None

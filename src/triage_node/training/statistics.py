@@ -134,8 +134,15 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def calibration_table(
     labels: np.ndarray, scores: np.ndarray, bins: int = 10
 ) -> list[tuple[float, float, int, float, float]]:
-    """Per score bin: (low, high, cases, mean predicted, observed positive fraction)."""
-    y, s = _check(labels, scores)
+    """Per score bin with cases in it: (low, high, cases, mean predicted, observed positive
+    fraction). Equal-width bins over [0, 1], the last one closed. One class is enough: a site
+    with no fracture in a month still has a calibration to look at."""
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape or not len(y):
+        raise ValueError("labels and scores must be non-empty and of one length")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
     edges = np.linspace(0, 1, bins + 1)
     rows = []
     for low, high in itertools.pairwise(edges):
