@@ -7,20 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 
-from tests.support.records import header
+from tests.support.records import header, spooled
 from triage_node.db.database import Database
 from triage_node.db.intake import StudyState
 from triage_node.db.queue import JobState
 from triage_node.db.schema import instances, jobs, studies
-from triage_node.domain import AssociationEnd, InstanceHeader, SpooledFile
+from triage_node.domain import AssociationEnd
 
 T0 = datetime(2026, 11, 23, 8, 0, 0, 123456, tzinfo=UTC)
 SETTLE = timedelta(seconds=2)
 STALE = timedelta(seconds=300)
-
-
-def spooled(h: InstanceHeader, size: int = 100, replaced: bool = False) -> SpooledFile:
-    return SpooledFile(f"{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm", size, replaced)
 
 
 def count(store: Database, table, *where) -> int:  # type: ignore[no-untyped-def]
@@ -100,18 +96,3 @@ def test_lost_associations_of_dead_processes_are_closed(store: Database) -> None
     assert store.intake.close_lost_associations(lambda pid: False, T0) == 1
     assert store.processes.totals().open_associations == 0
     store.intake.close_association(assoc, AssociationEnd.RELEASED, T0)  # no error, no change
-
-
-def test_totals_and_heartbeat(store: Database) -> None:
-    store.intake.record_instance(header(), spooled(header(), 1000), None, T0)
-    store.processes.service_heartbeat("0.1.0", "TRIAGE_NODE", 11112, T0, starting=True)
-    store.processes.service_heartbeat("0.1.0", "TRIAGE_NODE", 11112, T0 + SETTLE)
-    totals = store.processes.totals()
-    assert totals.studies_by_state == {"RECEIVED": 1}
-    assert totals.instances == 1 and totals.spool_bytes == 1000
-    assert totals.last_received_at == T0
-    service = store.processes.latest_service()
-    assert service is not None
-    assert service.started_at == T0 and service.heartbeat_at == T0 + SETTLE
-    store.processes.service_stopped(T0 + SETTLE)
-    assert store.processes.latest_service().stopped_at is not None  # type: ignore[union-attr]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from triage_node.db.database import Database
-from triage_node.domain import ImageResult, InstanceHeader, Skip, StudyAnalysis
+from triage_node.domain import ImageResult, InstanceHeader, Skip, SpooledFile, StudyAnalysis
 
 LEASE = timedelta(seconds=60)
 
@@ -48,3 +49,14 @@ def analyse(
         )
         analysis = StudyAnalysis(images, skipped, "m", "2", "CPU", 0.3, 0.7, 1.0)
         assert store.queue.complete(job, "w", analysis, at)
+
+
+def receive(store: Database, study: str, at: datetime, accession: str = "ACC1") -> None:
+    h = replace(
+        header(study=study, sop=f"{study}.1.{at.timestamp():.0f}"), accession_number=accession
+    )
+    store.intake.record_instance(h, SpooledFile(f"{h.sop_instance_uid}.dcm", 10, False), None, at)
+
+
+def spooled(h: InstanceHeader, size: int = 100, replaced: bool = False) -> SpooledFile:
+    return SpooledFile(f"{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm", size, replaced)
