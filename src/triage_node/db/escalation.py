@@ -16,9 +16,7 @@ from sqlalchemy import (
 from triage_node.db.engine import Aggregate
 from triage_node.db.outbox import Outbox
 from triage_node.db.priority import RANK_ORDER, UNREPORTED_POSITIVE
-from triage_node.db.schema import (
-    studies,
-)
+from triage_node.db.schema import studies
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,7 @@ from sqlalchemy import (
 
 from triage_node.db.engine import Aggregate
 from triage_node.db.priority import UNREPORTED_POSITIVE
-from triage_node.db.schema import (
-    studies,
-)
+from triage_node.db.schema import studies
 
 
 class ReportChecks(Aggregate):

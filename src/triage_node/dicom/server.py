@@ -12,26 +12,19 @@ import socketserver
 import ssl
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from triage_node.config import DicomConfig
-from triage_node.errors import (
-    TriageError,
-)
-from triage_node.logs import get_logger, log_event
-
-if TYPE_CHECKING:  # the aggregate is passed in when the handlers are bound
-    pass
-
 from triage_node.dicom.storage_scp import (
     StorageHandlers,
     stop_waiting_for_request,
     supported_contexts,
 )
+from triage_node.errors import TriageError
+from triage_node.logs import get_logger, log_event
 
 LOG = get_logger(__name__)
 

@@ -9,9 +9,7 @@ from typing import Any
 
 from triage_node.config import Config, DicomConfig
 from triage_node.db.database import Database
-from triage_node.dicom.server import (
-    server_tls_context,
-)
+from triage_node.dicom.server import server_tls_context
 from triage_node.errors import TriageError
 from triage_node.hl7.mllp import MLLPServer
 from triage_node.ops.exporter import start_metrics_server
