@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: serve test test-long test-tools lint typecheck unit bench-ingest bench-infer bench-e2e clean
+.PHONY: serve test test-long test-tools lint typecheck unit bench-ingest bench-infer bench-e2e bench-idle clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -65,6 +65,9 @@ bench-infer: $(VENV)/.installed-dev
 
 bench-e2e: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/e2e.py
+
+bench-idle: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/idle.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

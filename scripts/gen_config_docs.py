@@ -1,4 +1,4 @@
-"""Regenerate docs/configuration.md and deploy/triage-node.example.toml from config.py.
+"""Regenerate docs/configuration.md and deploy/triage-node.example.toml from the config package.
 
 .venv/bin/python scripts/gen_config_docs.py
 """

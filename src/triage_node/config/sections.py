@@ -41,13 +41,31 @@ class DicomConfig:
     )
     receivers: int = _setting(0, _between(0, 64), "receiver processes; 0 = one per CPU core")
     max_associations: int = _setting(32, _between(1, 1000), "concurrent associations per receiver")
+    max_associations_per_address: int = _setting(
+        8,
+        _between(1, 1000),
+        "concurrent connections per receiver from one source address (reserved networks: any)",
+    )
+    reserved_networks: list[str] = _list_setting(
+        _networks, "source networks (the PACS) that may use the reserved association slots"
+    )
+    reserved_associations: int = _setting(
+        8,
+        _between(0, 1000),
+        "of max_associations, the slots only reserved_networks may use (when it is set)",
+    )
+    request_timeout: float = _setting(
+        5.0,
+        _between(0.1, 600),
+        "seconds from connection to a complete A-ASSOCIATE-RQ (a trickle does not extend it)",
+    )
     max_pdu_size: int = _setting(
         0, _between(0, 2**32 - 1), "maximum PDU length offered to peers; 0 = unlimited"
     )
     acse_timeout: float = _setting(30.0, _between(1, 3600), "seconds to wait for ACSE messages")
     dimse_timeout: float = _setting(60.0, _between(1, 3600), "seconds to wait for DIMSE messages")
     network_timeout: float = _setting(
-        120.0, _between(1, 86400), "seconds an idle association is kept"
+        30.0, _between(1, 86400), "seconds an idle association is kept (then released)"
     )
     tls_port: int = _setting(
         0, _between(0, 65535), "DICOM TLS port (PS3.15 B.1; 2762 is usual); 0 = no TLS listener"

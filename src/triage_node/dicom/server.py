@@ -12,12 +12,25 @@ import socketserver
 import ssl
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from triage_node.config import DicomConfig
+from triage_node.dicom.admission import (
+    NO_REQUEST,
+    Admission,
+    AdmissionLimits,
+    RefusalLog,
+    Rejector,
+    await_request,
+    await_request_start,
+    drain,
+    source_ip,
+)
+from triage_node.dicom.reactor import quiet_idle_associations
 from triage_node.dicom.storage_scp import (
     StorageHandlers,
     stop_waiting_for_request,
@@ -88,18 +101,13 @@ class _RequestHandler(RequestHandler):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         address = str(self.client_address[0])
-        if not self._peer_sent_data(sock):
-            # A bare TCP check (load balancer, port scan): pynetdicom would keep a thread and an
-            # association slot waiting for the A-ASSOCIATE-RQ until the ACSE timeout.
-            log_event(
-                LOG,
-                logging.DEBUG,
-                "connection_closed",
-                "connection closed before a request",
-                peer=address,
-            )
-            with contextlib.suppress(OSError):
-                sock.close()
+        timeout = self.server.admission.limits.request_timeout
+        if self.server.tls_context is None:
+            refused = await_request(sock, timeout)
+        else:  # the request comes encrypted: the deadline covers the first bytes, then TLS
+            refused = await_request_start(sock, timeout)
+        if refused is not None:
+            self._close_unasked(sock, address, refused)
             return
         if self.server.tls_context is not None:
             wrapped = self._tls_handshake(sock, address)
@@ -135,7 +143,7 @@ class _RequestHandler(RequestHandler):
         assert self.server.tls_context is not None
         previous = sock.gettimeout()
         try:
-            sock.settimeout(self.server.ae.acse_timeout)
+            sock.settimeout(self.server.admission.limits.request_timeout)
             wrapped = self.server.tls_context.wrap_socket(sock, server_side=True)
             wrapped.settimeout(previous)
         except (OSError, ValueError) as exc:
@@ -161,16 +169,22 @@ class _RequestHandler(RequestHandler):
         )
         return wrapped
 
-    def _peer_sent_data(self, sock: socket.socket) -> bool:
-        previous = sock.gettimeout()
-        try:
-            sock.settimeout(self.server.ae.acse_timeout)
-            return bool(sock.recv(1, socket.MSG_PEEK))
-        except OSError:
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                sock.settimeout(previous)
+    def _close_unasked(self, sock: socket.socket, address: str, reason: str) -> None:
+        """Close a connection that asked for no association in time. A bare TCP check (load
+        balancer, port scan) is routine and logged at DEBUG; a request that stalled is not."""
+        if reason == NO_REQUEST:
+            log_event(
+                LOG,
+                logging.DEBUG,
+                "connection_closed",
+                "connection closed before a request",
+                peer=address,
+            )
+        else:
+            self.server.refusals.refused(reason, address)
+        drain(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 class ReceiverServer(ThreadedAssociationServer):
@@ -193,6 +207,9 @@ class ReceiverServer(ThreadedAssociationServer):
         self.handlers = handlers
         self.daemon_threads = True  # a connection's thread never holds the process up
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
+        self.admission = Admission(admission_limits(config))
+        self.refusals = RefusalLog()
+        self.rejector = Rejector()
         listen_socket.setblocking(False)
         address = listen_socket.getsockname()[:2]
         super().__init__(
@@ -223,17 +240,45 @@ class ReceiverServer(ThreadedAssociationServer):
         """Stop accepting; associations in progress carry on."""
         socketserver.BaseServer.shutdown(self)  # pynetdicom's also closes the shared socket
         self.server_close()
+        self.rejector.stop()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Admit the connection (a slot, before any thread) or have it rejected."""
+        address = str(client_address[0])
+        refused = self.admission.admit(address)
+        if refused is not None:
+            self.refusals.refused(refused, address)
+            self.rejector.reject(request)
+            return
+        try:
+            super().process_request(request, client_address)  # its thread
+        except Exception:
+            self.admission.release(address)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.admission.release(str(client_address[0]))
 
     def address_allowed(self, address: str) -> bool:
         if not self._allowed:
             return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self._allowed)
+        ip = source_ip(address)
+        return ip is not None and any(ip in network for network in self._allowed)
+
+
+def admission_limits(config: DicomConfig) -> AdmissionLimits:
+    return AdmissionLimits(
+        per_address=config.max_associations_per_address,
+        total=config.max_associations,
+        reserved_networks=tuple(
+            ipaddress.ip_network(n, strict=False) for n in config.reserved_networks
+        ),
+        reserved=min(config.reserved_associations, config.max_associations),
+        request_timeout=config.request_timeout,
+    )
 
 
 def configure_pynetdicom(incoming_dir: Path) -> None:
@@ -242,6 +287,7 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     Datasets are streamed to files in *incoming_dir* (same file system as the spool, so
     storing is a rename); identifiers of requests are never logged.
     """
+    quiet_idle_associations()  # idle associations cost no CPU (dicom.reactor)
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
