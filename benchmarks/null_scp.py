@@ -29,6 +29,7 @@ def main() -> int:
     tempfile.tempdir = tempfile.mkdtemp(prefix="null-scp-")
     ae = AE(ae_title="NULL_SCP")
     ae.maximum_pdu_size = 0
+    ae.maximum_associations = 1000  # as many as a benchmark holds open
     ae.supported_contexts = supported_contexts()
     handlers = [(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_CONN_OPEN, on_open)]
     ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=handlers, block=True)

@@ -5,8 +5,9 @@ association's, which serves requests — and pynetdicom 3 has both poll every mi
 (``time.sleep(0.001)`` in ``dul.py`` and ``association.py``): for one idle association that is
 two thousand wake-ups a second, for sixty a seventh of a core doing nothing. Here, once an
 association has had no traffic for :data:`IDLE_AFTER` seconds, both of its threads sleep
-:data:`IDLE_SLEEP` between their checks instead; the first PDU after a quiet spell is picked up
-that much later, and the association is back to millisecond polling from then on. Nothing else
+:data:`IDLE_SLEEP` between their checks, and :data:`LONG_IDLE_SLEEP` once it has been quiet for
+:data:`LONG_IDLE_AFTER`; the first PDU after a quiet spell is picked up at most two such sleeps
+later, and the association is back to millisecond polling from then on. Nothing else
 in pynetdicom changes: the two modules' ``time`` is replaced by :class:`QuietTime`, which
 forwards everything to :mod:`time` and lengthens only those polling sleeps.
 """
@@ -23,7 +24,9 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
 IDLE_AFTER = 0.5  # seconds without a PDU before an association counts as idle
-IDLE_SLEEP = 0.05  # seconds between the checks of an idle association's threads
+IDLE_SLEEP = 0.02  # seconds between the checks of an idle association's threads
+LONG_IDLE_AFTER = 5.0  # ... and after this long without a PDU
+LONG_IDLE_SLEEP = 0.2
 POLL = 0.001  # pynetdicom's own polling sleep
 
 
@@ -43,7 +46,10 @@ def polling_sleep(thread: threading.Thread, seconds: float) -> float:
         dul = thread
     else:
         return seconds
-    return IDLE_SLEEP if idle_seconds(dul) > IDLE_AFTER else seconds
+    idle = idle_seconds(dul)
+    if idle > LONG_IDLE_AFTER:
+        return LONG_IDLE_SLEEP
+    return IDLE_SLEEP if idle > IDLE_AFTER else seconds
 
 
 class QuietTime:

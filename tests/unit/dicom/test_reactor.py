@@ -16,6 +16,8 @@ from tests.support.peers import free_port
 from triage_node.dicom.reactor import (
     IDLE_AFTER,
     IDLE_SLEEP,
+    LONG_IDLE_AFTER,
+    LONG_IDLE_SLEEP,
     POLL,
     polling_sleep,
     quiet_idle_associations,
@@ -51,6 +53,8 @@ def test_an_idle_association_sleeps_longer_until_it_hears_again(quiet: None) -> 
         time.sleep(IDLE_AFTER + 0.3)
         assert polling_sleep(served, POLL) == IDLE_SLEEP
         assert polling_sleep(served.dul, POLL) == IDLE_SLEEP
+        served.dul._idle_timer._start_time -= LONG_IDLE_AFTER  # as if quiet for long
+        assert polling_sleep(served, POLL) == LONG_IDLE_SLEEP
         assert assoc.send_c_echo().Status == 0x0000  # answered though it was quiet
         assert polling_sleep(served, POLL) == POLL  # busy again: pynetdicom's own polling
     finally:
