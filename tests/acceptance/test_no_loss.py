@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from pathlib import Path
+from typing import IO
 
 import pytest
 from pydicom import dcmread
@@ -11,17 +14,6 @@ from sqlalchemy import create_engine, text
 from tests.support.node import Node
 from tests.support.peers import acknowledged, dataset_bytes, storescu_process, wait_for
 from tests.support.synth import write_study_set
-
-
-def instance_count(url: str) -> int:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(text("select count(*) from instances")).scalar_one())
-    except Exception:
-        return 0
-    finally:
-        engine.dispose()
 
 
 def studies_by_state(url: str) -> dict[str, int]:
@@ -34,6 +26,24 @@ def studies_by_state(url: str) -> dict[str, int]:
     return {state: int(n) for state, n in rows}
 
 
+def read_until_acknowledged(sender: subprocess.Popen[str], count: int, timeout: float) -> str:
+    """storescu's output up to the line of its *count*-th Success response."""
+    assert sender.stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=_read_lines, args=(sender.stdout, lines, count), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), f"storescu did not get {count} responses in {timeout} s"
+    return "".join(lines)
+
+
+def _read_lines(stream: IO[str], lines: list[str], count: int) -> None:
+    for line in stream:
+        lines.append(line)
+        if len(acknowledged("".join(lines))) >= count:
+            return
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_sigkill_during_send_loses_nothing_acknowledged(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
@@ -42,10 +52,12 @@ def test_sigkill_during_send_loses_nothing_acknowledged(
     files = write_study_set(tmp_path / "set", 200, 256, 256, per_study=4)
     node = Node(tmp_path / "node", database_url=url).start()
     sender = storescu_process(node.port, files)
-    wait_for(lambda: instance_count(node.database_url) >= 60, 60, 0.02, "60 instances stored")
+    # Kill on an observed event, not after a time: once storescu has printed its 60th Success
+    # response (the node's own count can run ahead of what reached the sender).
+    output = read_until_acknowledged(sender, 60, timeout=120)
     node.kill()
-    output, _ = sender.communicate(timeout=60)
-    acked = acknowledged(output)
+    rest, _ = sender.communicate(timeout=60)
+    acked = acknowledged(output + rest)
     assert 60 <= len(acked) < len(files), f"kill did not land mid-send ({len(acked)} acked)"
 
     node.start()  # same data directory and database
