@@ -68,6 +68,31 @@ def test_results_reach_the_destination_and_are_valid(tmp_path: Path) -> None:
         pacs.stop()
 
 
+def test_results_move_on_events_not_sweeps(tmp_path: Path) -> None:
+    """With every sweep ten minutes apart, a study still goes from the association's end to
+    results at the PACS at once: the end arms the settle timer, the queued job wakes the worker,
+    the results wake the outbox (service/doorbell)."""
+    pacs = StoreSCP(tmp_path / "pacs")
+    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
+    node = Node(
+        tmp_path / "node",
+        service={"poll_seconds": 600},
+        worker={"count": 1, "model_dir": str(model), "poll_seconds": 600},
+        delivery={"destinations": [f"PACS@127.0.0.1:{pacs.port}"], "interval_seconds": 600},
+    ).start()
+    try:
+        files = write_study_set(tmp_path / "set", 2, 128, 96, per_study=2)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(  # well inside the first sweep, however slow the machine
+            lambda: by_class(received(tmp_path / "pacs")) == {SR: 1, SC: 2, KO: 1},
+            120,
+            what="SR, 2 heatmaps and KOS at the PACS without a sweep",
+        )
+    finally:
+        assert node.stop() == 0
+        pacs.stop()
+
+
 def test_a_pacs_that_is_down_gets_the_results_when_it_is_back(tmp_path: Path) -> None:
     port = free_port()
     node = delivering_node(tmp_path, port, retry_backoff_seconds=0.5, retry_max_seconds=1)

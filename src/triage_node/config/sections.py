@@ -115,7 +115,9 @@ class StudyConfig:
     """``[study]``: when a study counts as complete."""
 
     settle_seconds: float = _setting(
-        2.0, _between(0, 3600), "quiet time after the last instance before a study is queued"
+        1.0,
+        _between(0, 3600),
+        "quiet time after the last instance (and its association's end) before a study is queued",
     )
     stale_association_seconds: float = _setting(
         300.0,
@@ -129,7 +131,9 @@ class ServiceConfig:
     """``[service]``: the long-running service."""
 
     poll_seconds: float = _setting(
-        0.25, _between(0.05, 60), "how often settled studies are looked for"
+        5.0,
+        _between(0.05, 600),
+        "safety-net sweep for settled studies (an association's end starts its settle timer)",
     )
     heartbeat_seconds: float = _setting(
         5.0, _between(0.5, 600), "how often the service records that it is alive"
@@ -171,7 +175,11 @@ class WorkerConfig:
     retry_backoff_seconds: float = _setting(
         10.0, _between(0, 86400), "wait before the first retry; doubles each attempt"
     )
-    poll_seconds: float = _setting(0.25, _between(0.05, 60), "how often an idle worker looks")
+    poll_seconds: float = _setting(
+        5.0,
+        _between(0.05, 600),
+        "safety-net sweep of an idle worker (a queued study wakes the workers of its host)",
+    )
     model_retry_seconds: float = _setting(
         30.0, _between(0.1, 3600), "while the model is missing or damaged, how often to try again"
     )
@@ -185,7 +193,9 @@ class DeliveryConfig:
         _destinations, "where results go, each AE_TITLE@host:port; empty = keep them only"
     )
     interval_seconds: float = _setting(
-        0.25, _between(0.05, 3600), "how often the outbox is looked at"
+        5.0,
+        _between(0.05, 3600),
+        "how often the outbox is looked at for retries (new results are sent at once)",
     )
     timeout_seconds: float = _setting(
         30.0, _between(1, 3600), "connection and response timeout per association"

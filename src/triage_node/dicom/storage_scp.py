@@ -147,11 +147,14 @@ class StorageHandlers:
         intake: Intake,
         min_free_bytes: int,
         clock: Callable[[], datetime] = utcnow,
+        *,
+        on_association_end: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
         self.intake = intake
         self.min_free_bytes = min_free_bytes
         self.clock = clock
+        self.on_association_end = on_association_end  # the study may be complete now
         self._association_ids: dict[Any, int] = {}
         self._lock = threading.Lock()
 
@@ -228,6 +231,8 @@ class StorageHandlers:
             association=association_id,
             end=how.value,
         )
+        if self.on_association_end is not None:
+            self.on_association_end()
 
     def on_rejected(self, event: Any) -> None:
         requestor = event.assoc.requestor

@@ -4,7 +4,9 @@ past retention is removed, and a heartbeat is kept."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -19,12 +21,15 @@ from triage_node.domain import utcnow
 from triage_node.errors import DatabaseUnavailable
 from triage_node.logs import RepeatedFailure, get_logger, log_event
 from triage_node.service.delivery import OutboxDelivery
+from triage_node.service.doorbell import JOBS, OUTBOX, STUDIES, Doorbell, ring, run_dir
 from triage_node.service.escalation import Escalator
 from triage_node.service.reconciliation import PacsReconciler
 from triage_node.service.retention import Retention
 from triage_node.spool import Spool
 
 LOG = get_logger(__name__)
+SETTLE_MARGIN_SECONDS = 0.05  # past the settle time, so the study's last instance counts as settled
+STOP_CHECK_SECONDS = 0.5
 
 
 class StudyCompleteness:
@@ -70,14 +75,18 @@ class ServiceScheduler:
     def __init__(self, store: Database, config: Config) -> None:
         self.store = store
         self.config = config
+        self._stopping = threading.Event()
+        self._listeners: list[threading.Thread] = []
         self.completeness = StudyCompleteness(store.intake, store.queue, config)
         self._scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1}
         )
+        self.doorbells = run_dir(config.storage.data_dir)
+        self._promote = self._guarded(self._promote_and_ring, "promote_failed")
         self._scheduler.add_job(
-            self._guarded(self.completeness.promote_ready_studies, "promote_failed"),
+            self._promote,
             "interval",
-            seconds=config.service.poll_seconds,
+            seconds=config.service.poll_seconds,  # the safety net: doorbells move work on
             id="promote-ready-studies",
         )
         self.delivery = OutboxDelivery(store.outbox, config.delivery, config.dicom.ae_title)
@@ -145,10 +154,47 @@ class ServiceScheduler:
 
         return run
 
+    def _promote_and_ring(self) -> None:
+        if self.completeness.promote_ready_studies():
+            ring(self.doorbells, JOBS)  # an idle worker claims at once
+
+    def study_may_be_complete(self) -> None:
+        """An association ended: look for settled studies once its instances have settled."""
+        settle = timedelta(seconds=self.config.study.settle_seconds + SETTLE_MARGIN_SECONDS)
+        self._scheduler.add_job(self._promote, "date", run_date=datetime.now(UTC) + settle)
+
+    def results_waiting(self) -> None:
+        """A worker put results in the outbox: deliver now."""
+        self._scheduler.modify_job("deliver-outbox", next_run_time=datetime.now(UTC))
+
+    def _listen(self, topic: str, action: Callable[[], None]) -> None:
+        try:
+            doorbell = Doorbell(self.doorbells, topic)
+        except OSError as exc:  # the sweeps still find the work, later
+            log_event(LOG, logging.WARNING, "doorbell_failed", f"no {topic} doorbell: {exc}")
+            return
+        with doorbell:
+            while not self._stopping.is_set():
+                if doorbell.wait(STOP_CHECK_SECONDS) and not self._stopping.is_set():
+                    with contextlib.suppress(Exception):  # the scheduler shutting down
+                        action()
+
     def start(self) -> None:
         self.heartbeat(starting=True)
         self._scheduler.start()
+        for topic, action in (
+            (STUDIES, self.study_may_be_complete),
+            (OUTBOX, self.results_waiting),
+        ):
+            thread = threading.Thread(
+                target=self._listen, args=(topic, action), name=f"doorbell-{topic}", daemon=True
+            )
+            thread.start()
+            self._listeners.append(thread)
 
     def stop(self) -> None:
+        self._stopping.set()
+        for thread in self._listeners:
+            thread.join(5)
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)

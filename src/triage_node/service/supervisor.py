@@ -14,6 +14,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -40,6 +41,7 @@ from triage_node.dicom.storage_scp import StorageHandlers
 from triage_node.domain import utcnow
 from triage_node.errors import AlreadyRunning, ModelError
 from triage_node.logs import configure_logging, get_logger, log_event
+from triage_node.service.doorbell import JOBS, OUTBOX, STUDIES, Doorbell, ring, run_dir
 from triage_node.service.listeners import (
     open_hl7_listener,
     open_listener,
@@ -121,7 +123,13 @@ def run_receiver(
     writeback = EarlyWriteback(incoming)
     writeback.start()
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
-    handlers = StorageHandlers(spool, Intake(engine), config.storage.min_free_mb * 2**20)
+    doorbells = run_dir(config.storage.data_dir)
+    handlers = StorageHandlers(
+        spool,
+        Intake(engine),
+        config.storage.min_free_mb * 2**20,
+        on_association_end=lambda: ring(doorbells, STUDIES),
+    )
     ae = build_ae(config.dicom)
     servers = [ReceiverServer(ae, listen_socket, config.dicom, handlers)]
     if tls_socket is not None:
@@ -165,6 +173,7 @@ def run_worker(config: Config, index: int) -> None:
     stop = _child_process_setup(config)
     keep_large_buffers()
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
+    doorbells = run_dir(config.storage.data_dir)
     model = None
     while model is None and not stop.is_set():
         try:
@@ -190,9 +199,17 @@ def run_worker(config: Config, index: int) -> None:
             model,
             config.worker,
             destinations=config.delivery.destinations,
+            on_results=lambda: ring(doorbells, OUTBOX),
         )
         log_event(LOG, logging.INFO, "worker_started", "worker ready", worker=index)
-        worker.run_forever(stop)
+        try:
+            doorbell = Doorbell(doorbells, JOBS)
+        except OSError as exc:  # it still looks every worker.poll_seconds
+            log_event(LOG, logging.WARNING, "doorbell_failed", f"no jobs doorbell: {exc}")
+            worker.run_forever(stop)
+        else:
+            with doorbell:
+                worker.run_forever(stop, doorbell)
     log_event(LOG, logging.INFO, "worker_stopped", "worker stopped", worker=index)
     engine.dispose()
 
@@ -316,6 +333,7 @@ def serve(config: Config) -> int:
     spool = Spool(config.storage.spool_path)
     spool.prepare()
     purged = spool.purge_stale_incoming()
+    shutil.rmtree(run_dir(config.storage.data_dir), ignore_errors=True)  # doorbells of the dead
     lost = store.intake.close_lost_associations(pid_alive, utcnow())
     interrupted = store.queue.recover_interrupted(pid_alive, utcnow())
     listen_socket = open_listener(config.dicom)

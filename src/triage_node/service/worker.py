@@ -33,11 +33,13 @@ from triage_node.errors import TriageError
 from triage_node.logs import RepeatedFailure, get_logger, log_event
 from triage_node.results.spooled import content_key, read_predecessor, result_objects, write_results
 from triage_node.service.backoff import exponential_backoff
+from triage_node.service.doorbell import Doorbell
 from triage_node.spool import Spool
 
 LOG = get_logger(__name__)
 MISSING_FILE_RETRY_SECONDS = 30.0
 HEARTBEAT_SECONDS = 5.0
+STOP_CHECK_SECONDS = 0.5  # an idle worker waiting for its doorbell notices SIGTERM this soon
 
 
 class Worker:
@@ -55,6 +57,7 @@ class Worker:
         destinations: Sequence[str] = (),
         name: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        on_results: Callable[[], None] | None = None,
     ) -> None:
         self.queue = queue
         self.outbox = outbox
@@ -67,6 +70,7 @@ class Worker:
         self.clock = clock
         self.lease = timedelta(seconds=config.lease_seconds)
         self.jobs_done = 0
+        self.on_results = on_results  # results are in the outbox: deliver them now
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue had nothing runnable."""
@@ -126,6 +130,8 @@ class Worker:
             )
             return True
         self.jobs_done += 1
+        if self.on_results is not None and results:
+            self.on_results()
         log_event(
             LOG,
             logging.INFO,
@@ -229,8 +235,9 @@ class Worker:
             m.name, m.version, self.model.provider, self.jobs_done, self.clock()
         )
 
-    def run_forever(self, stop: threading.Event) -> None:
-        """Work until *stop* is set; the job in hand is finished first."""
+    def run_forever(self, stop: threading.Event, doorbell: Doorbell | None = None) -> None:
+        """Work until *stop* is set; the job in hand is finished first. Idle, wait for the
+        *doorbell* (a study was queued) or, at the latest, ``worker.poll_seconds``."""
         next_sweep = next_beat = 0.0
         failures = RepeatedFailure(LOG, "worker_error")  # e.g. the database away: every tick
         while not stop.is_set():
@@ -255,6 +262,15 @@ class Worker:
             else:
                 failures.succeeded()
             if not busy:
-                stop.wait(self.config.poll_seconds)
+                self._idle(stop, doorbell)
         with contextlib.suppress(Exception):
             self.processes.worker_stopped(self.clock())
+
+    def _idle(self, stop: threading.Event, doorbell: Doorbell | None) -> None:
+        if doorbell is None:
+            stop.wait(self.config.poll_seconds)
+            return
+        until = time.monotonic() + self.config.poll_seconds
+        while not stop.is_set() and (left := until - time.monotonic()) > 0:
+            if doorbell.wait(min(left, STOP_CHECK_SECONDS)):
+                return
