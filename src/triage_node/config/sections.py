@@ -115,7 +115,7 @@ class StudyConfig:
     """``[study]``: when a study counts as complete."""
 
     settle_seconds: float = _setting(
-        1.0,
+        0.5,
         _between(0, 3600),
         "quiet time after the last instance (and its association's end) before a study is queued",
     )
