@@ -26,6 +26,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # n
 from tests.support.node import Node  # noqa: E402
 from tests.support.peers import free_port, wait_for  # noqa: E402
 
+from triage_node.config import ServiceConfig  # noqa: E402
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -90,6 +92,11 @@ def main() -> int:
                 "reserved_networks": ["127.0.0.1/32"],
                 "network_timeout": 600,
             },
+            service={  # the defaults, not the test harness's quick ones
+                "poll_seconds": ServiceConfig().poll_seconds,
+                "heartbeat_seconds": ServiceConfig().heartbeat_seconds,
+            },
+            log={"format": "json", "level": "INFO"},
         ).start()
         try:
             assert node.process is not None
