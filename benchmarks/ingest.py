@@ -1,4 +1,5 @@
-"""Ingest benchmark: triage-node against DCMTK storescp, same files, same sender, one run.
+"""Ingest benchmark: triage-node against Orthanc, DCMTK storescp and a keep-nothing pynetdicom
+SCP, same files, same sender, one run.
 
 Sends a set of large synthetic radiographs (about 2000x2500, 16-bit, ~10 MB) and a set of small
 ones with DCMTK ``storescu`` to DCMTK ``storescp`` and to ``triage-node serve`` (durability on:
@@ -10,6 +11,8 @@ TCP_NODELAY=1 is set for the DCMTK tools (DCMTK leaves Nagle on otherwise, see
 and uses --fork for the parallel runs; it runs with DCMTK's defaults (16 KiB PDU, as measured in
 perf-notes.md) and again with a 128 KiB PDU like the node's. "pynetdicom-null" is a pynetdicom
 SCP that keeps nothing (benchmarks/null_scp.py): the ceiling of any pynetdicom-based receiver.
+Orthanc (Debian's package) runs with ``SyncStorageArea`` on, its default: the durable peer, the
+one the node's targets are set against (at least 1.0x its instances/s and MB/s).
 
     .venv/bin/python benchmarks/ingest.py [--large 100] [--small 500] [--repeat 3]
 """
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.node import Node  # noqa: E402
+from tests.support.orthanc import Orthanc  # noqa: E402
 from tests.support.peers import (  # noqa: E402
     StoreSCP,
     dcmtk_env,
@@ -136,6 +140,15 @@ def measure_null_pynetdicom(files: list[Path], senders: int, work: Path) -> floa
         process.wait(10)
 
 
+def measure_orthanc(files: list[Path], senders: int, work: Path) -> float:
+    orthanc = Orthanc(work / "orthanc", {}).start()
+    try:
+        return send(orthanc.dicom_port, files, senders, orthanc.ae_title)
+    finally:
+        orthanc.stop()
+        shutil.rmtree(work / "orthanc", ignore_errors=True)
+
+
 def port_open(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -161,6 +174,7 @@ def measure_triage_node(files: list[Path], senders: int, work: Path) -> float:
 
 
 RECEIVERS = (
+    ("orthanc", measure_orthanc),
     ("storescp", measure_storescp),
     ("storescp-128k", measure_storescp_128k),
     ("pynetdicom-null", measure_null_pynetdicom),
@@ -211,7 +225,7 @@ def report(runs: list[Run]) -> None:
     header = f"{'set':<6} {'senders':>7}"
     for receiver, _ in RECEIVERS:
         header += f" {receiver + ' inst/s':>22} {'MB/s':>7}"
-    print(header + f" {'ratio':>6}")
+    print(header + f" {'node/orthanc':>12}")
     for name in ("large", "small"):
         for senders in (1, PARALLEL):
             line = f"{name:<6} {senders:>7}"
@@ -220,9 +234,9 @@ def report(runs: list[Run]) -> None:
                 line += f" {run.per_second:>22.1f} {run.mb_per_second:>7.1f}"
             ratio = (
                 get("triage-node", name, senders).per_second
-                / get("storescp", name, senders).per_second
+                / get("orthanc", name, senders).per_second
             )
-            print(f"{line} {ratio:>6.2f}")
+            print(f"{line} {ratio:>12.2f}")
 
     def ratio(receiver: str, peer: str, name: str) -> float:
         return get(receiver, name, 1).per_second / get(peer, name, 1).per_second
@@ -232,6 +246,14 @@ def report(runs: list[Run]) -> None:
         for n in ("large", "small")
     )
     print()
+    print("triage-node / Orthanc (the durable peer; target 1.0 everywhere):")
+    for name in ("large", "small"):
+        for senders in (1, PARALLEL):
+            node, orthanc = get("triage-node", name, senders), get("orthanc", name, senders)
+            print(
+                f"  {name:<6} senders={senders}  inst/s {node.per_second / orthanc.per_second:.2f}"
+                f"  MB/s {node.mb_per_second / orthanc.mb_per_second:.2f}"
+            )
     print("ratios, one sender (storescp = DCMTK defaults, as in perf-notes.md):")
     for peer in ("storescp", "storescp-128k"):
         print(
@@ -244,7 +266,10 @@ def report(runs: list[Run]) -> None:
             " receiver)"
         )
     print(f"triage-node {PARALLEL} senders / 1 sender (min over sets): {parallel:.2f} (target 1.0)")
-    print(f"machine: {os.cpu_count()} cores; triage-node fsyncs every instance, storescp does not")
+    print(
+        f"machine: {os.cpu_count()} cores; triage-node and Orthanc fsync every instance,"
+        " storescp does not"
+    )
 
 
 if __name__ == "__main__":

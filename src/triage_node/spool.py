@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -66,6 +67,10 @@ def _load_sync_file_range() -> Callable[[int], None] | None:
     return start_writeback
 
 
+QUIET_AFTER = 1.0  # seconds with no dataset arriving before the writeback scans slow down
+QUIET_INTERVAL = 0.2
+
+
 class EarlyWriteback:
     """Starts disk writeback of files still being received, so the fsync that must precede
     a success status only waits for the last few megabytes (large radiographs).
@@ -89,13 +94,23 @@ class EarlyWriteback:
     def stop(self) -> None:
         self._stop.set()
 
+    def _pause(self, quiet_since: float) -> float:
+        """*interval* while datasets arrive; once nothing has arrived for QUIET_AFTER seconds,
+        QUIET_INTERVAL (an idle receiver scans five times a second, not a hundred)."""
+        if time.monotonic() - quiet_since > QUIET_AFTER:
+            return max(self.interval, QUIET_INTERVAL)
+        return self.interval
+
     def _run(self) -> None:
         assert self._start_writeback is not None
-        while not self._stop.wait(self.interval):
+        quiet_since = time.monotonic()
+        while not self._stop.wait(self._pause(quiet_since)):
             try:
                 paths = list(self.directory.iterdir())
             except OSError:
                 continue
+            if paths:
+                quiet_since = time.monotonic()
             for path in paths:
                 try:
                     fd = os.open(path, os.O_RDONLY)
