@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -13,7 +14,7 @@ from tests.support.records import header
 from triage_node.db.database import Database
 from triage_node.db.queue import JobState
 from triage_node.db.schema import image_results, jobs, studies, study_results
-from triage_node.domain import ImageResult, Skip, SpooledFile, StudyAnalysis
+from triage_node.domain import ImageResult, ResultFile, ResultKind, Skip, SpooledFile, StudyAnalysis
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
@@ -159,3 +160,24 @@ def test_lost_lease_cannot_complete(store: Database) -> None:
     assert store.queue.claim("fast", now + LEASE * 2, LEASE) is not None
     assert not store.queue.extend_lease(job.job_id, "slow", now + LEASE * 3)
     assert not store.queue.complete(job, "slow", analysis(1, 0.1), now + LEASE * 2)
+
+
+def test_results_reach_the_outbox_with_the_completion_only(store: Database) -> None:
+    """The outbox rows and the job's completion are one transaction: a worker whose lease was
+    taken over sends nothing, and nothing is sent for an analysis the database does not hold."""
+    queue_studies(store, 1)
+    now = T0 + timedelta(minutes=1)
+    files = [ResultFile(ResultKind.SR, "1.2.840.10008.5.1.4.1.1.88.34", "2.25.7", Path("/r.dcm"))]
+    stale = store.queue.claim("w1", now, LEASE)
+    assert stale is not None
+    [ref] = store.queue.instances_of(stale.study_id)
+    assert store.queue.requeue_expired(now + 2 * LEASE, max_attempts=3) == (1, 0)
+    fresh = store.queue.claim("w2", now + 2 * LEASE, LEASE)
+    assert fresh is not None
+    result = analysis(ref.instance_id, 0.8)
+    assert not store.queue.complete(stale, "w1", result, now, results=files, destinations=["P"])
+    assert store.outbox.items() == []
+    assert store.queue.complete(fresh, "w2", result, now, results=files, destinations=["P"])
+    assert [(i.kind, i.sop_instance_uid) for i in store.outbox.items()] == [
+        (ResultKind.SR, "2.25.7")
+    ]

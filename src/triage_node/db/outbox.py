@@ -20,6 +20,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 from triage_node.db.engine import Aggregate
 from triage_node.db.schema import (
@@ -68,6 +69,19 @@ class Outbox(Aggregate):
     ) -> None:
         """One PENDING row per file and destination; an object already there is left as it is
         (same UID = same object: a resend replaces nothing and duplicates nothing)."""
+        with self._begin() as conn:
+            self.add_in(conn, study_id, result_version, files, destinations, now)
+
+    @staticmethod
+    def add_in(
+        conn: Connection,
+        study_id: int,
+        result_version: int,
+        files: Sequence[ResultFile],
+        destinations: Sequence[str],
+        now: datetime,
+    ) -> None:
+        """:meth:`add` in the caller's transaction (a job's completion, in ``queue``)."""
         rows = [
             {
                 "study_id": study_id,
@@ -87,11 +101,11 @@ class Outbox(Aggregate):
         ]
         if not rows:
             return
-        statement = self._insert(outbox).on_conflict_do_nothing(
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        statement = insert(outbox).on_conflict_do_nothing(
             index_elements=[outbox.c.destination, outbox.c.sop_instance_uid]
         )
-        with self._begin() as conn:
-            conn.execute(statement, rows)
+        conn.execute(statement, rows)
 
     def _query(self) -> Any:
         return select(outbox, studies.c.study_uid).join(studies, studies.c.id == outbox.c.study_id)

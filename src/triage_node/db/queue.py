@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +26,7 @@ from sqlalchemy import (
 
 from triage_node.db.engine import Aggregate
 from triage_node.db.intake import ReadyStudy, StudyState
+from triage_node.db.outbox import Outbox
 from triage_node.db.priority import raise_priority
 from triage_node.db.schema import (
     fit,
@@ -35,7 +36,7 @@ from triage_node.db.schema import (
     studies,
     study_results,
 )
-from triage_node.domain import OperatingPointName, Outcome, StudyAnalysis
+from triage_node.domain import OperatingPointName, Outcome, ResultFile, StudyAnalysis
 
 
 class JobState(enum.StrEnum):
@@ -251,11 +252,23 @@ class JobQueue(Aggregate):
             is not None
         )
 
-    def complete(self, job: ClaimedJob, owner: str, analysis: StudyAnalysis, now: datetime) -> bool:
-        """Store the results and finish the job, in one transaction; False if the lease was lost."""
+    def complete(
+        self,
+        job: ClaimedJob,
+        owner: str,
+        analysis: StudyAnalysis,
+        now: datetime,
+        *,
+        results: Sequence[ResultFile] = (),
+        destinations: Sequence[str] = (),
+    ) -> bool:
+        """Store the analysis, put its result files in the outbox for *destinations*, raise the
+        study's priority and finish the job — one transaction, so results are never sent for an
+        analysis the database does not hold; False (and nothing stored) if the lease was lost."""
         with self._begin() as conn:
             if not self._owns(conn, job, owner):
                 return False
+            Outbox.add_in(conn, job.study_id, job.study_revision, results, destinations, now)
             # The high-sensitivity threshold decides the outcome; reaching the high-specificity
             # point means the score passed both (StudyAnalysis.outcome / .operating_point).
             point = analysis.operating_point

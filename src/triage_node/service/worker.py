@@ -115,10 +115,18 @@ class Worker:
         except Exception as exc:
             self._failed(job, f"{type(exc).__name__}: {exc}")
             return True
-        # The outbox rows go in before the job is marked done: a crash in between re-runs the
-        # job, which writes the same objects (same UIDs) and adds no second row.
-        self.outbox.add(job.study_id, job.study_revision, results, self.destinations, self.clock())
-        if not self.queue.complete(job, self.owner, analysis, self.clock()):
+        # The result files are durable in the spool; their outbox rows go in with the job's
+        # completion, in one transaction. A crash before it re-runs the job, which writes the
+        # same objects (same UIDs) again.
+        done = self.queue.complete(
+            job,
+            self.owner,
+            analysis,
+            self.clock(),
+            results=results,
+            destinations=self.destinations,
+        )
+        if not done:
             log_event(
                 LOG,
                 logging.WARNING,
