@@ -196,7 +196,7 @@ class StoreClient:
         self.aborted = 0
 
     def store(self, meta: FileMetaDataset, body: bytes) -> Any:
-        if self.assoc is None or not self.assoc.is_established:
+        if self.assoc is None or not self.assoc.is_established or self.assoc.is_released:
             self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGE_NODE")
             assert self.assoc.is_established
         path = self.directory / "case.dcm"
@@ -205,6 +205,12 @@ class StoreClient:
             write_file_meta_info(f, meta, enforce_standard=True)
             f.write(body)
         status = self.assoc.send_c_store(path)
+        if "Status" not in status and self.assoc.is_released:
+            # The node released the association for being idle (dicom.network_timeout: a slow
+            # shrink between two cases can take longer); a PACS opens a new one, and so do we.
+            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGE_NODE")
+            assert self.assoc.is_established
+            status = self.assoc.send_c_store(path)
         if not self.assoc.is_established:
             self.aborted += 1
         return status

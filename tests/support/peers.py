@@ -147,7 +147,11 @@ class StoreSCP:
             stderr=subprocess.DEVNULL,
             env=dcmtk_env(),
         )
-        wait_for(self._listening, 10, what="storescp to listen")
+        try:
+            wait_for(self._listening, 60, what="storescp to listen")
+        except AssertionError:
+            self.stop()
+            raise
 
     def _listening(self) -> bool:
         try:
