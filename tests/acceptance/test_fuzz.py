@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,9 @@ def hostile_bodies(draw: st.DrawFn, body: bytes) -> bytes:
     return bytes(data)
 
 
+REUSE_SECONDS = 15.0  # well inside the node's idle release (dicom.network_timeout, 30 s)
+
+
 class StoreClient:
     """One association kept open across cases; opened again if the node aborted it."""
 
@@ -194,9 +198,16 @@ class StoreClient:
         self.ae.dimse_timeout = 30
         self.assoc: Any = None
         self.aborted = 0
+        self.last_used = time.monotonic()
 
     def store(self, meta: FileMetaDataset, body: bytes) -> Any:
-        if self.assoc is None or not self.assoc.is_established or self.assoc.is_released:
+        idle = time.monotonic() - self.last_used
+        if self.assoc is not None and self.assoc.is_established and idle > REUSE_SECONDS:
+            # Hypothesis can take long between cases (shrinking, a loaded machine); the node
+            # releases an association idle for dicom.network_timeout (30 s), so, like a PACS,
+            # start a new one rather than send into one about to go.
+            self.assoc.release()
+        if self.assoc is None or not self.assoc.is_established:
             self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGE_NODE")
             assert self.assoc.is_established
         path = self.directory / "case.dcm"
@@ -205,12 +216,7 @@ class StoreClient:
             write_file_meta_info(f, meta, enforce_standard=True)
             f.write(body)
         status = self.assoc.send_c_store(path)
-        if "Status" not in status and self.assoc.is_released:
-            # The node released the association for being idle (dicom.network_timeout: a slow
-            # shrink between two cases can take longer); a PACS opens a new one, and so do we.
-            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGE_NODE")
-            assert self.assoc.is_established
-            status = self.assoc.send_c_store(path)
+        self.last_used = time.monotonic()
         if not self.assoc.is_established:
             self.aborted += 1
         return status
