@@ -4,13 +4,21 @@ each valid for dciodvfy; a destination that is down gets them once it is back.""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pydicom
 
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
-from tests.support.peers import StoreSCP, dciodvfy_errors, free_port, storescu, wait_for
+from tests.support.peers import (
+    StoreSCP,
+    dciodvfy_errors,
+    free_port,
+    storescu,
+    triage_node_command,
+    wait_for,
+)
 from tests.support.synth import write_study_set
 
 EVERYTHING_POSITIVE = {
@@ -89,6 +97,55 @@ def test_results_move_on_events_not_sweeps(tmp_path: Path) -> None:
             what="SR, 2 heatmaps and KOS at the PACS without a sweep",
         )
     finally:
+        assert node.stop() == 0
+        pacs.stop()
+
+
+def test_a_worker_on_another_host_is_woken_through_postgresql(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """``triage-node worker`` with its own data directory (another host: only the database and
+    the spool are shared) claims a queued study at once and its results go out at once, with
+    every sweep ten minutes apart: NOTIFY carries the "jobs" and "outbox" doorbells across."""
+    pacs = StoreSCP(tmp_path / "pacs")
+    model = write_model_dir(tmp_path / "model", operating_points=EVERYTHING_POSITIVE)
+    node = Node(
+        tmp_path / "node",
+        database_url=postgres_url,
+        service={"poll_seconds": 600},
+        worker={"count": 0, "poll_seconds": 600},
+        delivery={"destinations": [f"PACS@127.0.0.1:{pacs.port}"], "interval_seconds": 600},
+    ).start()
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - owned by the child process
+    worker = subprocess.Popen(
+        [triage_node_command(), "--config", str(node.config_path), "worker"],
+        env={
+            **node.env,
+            "TRIAGE_NODE_STORAGE_DATA_DIR": str(tmp_path / "other-host"),
+            "TRIAGE_NODE_STORAGE_SPOOL_DIR": str(node.spool),
+            "TRIAGE_NODE_WORKER_COUNT": "1",
+            "TRIAGE_NODE_WORKER_MODEL_DIR": str(model),
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        wait_for(
+            lambda: "worker_started" in (tmp_path / "worker.log").read_text(),
+            120,
+            what="the other host's worker to load its model",
+        )
+        files = write_study_set(tmp_path / "set", 2, 128, 96, per_study=2)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(  # well inside the first sweep, however slow the machine
+            lambda: by_class(received(tmp_path / "pacs")) == {SR: 1, SC: 2, KO: 1},
+            120,
+            what="results from the other host's worker at the PACS without a sweep",
+        )
+    finally:
+        worker.terminate()
+        assert worker.wait(60) == 0
         assert node.stop() == 0
         pacs.stop()
 

@@ -11,7 +11,8 @@ found — every listener still sweeps at a long interval). Topics:
 - ``jobs``: a study was queued (the scheduler rings; an idle worker claims at once);
 - ``outbox``: results are in the outbox (workers ring; the scheduler delivers at once).
 
-Workers on other hosts (PostgreSQL) are not rung: they find work at their sweep interval.
+Processes on other hosts sharing a PostgreSQL database are woken by ``service/relay``
+(``LISTEN``/``NOTIFY``), which rings the doorbells of its own host.
 """
 
 from __future__ import annotations
@@ -30,9 +31,17 @@ def run_dir(data_dir: Path) -> Path:
     return data_dir / "run"
 
 
+def _digest(directory: Path) -> str:
+    return hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+
+
 def _address(directory: Path, topic: str, pid: str) -> bytes:
-    digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    return f"\0triage-node/{digest}/{topic}/{pid}".encode()
+    return f"\0triage-node/{_digest(directory)}/{topic}/{pid}".encode()
+
+
+def origin(directory: Path) -> str:
+    """The name of the processes that share *directory*'s doorbells: host and directory."""
+    return f"{socket.gethostname()}/{_digest(directory)}"
 
 
 def ring(directory: Path, topic: str) -> None:

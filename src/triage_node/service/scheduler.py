@@ -16,14 +16,16 @@ from triage_node import __version__
 from triage_node.config import Config
 from triage_node.db.database import Database
 from triage_node.db.intake import Intake
+from triage_node.db.notify import Notifier
 from triage_node.db.queue import JobQueue
 from triage_node.domain import utcnow
 from triage_node.errors import DatabaseUnavailable
 from triage_node.logs import RepeatedFailure, get_logger, log_event
 from triage_node.service.delivery import OutboxDelivery
-from triage_node.service.doorbell import JOBS, OUTBOX, STUDIES, Doorbell, ring, run_dir
+from triage_node.service.doorbell import JOBS, OUTBOX, STUDIES, Doorbell, run_dir
 from triage_node.service.escalation import Escalator
 from triage_node.service.reconciliation import PacsReconciler
+from triage_node.service.relay import Announcer
 from triage_node.service.retention import Retention
 from triage_node.spool import Spool
 
@@ -82,6 +84,7 @@ class ServiceScheduler:
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1}
         )
         self.doorbells = run_dir(config.storage.data_dir)
+        self.announce = Announcer(self.doorbells, Notifier(store.engine))
         self._promote = self._guarded(self._promote_and_ring, "promote_failed")
         self._scheduler.add_job(
             self._promote,
@@ -156,7 +159,7 @@ class ServiceScheduler:
 
     def _promote_and_ring(self) -> None:
         if self.completeness.promote_ready_studies():
-            ring(self.doorbells, JOBS)  # an idle worker claims at once
+            self.announce(JOBS)  # an idle worker, on this host or another, claims at once
 
     def study_may_be_complete(self) -> None:
         """An association ended: look for settled studies once its instances have settled."""

@@ -31,6 +31,7 @@ from triage_node.config import Config, DicomConfig
 from triage_node.db.database import Database
 from triage_node.db.engine import make_engine, redact_url, require_current_schema, upgrade
 from triage_node.db.intake import Intake
+from triage_node.db.notify import Notifier
 from triage_node.dicom.server import (
     ReceiverServer,
     build_ae,
@@ -48,6 +49,7 @@ from triage_node.service.listeners import (
     open_metrics_endpoint,
     open_tls_listener,
 )
+from triage_node.service.relay import Announcer, Relay
 from triage_node.service.scheduler import ServiceScheduler
 from triage_node.service.worker import Worker
 from triage_node.spool import EarlyWriteback, Spool, pid_alive
@@ -173,7 +175,7 @@ def run_worker(config: Config, index: int) -> None:
     stop = _child_process_setup(config)
     keep_large_buffers()
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
-    doorbells = run_dir(config.storage.data_dir)
+    announce = Announcer(run_dir(config.storage.data_dir), Notifier(engine))
     model = None
     while model is None and not stop.is_set():
         try:
@@ -199,11 +201,11 @@ def run_worker(config: Config, index: int) -> None:
             model,
             config.worker,
             destinations=config.delivery.destinations,
-            on_results=lambda: ring(doorbells, OUTBOX),
+            on_results=lambda: announce(OUTBOX),
         )
         log_event(LOG, logging.INFO, "worker_started", "worker ready", worker=index)
         try:
-            doorbell = Doorbell(doorbells, JOBS)
+            doorbell = Doorbell(announce.doorbells, JOBS)
         except OSError as exc:  # it still looks every worker.poll_seconds
             log_event(LOG, logging.WARNING, "doorbell_failed", f"no jobs doorbell: {exc}")
             worker.run_forever(stop)
@@ -302,11 +304,12 @@ def serve_workers(config: Config) -> int:
     configure_logging(config.log.level, config.log.format)
     store = prepare_database(config)
     interrupted = store.queue.recover_interrupted(pid_alive, utcnow())
-    store.engine.dispose()
     count = config.worker.count or 1
     stop = _stop_on_signals()
     workers = ProcessGroup("worker", run_worker, (config,), count)
+    relay = Relay(run_dir(config.storage.data_dir), Notifier(store.engine))  # jobs queued elsewhere
     try:
+        relay.start()
         workers.start_all()
         log_event(
             LOG,
@@ -320,6 +323,8 @@ def serve_workers(config: Config) -> int:
             workers.check()
     finally:
         workers.stop_all(config.service.shutdown_grace_seconds)
+        relay.stop()
+        store.engine.dispose()
         log_event(LOG, logging.INFO, "workers_stopped", "workers stopped")
     return 0
 
@@ -343,8 +348,10 @@ def serve(config: Config) -> int:
     receivers = ProcessGroup("receiver", run_receiver, (config, listen_socket, tls_socket), count)
     workers = ProcessGroup("worker", run_worker, (config,), config.worker.count)
     scheduler = ServiceScheduler(store, config)
+    relay = Relay(run_dir(config.storage.data_dir), Notifier(store.engine))  # workers elsewhere
     hl7_server = metrics_server = None
     try:
+        relay.start()
         hl7_server = open_hl7_listener(config, store)
         metrics_server = open_metrics_endpoint(config)
         receivers.start_all()
@@ -386,6 +393,7 @@ def serve(config: Config) -> int:
             metrics_server.shutdown()
             metrics_server.server_close()
         scheduler.stop()
+        relay.stop()
         with contextlib.suppress(Exception):
             store.processes.service_stopped(utcnow())
         store.engine.dispose()
