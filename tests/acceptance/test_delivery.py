@@ -15,6 +15,7 @@ from tests.support.peers import (
     StoreSCP,
     dciodvfy_errors,
     free_port,
+    sr_validator_findings,
     storescu,
     triage_node_command,
     wait_for,
@@ -67,8 +68,11 @@ def test_results_reach_the_destination_and_are_valid(tmp_path: Path) -> None:
         )
         study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
         for path in sorted((tmp_path / "pacs").iterdir()):
-            assert pydicom.dcmread(path).StudyInstanceUID == study_uid
+            written = pydicom.dcmread(path)
+            assert written.StudyInstanceUID == study_uid
             assert dciodvfy_errors(path) == [], path.name
+            if written.SOPClassUID in (SR, KO):
+                assert sr_validator_findings(path) == [], path.name
         listing = node.command("outbox", "list")
         assert listing.returncode == 0 and listing.stdout.count("SENT") == 4
     finally:

@@ -129,11 +129,12 @@ def check_report(orthanc: Orthanc, study: str, node: Node, study_uid: str) -> No
             uid=study_uid,
         )
     )
-    groups = report.content.get_image_measurement_groups()
+    groups = report.content.get_planar_roi_measurement_groups()  # one per image (TID 1410)
     found = {}
     for group in groups:
         [certainty] = group.get_measurements(name=CERTAINTY)
-        found[group.source_images[0].referenced_sop_instance_uid] = certainty.value
+        [source] = group.roi.ContentSequence  # the image the region was selected from
+        found[source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = certainty.value
     assert set(found) == set(recorded)
     for uid, probability in recorded.items():
         assert found[uid] == pytest.approx(probability, abs=1e-5)

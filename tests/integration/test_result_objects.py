@@ -1,7 +1,9 @@
-"""SR, heatmap SC and KOS built from the shared radiographs: dciodvfy-clean, readable, stable UIDs.
+"""SR, heatmap SC and KOS built from the shared radiographs: dciodvfy-clean, template-exact,
+readable, stable UIDs.
 
-Real peers: dicom3tools ``dciodvfy`` validates every object, DCMTK ``dsrdump`` prints the SR tree,
-and highdicom reads the SR back.
+Real peers: dicom3tools ``dciodvfy`` validates every object, PixelMed's ``DicomSRValidator``
+checks the SR and the KOS against their templates (TID 1500/1410/4019, TID 2010), DCMTK
+``dsrdump`` prints the SR tree, and highdicom reads the SR back.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.support.peers import dciodvfy_errors, require_shared_dicom, require_tool
+from tests.support.peers import (
+    dciodvfy_errors,
+    require_shared_dicom,
+    require_tool,
+    sr_validator_findings,
+)
 from triage_node.analysis.preprocess import InputSpec, preprocess
 from triage_node.analysis.render import LEGEND_TEXT, heatmap
 from triage_node.domain import MANUFACTURER
-from triage_node.results.codes import CERTAINTY, FRACTURE, PRESENT
+from triage_node.results.codes import ABSENT, CERTAINTY, FRACTURE, PRESENT
 from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs
 from triage_node.results.kos import key_objects
 from triage_node.results.sc import heatmap_capture
@@ -61,6 +68,8 @@ def test_every_object_passes_dciodvfy_and_reads_back(name: str, tmp_path: Path) 
         path = tmp_path / f"{kind}.dcm"
         dataset.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], kind
+        if kind in ("sr", "ko"):
+            assert sr_validator_findings(path) == [], kind
         written = pydicom.dcmread(path)
         assert written.StudyInstanceUID == image.source.StudyInstanceUID
         assert written.PatientID == image.source.get("PatientID", "")
@@ -76,18 +85,47 @@ def test_every_object_passes_dciodvfy_and_reads_back(name: str, tmp_path: Path) 
 
     report = hd.sr.srread(tmp_path / "sr.dcm")
     assert report.VerificationFlag == "UNVERIFIED" and report.PreliminaryFlag == "PRELIMINARY"
-    groups = report.content.get_image_measurement_groups()
-    assert len(groups) == 1
-    group = groups[0]
+    assert report.content.get_image_measurement_groups() == []  # every group is TID 1410
+    [group] = report.content.get_planar_roi_measurement_groups()
     assert group.finding_type == FRACTURE
-    [evaluation] = group.get_qualitative_evaluations(name=FRACTURE)
-    assert evaluation.value == PRESENT
     [certainty] = group.get_measurements(name=CERTAINTY)
     assert certainty.value == pytest.approx(0.83)
-    assert group.source_images[0].referenced_sop_instance_uid == image.source.SOPInstanceUID
-    [region] = report.content.get_planar_roi_measurement_groups()
-    assert region.reference_type == hd.sr.CodedConcept("111030", "DCM", "Image Region")
-    assert region.roi.GraphicType == "CIRCLE"
+    assert group.reference_type == hd.sr.CodedConcept("111030", "DCM", "Image Region")
+    assert group.roi.GraphicType == "CIRCLE"
+    [selected_from] = group.roi.ContentSequence  # the SCOORD's source image
+    assert selected_from.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        image.source.SOPInstanceUID
+    )
+    assert study_finding(report) == PRESENT
+
+
+def study_finding(report: Dataset) -> hd.sr.CodedConcept:
+    """The value of TID 1500's Qualitative Evaluations row for "Fracture of bone"."""
+    [container] = [
+        item
+        for item in report.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    [finding] = container.ContentSequence
+    assert hd.sr.CodedConcept.from_dataset(finding.ConceptNameCodeSequence[0]) == FRACTURE
+    return hd.sr.CodedConcept.from_dataset(finding.ConceptCodeSequence[0])
+
+
+def test_a_study_with_a_negative_image_reports_every_image(tmp_path: Path) -> None:
+    """Each image gets its TID 1410 group, negatives included; the study's finding is Present
+    when one image is positive, and the report is template-exact either way."""
+    positive, _ = analysed(require_shared_dicom() / SOURCES[0], 0.7, True)
+    negative, _ = analysed(require_shared_dicom() / SOURCES[1], 0.03, False)
+    uids = ResultUIDs(str(positive.source.StudyInstanceUID), ALGORITHM.version, 1)
+    for images, expected in (([positive, negative], PRESENT), ([negative], ABSENT)):
+        report = structured_report(images, ALGORITHM, uids)
+        report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+        assert sr_validator_findings(tmp_path / "sr.dcm") == []
+        assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+        groups = hd.sr.srread(tmp_path / "sr.dcm").content.get_planar_roi_measurement_groups()
+        certainties = [g.get_measurements(name=CERTAINTY)[0].value for g in groups]
+        assert certainties == pytest.approx([i.probability for i in images])
+        assert study_finding(report) == expected
 
 
 def test_dsrdump_prints_the_tree(tmp_path: Path) -> None:

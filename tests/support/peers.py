@@ -176,6 +176,39 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("Error")]
 
 
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+
+
+def sr_validator_findings(path: Path) -> list[str]:
+    """The Error and Warning lines of PixelMed's template-aware ``DicomSRValidator`` for an SR
+    (or Key Object Selection) file. Recent Java refuses PixelMed's XSLT without the three XPath
+    limits lifted."""
+    java = require_tool("java", "pixelmed-apps")
+    if not PIXELMED_JAR.is_file():
+        missing(str(PIXELMED_JAR), "apt-get install pixelmed-apps")
+    result = subprocess.run(
+        [
+            java,
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-cp",
+            str(PIXELMED_JAR),
+            "com.pixelmed.validate.DicomSRValidator",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert "Root Template Validation Complete" in output or "IOD validation complete" in output, (
+        output[-2000:]
+    )
+    return [line for line in output.splitlines() if line.startswith(("Error", "Warning"))]
+
+
 SENT = re.compile(r"Sending file: (\S+)")
 RESPONSE = re.compile(r"Received Store Response \(([^)]*)\)")
 

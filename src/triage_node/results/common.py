@@ -126,6 +126,8 @@ def equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
 
 
 def algorithm_id(algorithm: Algorithm) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 as PS3.16 lists it: name, version, parameters (the manufacturer is the device
+    observer's and the Contributing Equipment's; TID 4019 has no row for it)."""
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
@@ -133,5 +135,4 @@ def algorithm_id(algorithm: Algorithm) -> hd.sr.AlgorithmIdentification:
             f"operating point {algorithm.operating_point}",
             f"threshold {algorithm.threshold:.6g}",
         ],
-        manufacturer=MANUFACTURER,
     )

@@ -1,5 +1,7 @@
 """The Key Object Selection "Of Interest" (113000, DCM) referencing a study's positive images
-(PS3.3 A.35.4, TID 2010)."""
+(PS3.3 A.35.4, TID 2010), template-exact for PixelMed's ``DicomSRValidator``: TID 2010's
+references (rows 8-10) carry no concept name, where highdicom gives them (121112, DCM,
+"Source"), so the document drops it."""
 
 from __future__ import annotations
 
@@ -35,7 +37,14 @@ def key_objects(
         f"{algorithm.operating_point}); not verified by a radiologist",
     )
     with tolerant_of_source_names():
-        return _key_object_document(positives, content, algorithm, uids)
+        document = _key_object_document(positives, content, algorithm, uids)
+    for item in document.ContentSequence:
+        if (
+            item.ValueType in ("IMAGE", "COMPOSITE", "WAVEFORM")
+            and "ConceptNameCodeSequence" in item
+        ):
+            del item.ConceptNameCodeSequence  # TID 2010: a reference has no concept name
+    return document
 
 
 def _key_object_document(
