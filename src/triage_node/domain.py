@@ -9,9 +9,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from triage_node import __version__
 from triage_node.errors import InvalidUID
 
 MANUFACTURER = "triage-node"  # on every object the node writes; how it knows its own outputs
+
+# The node's DICOM implementation identity (PS3.7 D.3.3.2), in the associations it requests and
+# accepts and in the File Meta of every file it writes: one class UID ("2.25." and the UUID
+# 8b50d565-5e05-544e-a104-1c15d39c45ec, named from triage-node's namespace, PS3.5 B.2) and a
+# version name for the release, cut to the 16 characters PS3.7 allows.
+IMPLEMENTATION_CLASS_UID = "2.25.185182403347174117971947556623397701100"
+IMPLEMENTATION_VERSION_NAME = f"TRIAGENODE_{__version__}"[:16]
 
 
 def utcnow() -> datetime:

@@ -26,7 +26,11 @@ from tests.support.peers import (
     wait_for,
 )
 from tests.support.synth import write_study_set
-from triage_node.domain import is_valid_uid
+from triage_node.domain import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    is_valid_uid,
+)
 
 
 def sendable_shared_files() -> list[Path]:
@@ -157,6 +161,21 @@ def test_every_shared_file_is_stored_byte_identical(node: Node, tmp_path: Path) 
         timeout=20,
         what="every study to be queued",
     )
+
+
+def test_the_node_names_itself_on_the_wire_and_in_its_files(node: Node, tmp_path: Path) -> None:
+    """storescu hears the node's Implementation Class UID and Version Name in the
+    A-ASSOCIATE-AC, and the spooled file's File Meta names the node as its writer."""
+    [file] = write_study_set(tmp_path / "set", 1, 32, 32, per_study=1)
+    result = storescu(node.port, [file], "-d")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert f"Their Implementation Class UID:    {IMPLEMENTATION_CLASS_UID}" in output, output
+    assert f"Their Implementation Version Name: {IMPLEMENTATION_VERSION_NAME}" in output
+    [spooled] = [p for p in node.spool.rglob("*.dcm") if "incoming" not in p.parts]
+    meta = dcmread(spooled, stop_before_pixels=True).file_meta
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
 
 
 def test_resend_is_idempotent_and_study_is_queued_once(node: Node, tmp_path: Path) -> None:

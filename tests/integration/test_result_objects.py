@@ -25,11 +25,16 @@ from tests.support.peers import (
 )
 from triage_node.analysis.preprocess import InputSpec, preprocess
 from triage_node.analysis.render import LEGEND_TEXT, heatmap
-from triage_node.domain import MANUFACTURER
+from triage_node.domain import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MANUFACTURER,
+)
 from triage_node.results.codes import ABSENT, CERTAINTY, FRACTURE, PRESENT
 from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs
 from triage_node.results.kos import key_objects
 from triage_node.results.sc import heatmap_capture
+from triage_node.results.spooled import encode
 from triage_node.results.sr import structured_report
 
 SOURCES = (
@@ -66,7 +71,7 @@ def test_every_object_passes_dciodvfy_and_reads_back(name: str, tmp_path: Path) 
     }
     for kind, dataset in objects.items():
         path = tmp_path / f"{kind}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
+        path.write_bytes(encode(dataset))  # as the worker writes them into the spool
         assert dciodvfy_errors(path) == [], kind
         if kind in ("sr", "ko"):
             assert sr_validator_findings(path) == [], kind
@@ -74,6 +79,8 @@ def test_every_object_passes_dciodvfy_and_reads_back(name: str, tmp_path: Path) 
         assert written.StudyInstanceUID == image.source.StudyInstanceUID
         assert written.PatientID == image.source.get("PatientID", "")
         assert written.Manufacturer == MANUFACTURER
+        assert written.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+        assert written.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
 
     sc = pydicom.dcmread(tmp_path / "sc.dcm")
     assert sc.BurnedInAnnotation == "YES" and "NOT FOR DIAGNOSTIC USE" in sc.SeriesDescription

@@ -8,9 +8,9 @@ import ssl
 import time
 from typing import Any
 
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from triage_node.dicom.identity import node_ae
 from triage_node.domain import Destination, TlsFiles
 
 ECHO_AE_TITLE = "TRIAGE_STATUS"  # the calling AE title of a C-ECHO to the node itself
@@ -25,7 +25,7 @@ def _c_echo(
     tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> tuple[str, float | None, str]:
     """One C-ECHO: (``"ok"``, ``"failed"``, ``"rejected"`` or ``"silent"``, ms, detail)."""
-    ae = AE(ae_title=calling_ae)
+    ae = node_ae(calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     started = time.perf_counter()

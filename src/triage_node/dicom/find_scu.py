@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from triage_node.dicom.identity import node_ae
 from triage_node.dicom.status import FIND_PENDING, SUCCESS
 from triage_node.domain import Destination, TlsFiles
 from triage_node.errors import TriageError
@@ -120,7 +120,7 @@ def study_contents(
 
     Instances are listed for SR and DOC series and for those *look_inside* picks.
     """
-    ae = AE(ae_title=calling_ae)
+    ae = node_ae(calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     tls_args = None

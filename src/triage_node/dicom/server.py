@@ -30,6 +30,7 @@ from triage_node.dicom.admission import (
     drain,
     source_ip,
 )
+from triage_node.dicom.identity import node_ae, stamp_received_files
 from triage_node.dicom.reactor import quiet_idle_associations
 from triage_node.dicom.storage_scp import (
     StorageHandlers,
@@ -288,6 +289,7 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     storing is a rename); identifiers of requests are never logged.
     """
     quiet_idle_associations()  # idle associations cost no CPU (dicom.reactor)
+    stamp_received_files()  # their File Meta names the node (dicom.identity)
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
@@ -296,7 +298,7 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
 
 def build_ae(config: DicomConfig) -> AE:
     """The application entity with the node's title, limits, timeouts and allow-lists."""
-    ae = AE(ae_title=config.ae_title)
+    ae = node_ae(config.ae_title)
     ae.require_called_aet = config.require_called_ae
     ae.require_calling_aet = list(config.allowed_calling_aes)
     ae.maximum_associations = config.max_associations

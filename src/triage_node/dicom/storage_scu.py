@@ -20,10 +20,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
+from triage_node.dicom.identity import node_ae
 from triage_node.dicom.status import DeliveryOutcome, classify_store_status
 from triage_node.domain import Destination, TlsFiles
 
@@ -59,7 +59,7 @@ def send_files(
             )
     if not datasets:
         return results
-    ae = AE(ae_title=calling_ae)
+    ae = node_ae(calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     contexts = {

@@ -17,10 +17,18 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
-from triage_node.domain import OperatingPointName, ResultFile, ResultKind, StudyAnalysis
+from triage_node.domain import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    OperatingPointName,
+    ResultFile,
+    ResultKind,
+    StudyAnalysis,
+)
 from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs, evidence_header
 from triage_node.results.kos import key_objects
 from triage_node.results.sc import heatmap_capture
@@ -93,6 +101,11 @@ def result_objects(
 
 
 def encode(dataset: Dataset) -> bytes:
+    """The Part 10 file of a result object; its File Meta names the node as its writer."""
+    if not hasattr(dataset, "file_meta"):
+        dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    dataset.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
