@@ -14,7 +14,7 @@ from triage_node.analysis.runtime import ModelSession
 from triage_node.config import WorkerConfig
 from triage_node.db.database import Database
 from triage_node.db.schema import jobs, studies
-from triage_node.dicom.storage_scp import read_header
+from triage_node.dicom.storing import read_header
 from triage_node.domain import utcnow
 from triage_node.service.worker import Worker
 from triage_node.spool import Spool

@@ -16,12 +16,24 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "triage_node"
 
-FOUNDATION = {"errors", "domain", "logs", "config", "spool"}
-SUBPACKAGES = {"dicom", "hl7", "db", "analysis", "results", "service", "ops", "training"}
+FOUNDATION = {"errors", "domain", "logs", "config", "spool", "credentials"}
+SUBPACKAGES = {
+    "dicom",
+    "dicomweb",
+    "hl7",
+    "db",
+    "analysis",
+    "results",
+    "service",
+    "ops",
+    "training",
+}
 
 # library -> the only subpackage (or top-level module) that may import it
 OWNERS = {
     "pynetdicom": {"dicom"},
+    "cheroot": {"dicomweb"},
+    "python_multipart": {"dicomweb"},
     "highdicom": {"results"},
     "sqlalchemy": {"db"},
     "alembic": {"db"},
@@ -35,13 +47,14 @@ OWNERS = {
 FORBIDDEN = {
     **{name: SUBPACKAGES | {"cli"} for name in FOUNDATION},
     "hl7": SUBPACKAGES - {"hl7"} | {"cli"},
-    "dicom": {"db", "service", "ops", "training", "analysis", "results", "hl7", "cli"},
+    "dicom": {"db", "service", "ops", "training", "analysis", "results", "hl7", "cli", "dicomweb"},
+    "dicomweb": {"db", "service", "ops", "training", "analysis", "results", "hl7", "cli"},
     "db": SUBPACKAGES - {"db"} | {"cli"},
-    "analysis": {"db", "service", "ops", "training", "dicom", "results", "hl7", "cli"},
-    "results": {"db", "service", "ops", "training", "dicom", "hl7", "cli"},
+    "analysis": {"db", "service", "ops", "training", "dicom", "dicomweb", "results", "hl7", "cli"},
+    "results": {"db", "service", "ops", "training", "dicom", "dicomweb", "hl7", "cli"},
     "ops": {"service", "training", "cli"},
     "service": {"training", "cli"},
-    "training": {"db", "service", "ops", "dicom", "hl7", "results", "cli"},
+    "training": {"db", "service", "ops", "dicom", "dicomweb", "hl7", "results", "cli"},
 }
 # nothing outside training/ and the CLI imports training/
 for part, forbidden in FORBIDDEN.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("worker", help="run analysis workers only (scale-out hosts)")
+
+    commands.add_parser(
+        "hash-secret",
+        help="hash a DICOMweb token or password (read from stdin) for dicomweb.tokens/users",
+    )
 
     infer = commands.add_parser(
         "infer", help="run the model on DICOM files, without the network (to check a model)"
@@ -273,6 +279,20 @@ def _db(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _hash_secret(_config: Config, _args: argparse.Namespace) -> int:
+    from triage_node.credentials import hash_secret
+
+    if sys.stdin.isatty():
+        secret = getpass.getpass("token or password: ")
+    else:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        print("triage-node hash-secret: no secret given", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_secret(secret))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -293,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "priority": _priority,
         "mark-reported": _mark_reported,
         "db": _db,
+        "hash-secret": _hash_secret,
     }
     try:
         return handlers[args.command](config, args)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import field
 from typing import Any
 
+from triage_node.credentials import hash_problem
 from triage_node.domain import Destination, field_name
 
 Check = Callable[[Any], str | None]  # returns a complaint, or None when the value is fine
@@ -44,6 +45,31 @@ def _networks(value: Any) -> str | None:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
             return f"entry {item!r} is not an IP address or network (like 10.0.0.0/8)"
+    return None
+
+
+def _hashes(value: Any) -> str | None:
+    for number, item in enumerate(value, 1):
+        problem = hash_problem(item)
+        if problem:
+            return f"entry {number} {problem}"
+    return None
+
+
+def _users(value: Any) -> str | None:
+    for item in value:
+        name, colon, hashed = item.partition(":")
+        if not colon or not name or any(c in name for c in ": \t"):
+            return f"entry {item[:20]!r}... must be NAME:HASH"
+        problem = hash_problem(hashed)
+        if problem:
+            return f"entry for {name!r}: the hash {problem}"
+    return None
+
+
+def _base_path(value: Any) -> str | None:
+    if value and (not value.startswith("/") or value.endswith("/")):
+        return "must start with / and not end with / (like /dicom-web), or be empty"
     return None
 
 

@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from triage_node.config.sections import SECTIONS, Config, DicomConfig
+from triage_node.config.sections import SECTIONS, Config, DicomConfig, DicomwebConfig
 from triage_node.errors import ConfigError
 
 ENV_PREFIX = "TRIAGE_NODE_"
@@ -122,6 +122,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
     built = {name: _build_section(name, cls, collected[name]) for name, cls in SECTIONS.items()}
     _check_tls(built["dicom"])
+    _check_dicomweb(built["dicomweb"], built["dicom"])
     source = str(path) if path is not None else "defaults"
     return Config(**built, source=source)
 
@@ -134,6 +135,25 @@ def _check_tls(dicom: DicomConfig) -> None:
         raise ConfigError(f"dicom.tls_port: must differ from dicom.port, got {dicom.tls_port}")
     if dicom.tls_verify_client and dicom.tls_ca_file is None:
         raise ConfigError("dicom.tls_verify_client: needs dicom.tls_ca_file to verify against")
+
+
+def _check_dicomweb(web: DicomwebConfig, dicom: DicomConfig) -> None:
+    """A STOW-RS receiver that no one could use, or anyone could, is a mistake: say so."""
+    if not web.port:
+        return
+    if not (web.tokens or web.users or web.allow_anonymous or web.tls_verify_client):
+        raise ConfigError(
+            "dicomweb.port: nobody may store; set dicomweb.tokens or dicomweb.users "
+            "('triage-node hash-secret'), dicomweb.tls_verify_client, or allow_anonymous"
+        )
+    if web.port in (dicom.port, dicom.tls_port):
+        raise ConfigError(f"dicomweb.port: must differ from the DICOM ports, got {web.port}")
+    if (web.tls_cert_file is None) != (web.tls_key_file is None):
+        raise ConfigError("dicomweb.tls_cert_file and dicomweb.tls_key_file go together")
+    if web.tls_verify_client and (web.tls_ca_file is None or web.tls_cert_file is None):
+        raise ConfigError(
+            "dicomweb.tls_verify_client: needs dicomweb.tls_cert_file, tls_key_file and tls_ca_file"
+        )
 
 
 def describe_settings() -> list[tuple[str, str, Any, str]]:

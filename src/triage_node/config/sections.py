@@ -9,9 +9,11 @@ from pathlib import Path
 from triage_node.config.checks import (
     _ae_title,
     _ae_titles,
+    _base_path,
     _between,
     _db_url,
     _destinations,
+    _hashes,
     _hl7_fields,
     _host_port,
     _list_setting,
@@ -21,6 +23,7 @@ from triage_node.config.checks import (
     _one_destination,
     _setting,
     _unlabelled,
+    _users,
 )
 from triage_node.domain import Destination, TlsFiles
 
@@ -79,6 +82,46 @@ class DicomConfig:
     )
     tls_verify_client: bool = _setting(
         False, None, "TLS port: require a client certificate signed by tls_ca_file"
+    )
+
+
+@dataclass(frozen=True)
+class DicomwebConfig:
+    """``[dicomweb]``: the STOW-RS receiver (PS3.18 10.5), off unless a port is set."""
+
+    port: int = _setting(0, _between(0, 65535), "HTTP(S) port of the STOW-RS receiver; 0 = off")
+    bind: str = _setting("0.0.0.0", None, "address to listen on")  # noqa: S104
+    base_path: str = _setting(
+        "/dicom-web", _base_path, "path the DICOMweb resources start at ({base}/studies)"
+    )
+    tokens: list[str] = _list_setting(
+        _hashes, "hashes of the bearer tokens that may store ('triage-node hash-secret')"
+    )
+    users: list[str] = _list_setting(
+        _users, "HTTP Basic users that may store, as NAME:HASH ('triage-node hash-secret')"
+    )
+    allow_anonymous: bool = _setting(
+        False, None, "store requests without credentials (only on a closed network)"
+    )
+    allowed_networks: list[str] = _list_setting(
+        _networks, "source addresses/networks allowed to connect; empty allows any"
+    )
+    max_request_mb: int = _setting(
+        1024, _between(1, 2**20), "largest request body accepted (413 above it), in MB"
+    )
+    threads: int = _setting(8, _between(1, 256), "requests served at once")
+    timeout: float = _setting(
+        30.0, _between(1, 3600), "seconds a connection may stay silent mid-request"
+    )
+    tls_cert_file: Path | None = _setting(
+        None, None, "server certificate chain (PEM): HTTPS instead of HTTP"
+    )
+    tls_key_file: Path | None = _setting(None, None, "private key (PEM) of tls_cert_file")
+    tls_ca_file: Path | None = _setting(
+        None, None, "CA certificates (PEM) that sign the client certificates accepted"
+    )
+    tls_verify_client: bool = _setting(
+        False, None, "require a client certificate signed by tls_ca_file (mutual TLS)"
     )
 
 
@@ -318,6 +361,7 @@ class Config:
     """The whole configuration. Built only by :func:`load_config`, so it is always valid."""
 
     dicom: DicomConfig = field(default_factory=DicomConfig)
+    dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
@@ -340,6 +384,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "dicom": DicomConfig,
+    "dicomweb": DicomwebConfig,
     "storage": StorageConfig,
     "database": DatabaseConfig,
     "study": StudyConfig,

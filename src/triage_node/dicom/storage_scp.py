@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
@@ -45,9 +44,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from triage_node.domain import AssociationEnd, InstanceHeader, utcnow
 from triage_node.errors import (
     DatabaseUnavailable,
-    DatasetError,
-    InvalidUID,
-    OutOfResources,
 )
 from triage_node.logs import get_logger, log_event
 from triage_node.spool import Spool
@@ -59,11 +55,11 @@ from triage_node.dicom.status import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     ERROR_COMMENT_MAX,
-    OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     REJECT_REASONS,
     SUCCESS,
 )
+from triage_node.dicom.storing import Storer
 
 LOG = get_logger(__name__)
 
@@ -99,37 +95,6 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
-def read_header(path: Path) -> InstanceHeader:
-    """Read the header fields the node keeps, stopping before Pixel Data.
-
-    Raises DatasetError when the dataset cannot be parsed or a required UID is missing/invalid.
-    """
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-
-        def text(keyword: str) -> str:
-            value = ds.get(keyword, "")
-            return "" if value is None else str(value).strip()
-
-        return InstanceHeader(
-            study_uid=text("StudyInstanceUID"),
-            series_uid=text("SeriesInstanceUID"),
-            sop_instance_uid=text("SOPInstanceUID"),
-            sop_class_uid=text("SOPClassUID"),
-            transfer_syntax_uid=transfer_syntax,
-            modality=text("Modality"),
-            body_part=text("BodyPartExamined"),
-            series_description=text("SeriesDescription"),
-            accession_number=text("AccessionNumber"),
-            study_date=text("StudyDate"),
-        )
-    except InvalidUID as exc:
-        raise DatasetError(str(exc)) from None
-    except Exception as exc:  # pydicom raises many types for malformed data
-        raise DatasetError(f"cannot parse dataset: {type(exc).__name__}") from exc
-
-
 def _status(code: int, comment: str | None = None) -> Dataset:
     rsp = Dataset()
     rsp.Status = code
@@ -154,6 +119,7 @@ class StorageHandlers:
         self.intake = intake
         self.min_free_bytes = min_free_bytes
         self.clock = clock
+        self.storer = Storer(spool, intake, min_free_bytes, clock)
         self.on_association_end = on_association_end  # the study may be complete now
         self._association_ids: dict[Any, int] = {}
         self._lock = threading.Lock()
@@ -286,46 +252,15 @@ class StorageHandlers:
         return _status(code, comment)
 
     def _store(self, partial: Path, request: Any, association_id: int | None) -> tuple[int, str]:
-        try:
-            self.spool.ensure_free(self.min_free_bytes)
-        except OutOfResources as exc:
-            return OUT_OF_RESOURCES, str(exc)
-        try:
-            header = read_header(partial)
-        except DatasetError as exc:
-            return CANNOT_UNDERSTAND, str(exc)
-        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
-            return CANNOT_UNDERSTAND, "SOP Instance UID differs from the C-STORE request"
-        if header.sop_class_uid != str(request.AffectedSOPClassUID):
-            return DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request"
-        try:
-            spooled = self.spool.commit(partial, header)
-        except OutOfResources as exc:
-            return OUT_OF_RESOURCES, str(exc)
-        try:
-            recorded = self.intake.record_instance(header, spooled, association_id, self.clock())
-        except DatabaseUnavailable as exc:
-            if not spooled.replaced:
-                self.spool.remove(spooled.relpath)
-            log_event(
-                LOG,
-                logging.ERROR,
-                "database_write_failed",
-                "could not record an instance",
-                sop_instance_uid=header.sop_instance_uid,
-                error=exc.cause,
-            )
-            return OUT_OF_RESOURCES, "database unavailable; try again later"
-        if recorded.reopened:
-            log_event(
-                LOG,
-                logging.INFO,
-                "study_reopened",
-                "instance arrived for a queued study",
-                study_uid=header.study_uid,
-                sop_instance_uid=header.sop_instance_uid,
-            )
-        return SUCCESS, ""
+        def as_requested(header: InstanceHeader) -> tuple[int, str] | None:
+            if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+                return CANNOT_UNDERSTAND, "SOP Instance UID differs from the C-STORE request"
+            if header.sop_class_uid != str(request.AffectedSOPClassUID):
+                return DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request"
+            return None
+
+        stored = self.storer.store(partial, association_id, as_requested)
+        return stored.code, stored.comment
 
 
 def stop_waiting_for_request(assoc: Any) -> None:

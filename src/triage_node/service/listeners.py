@@ -1,5 +1,6 @@
 """The sockets the service opens before it starts its processes: the DICOM port (plain and
-TLS), the HL7 listener and the metrics endpoint, with errors that say what is in the way."""
+TLS), the STOW-RS receiver, the HL7 listener and the metrics endpoint, with errors that say
+what is in the way."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import socket
 from typing import Any
 
 from triage_node.config import Config, DicomConfig
+from triage_node.credentials import Credentials
 from triage_node.db.database import Database
 from triage_node.dicom.server import server_tls_context
+from triage_node.dicom.storing import Storer
+from triage_node.dicomweb.server import StowServer
+from triage_node.dicomweb.stow import StowApplication
+from triage_node.domain import utcnow
 from triage_node.errors import TriageError
 from triage_node.hl7.mllp import MLLPServer
 from triage_node.ops.exporter import start_metrics_server
 from triage_node.service.reconciliation import OruHandler
+from triage_node.spool import Spool
 
 
 def open_listener(config: DicomConfig, port: int | None = None) -> socket.socket:
@@ -65,6 +72,31 @@ def open_hl7_listener(config: Config, store: Database) -> MLLPServer | None:
         raise _port_error("HL7", hl7.bind, hl7.port, exc) from None
     server.start()
     return server
+
+
+def open_stow_receiver(config: Config, store: Database, on_request_end: Any) -> StowServer | None:
+    """The STOW-RS receiver of ``[dicomweb]``, serving; None when ``dicomweb.port`` is 0."""
+    web = config.dicomweb
+    if not web.port:
+        return None
+    spool = Spool(config.storage.spool_path)
+    incoming = spool.incoming_dir()
+    incoming.mkdir(parents=True, exist_ok=True)
+    storer = Storer(spool, store.intake, config.storage.min_free_mb * 2**20, utcnow)
+    credentials = Credentials(web.tokens, web.users, allow_anonymous=web.allow_anonymous)
+    app = StowApplication(
+        storer,
+        store.intake,
+        incoming,
+        credentials,
+        base_path=web.base_path,
+        allowed_networks=web.allowed_networks,
+        max_request_bytes=web.max_request_mb * 10**6,
+        called_ae=config.dicom.ae_title,
+        on_request_end=on_request_end,
+        client_certificates=web.tls_verify_client,
+    )
+    return StowServer(web, app).start()
 
 
 def open_metrics_endpoint(config: Config) -> Any:

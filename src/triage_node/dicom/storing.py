@@ -1,0 +1,154 @@
+"""Storing one received dataset file: the promise every receiver keeps (C-STORE and STOW-RS).
+
+The file is checked (its header parsed, the caller's own checks), fsynced and renamed into the
+spool, and its row committed, in that order; only a :class:`Stored` with code SUCCESS may be
+reported to the sender as stored. On any failure the file is removed and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom import dcmread
+
+from triage_node.dicom.status import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
+from triage_node.domain import InstanceHeader
+from triage_node.errors import DatabaseUnavailable, DatasetError, InvalidUID, OutOfResources
+from triage_node.logs import get_logger, log_event
+from triage_node.spool import Spool
+
+if TYPE_CHECKING:  # the aggregate is passed in by the service
+    from triage_node.db.intake import Intake, RecordedInstance
+
+LOG = get_logger(__name__)
+
+Check = Callable[[InstanceHeader], "tuple[int, str] | None"]  # a refusal, or None
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Read the header fields the node keeps, stopping before Pixel Data.
+
+    Raises DatasetError when the dataset cannot be parsed or a required UID is missing/invalid.
+    """
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+
+        def text(keyword: str) -> str:
+            value = ds.get(keyword, "")
+            return "" if value is None else str(value).strip()
+
+        return InstanceHeader(
+            study_uid=text("StudyInstanceUID"),
+            series_uid=text("SeriesInstanceUID"),
+            sop_instance_uid=text("SOPInstanceUID"),
+            sop_class_uid=text("SOPClassUID"),
+            transfer_syntax_uid=transfer_syntax,
+            modality=text("Modality"),
+            body_part=text("BodyPartExamined"),
+            series_description=text("SeriesDescription"),
+            accession_number=text("AccessionNumber"),
+            study_date=text("StudyDate"),
+        )
+    except InvalidUID as exc:
+        raise DatasetError(str(exc)) from None
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise DatasetError(f"cannot parse dataset: {type(exc).__name__}") from exc
+
+
+def check_complete(path: Path) -> None:
+    """Raise DatasetError when the file ends inside a data element (a truncated upload).
+
+    C-STORE's framing tells when a dataset is whole; an HTTP part does not, and pydicom reads a
+    truncated value without complaint, so every top-level value's length is compared with what
+    was read and an undefined-length value must reach its delimiter. A file cut exactly between
+    two elements cannot be told from a shorter dataset.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "End of file reached before delimiter"
+            ds = dcmread(path)
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise DatasetError(f"cannot parse dataset: {type(exc).__name__}") from exc
+    for tag, element in ds._dict.items():  # raw elements: their declared and read lengths
+        length = getattr(element, "length", None)
+        value = getattr(element, "value", None)
+        if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | None):
+            continue
+        if len(value or b"") < length:
+            raise DatasetError(f"dataset truncated in element {tag}")
+
+
+@dataclass(frozen=True)
+class Stored:
+    code: int
+    comment: str
+    header: InstanceHeader | None = None
+    recorded: RecordedInstance | None = None
+
+
+class Storer:
+    """Stores dataset files durably for one receiver (thread-safe)."""
+
+    def __init__(
+        self, spool: Spool, intake: Intake, min_free_bytes: int, clock: Callable[[], datetime]
+    ) -> None:
+        self.spool = spool
+        self.intake = intake
+        self.min_free_bytes = min_free_bytes
+        self.clock = clock
+
+    def store(self, partial: Path, association_id: int | None, check: Check | None) -> Stored:
+        """Store *partial* (consumed: renamed into the spool, or left for the caller to remove)."""
+        try:
+            self.spool.ensure_free(self.min_free_bytes)
+        except OutOfResources as exc:
+            return Stored(OUT_OF_RESOURCES, str(exc))
+        try:
+            header = read_header(partial)
+        except DatasetError as exc:
+            return Stored(CANNOT_UNDERSTAND, str(exc))
+        refusal = check(header) if check is not None else None
+        if refusal is not None:
+            return Stored(*refusal, header=header)
+        try:
+            spooled = self.spool.commit(partial, header)
+        except OutOfResources as exc:
+            return Stored(OUT_OF_RESOURCES, str(exc), header=header)
+        try:
+            recorded = self.intake.record_instance(header, spooled, association_id, self.clock())
+        except DatabaseUnavailable as exc:
+            if not spooled.replaced:
+                self.spool.remove(spooled.relpath)
+            log_event(
+                LOG,
+                logging.ERROR,
+                "database_write_failed",
+                "could not record an instance",
+                sop_instance_uid=header.sop_instance_uid,
+                error=exc.cause,
+            )
+            return Stored(OUT_OF_RESOURCES, "database unavailable; try again later", header)
+        if recorded.reopened:
+            log_event(
+                LOG,
+                logging.INFO,
+                "study_reopened",
+                "instance arrived for a queued study",
+                study_uid=header.study_uid,
+                sop_instance_uid=header.sop_instance_uid,
+            )
+        return Stored(SUCCESS, "", header, recorded)
+
+
+__all__ = ["Check", "Stored", "Storer", "check_complete", "read_header"]
