@@ -32,10 +32,11 @@ test-tools:
 ifeq ($(CI),true)
 	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && \
 		test -x /usr/sbin/Orthanc && test -f /usr/share/java/pixelmed.jar && \
+		test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v curl >/dev/null && \
 		command -v systemd-analyze >/dev/null && \
 		{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; } || { \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends dcmtk dicom3tools orthanc pixelmed-apps systemd \
+			--no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb pixelmed-apps curl systemd \
 			docker-compose; }
 	@pg_isready -q -h 127.0.0.1 -p 5432 || \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true

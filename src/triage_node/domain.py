@@ -8,6 +8,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from triage_node import __version__
 from triage_node.errors import InvalidUID
@@ -102,6 +103,48 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
+
+
+@dataclass(frozen=True, slots=True)
+class WebDestination:
+    """A DICOMweb origin server to send results to by STOW-RS: its base URL (``http://`` or
+    ``https://``, without credentials: those are ``delivery.web_*``)."""
+
+    url: str
+
+    @classmethod
+    def parse(cls, text: str) -> WebDestination:
+        raw = text.strip().rstrip("/")
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{text!r} is not an http:// or https:// base URL")
+        if parts.username or parts.password:
+            raise ValueError(
+                "a DICOMweb destination URL must not hold credentials; set delivery.web_user "
+                "and web_password_file, or web_token_file"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"{text!r}: a base URL has no query or fragment")
+        return cls(raw)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_destination(text: str) -> Destination | WebDestination:
+    """``AE@host:port[+tls]`` (C-STORE) or an ``http(s)://`` base URL (STOW-RS)."""
+    if text.strip().lower().startswith(("http://", "https://")):
+        return WebDestination.parse(text)
+    return Destination.parse(text)
 
 
 @dataclass(frozen=True, slots=True)

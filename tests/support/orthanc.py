@@ -14,10 +14,19 @@ from tests.support.node import Node
 from tests.support.peers import dcmtk_env, free_port, missing, wait_for
 
 ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, modalities: dict[str, tuple[str, str, int]]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        modalities: dict[str, tuple[str, str, int]],
+        *,
+        dicomweb_servers: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """*dicomweb_servers* switches Orthanc's DICOMweb plugin on (its server at
+        ``/dicom-web/``) with these ``DicomWeb.Servers`` entries for its client."""
         binary = next((b for b in ORTHANC_BINARIES if os.access(b, os.X_OK)), None)
         if binary is None:
             missing("Orthanc", "apt-get install orthanc")
@@ -43,6 +52,15 @@ class Orthanc:
             "SyncStorageArea": True,
             "Plugins": [],
         }
+        if dicomweb_servers is not None:
+            if not DICOMWEB_PLUGIN.is_file():
+                missing("Orthanc's DICOMweb plugin", "apt-get install orthanc-dicomweb")
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "Servers": dicomweb_servers,
+            }
         self.config_path = workdir / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.process: subprocess.Popen[bytes] | None = None
@@ -93,6 +111,14 @@ class Orthanc:
     def upload(self, path: Path) -> str:
         """Store a file through the REST API; returns Orthanc's study id."""
         return str(self.post("/instances", path.read_bytes())["ParentStudy"])
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def stow_study(self, server: str, study_id: str) -> Any:
+        """Send the study by STOW-RS to a ``DicomWeb.Servers`` entry (Orthanc's own client)."""
+        return self.post(f"/dicom-web/servers/{server}/stow", {"Resources": [study_id]})
 
     def send_study(self, modality: str, study_id: str) -> None:
         """C-STORE the study to a configured modality (synchronously)."""

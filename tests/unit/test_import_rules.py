@@ -34,6 +34,8 @@ OWNERS = {
     "pynetdicom": {"dicom"},
     "cheroot": {"dicomweb"},
     "python_multipart": {"dicomweb"},
+    "dicomweb_client": {"dicomweb"},
+    "requests": {"dicomweb"},
     "highdicom": {"results"},
     "sqlalchemy": {"db"},
     "alembic": {"db"},

@@ -9,7 +9,7 @@ from dataclasses import field
 from typing import Any
 
 from triage_node.credentials import hash_problem
-from triage_node.domain import Destination, field_name
+from triage_node.domain import Destination, field_name, parse_destination
 
 Check = Callable[[Any], str | None]  # returns a complaint, or None when the value is fine
 
@@ -95,14 +95,21 @@ def _db_url(value: Any) -> str | None:
 def _destinations(value: Any) -> str | None:
     for item in value:
         try:
-            Destination.parse(item)
+            parse_destination(item)
         except ValueError as exc:
             return f"entry {exc}"
     return None
 
 
 def _one_destination(value: Any) -> str | None:
-    return _destinations([value]) if value else None
+    """One DICOM destination (``AE@host:port[+tls]``): the report look-up speaks C-FIND."""
+    if not value:
+        return None
+    try:
+        Destination.parse(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _host_port(value: Any) -> str | None:

@@ -25,7 +25,7 @@ from triage_node.config.checks import (
     _unlabelled,
     _users,
 )
-from triage_node.domain import Destination, TlsFiles
+from triage_node.domain import Destination, TlsFiles, WebDestination, parse_destination
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,9 @@ class DeliveryConfig:
     """``[delivery]``: sending the result objects (SR, heatmap SC, KOS) to the PACS."""
 
     destinations: list[str] = _list_setting(
-        _destinations, "where results go, each AE_TITLE@host:port; empty = keep them only"
+        _destinations,
+        "where results go: AE_TITLE@host:port (C-STORE) or an http(s):// DICOMweb base URL "
+        "(STOW-RS); empty = keep them only",
     )
     interval_seconds: float = _setting(
         5.0,
@@ -256,10 +258,15 @@ class DeliveryConfig:
         None, None, "the node's client certificate (PEM) for +tls destinations that ask for one"
     )
     tls_key_file: Path | None = _setting(None, None, "private key (PEM) of tls_cert_file")
+    web_token_file: Path | None = _setting(
+        None, None, "file holding the bearer token for DICOMweb destinations"
+    )
+    web_user: str = _setting("", None, "HTTP Basic user for DICOMweb destinations")
+    web_password_file: Path | None = _setting(None, None, "file holding web_user's password")
 
     @property
-    def parsed_destinations(self) -> list[Destination]:
-        return [Destination.parse(d) for d in self.destinations]
+    def parsed_destinations(self) -> list[Destination | WebDestination]:
+        return [parse_destination(d) for d in self.destinations]
 
     @property
     def tls(self) -> TlsFiles:

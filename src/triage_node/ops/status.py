@@ -28,7 +28,7 @@ from triage_node.db.engine import (
 from triage_node.db.outbox import OutboxState
 from triage_node.db.priority import PriorityRow, PriorityState
 from triage_node.dicom.echo_scu import echo_destination, echo_listener
-from triage_node.domain import Destination
+from triage_node.domain import Destination, WebDestination
 from triage_node.errors import DatabaseError, ModelError
 
 SCHEMA_VERSION = 2  # docs/status.schema.json; bumped only when a field changes meaning or goes
@@ -306,13 +306,23 @@ def _add_destinations(
     report["destinations"] = []
     for destination in delivery.parsed_destinations:
         name = str(destination)
-        echo = echo_destination(
-            destination, config.dicom.ae_title, tls, min(delivery.timeout_seconds, 5.0)
-        )
+        if isinstance(destination, WebDestination):  # STOW-RS: does it accept connections?
+            reachable = _accepts(destination.host, destination.port)
+            echo = {
+                "reachable": reachable,
+                "detail": "accepts connections" if reachable else "no connection",
+            }
+        else:
+            echo = echo_destination(
+                destination, config.dicom.ae_title, tls, min(delivery.timeout_seconds, 5.0)
+            )
         outbox = {state.value: counts.get(name, {}).get(state.value, 0) for state in OutboxState}
         report["destinations"].append({"destination": name, **echo, "outbox": outbox})
         if not echo["reachable"]:
-            problems.append(f"destination {name} does not answer C-ECHO: {echo['detail']}")
+            what = (
+                "accept connections" if isinstance(destination, WebDestination) else "answer C-ECHO"
+            )
+            problems.append(f"destination {name} does not {what}: {echo['detail']}")
         if outbox["DEAD"]:
             problems.append(
                 f"{outbox['DEAD']} result object(s) for {name} gave up: "

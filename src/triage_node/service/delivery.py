@@ -2,7 +2,8 @@
 
 Run by the service's scheduler every ``delivery.interval_seconds``, in one process, so items are
 not claimed. Per destination, due items go over one association (``delivery.batch_size`` at
-most). A Success or Warning marks an item SENT; anything else is retried after an exponential
+most), or for a DICOMweb destination in one STOW-RS request per study. A Success or Warning
+marks an item SENT; anything else is retried after an exponential
 backoff with jitter (``retry_backoff_seconds`` doubling up to ``retry_max_seconds``, times
 0.5-1.5), and after ``max_attempts`` the item is DEAD until ``triage-node outbox retry``.
 A destination that is down only delays its own items: receiving and analysis go on.
@@ -15,12 +16,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from triage_node.config import DeliveryConfig
 from triage_node.db.outbox import Outbox, OutboxItem, OutboxState
 from triage_node.dicom.status import DeliveryOutcome
-from triage_node.dicom.storage_scu import send_files
-from triage_node.domain import Destination, utcnow
+from triage_node.dicom.storage_scu import Sent, send_files
+from triage_node.dicomweb.stow_client import WebCredentials, send_files_stow
+from triage_node.domain import Destination, WebDestination, parse_destination, utcnow
 from triage_node.logs import get_logger, log_event
 from triage_node.service.backoff import exponential_backoff
 
@@ -49,6 +52,9 @@ class OutboxDelivery:
         self.calling_ae = calling_ae
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self.web_credentials = WebCredentials(
+            config.web_token_file, config.web_user, config.web_password_file
+        )
 
     def deliver_due(self) -> Round:
         """Send what is due now; the counts of this round."""
@@ -66,20 +72,31 @@ class OutboxDelivery:
             )
         return totals
 
-    def _send(self, destination: str, items: list[OutboxItem]) -> Round:
-        outcomes: list[tuple[OutboxItem, int | None, str, bool]]
-        try:
-            target = Destination.parse(destination)
-        except ValueError as exc:
-            outcomes = [(item, None, str(exc), False) for item in items]
-        else:
-            sent = send_files(
-                [item.path for item in items],
+    def _send_files(self, paths: list[Path], target: Destination | WebDestination) -> list[Sent]:
+        if isinstance(target, WebDestination):  # STOW-RS
+            return send_files_stow(
+                paths,
                 target,
-                calling_ae=self.calling_ae,
+                credentials=self.web_credentials,
                 timeout=self.config.timeout_seconds,
                 tls=self.config.tls,
             )
+        return send_files(  # C-STORE
+            paths,
+            target,
+            calling_ae=self.calling_ae,
+            timeout=self.config.timeout_seconds,
+            tls=self.config.tls,
+        )
+
+    def _send(self, destination: str, items: list[OutboxItem]) -> Round:
+        outcomes: list[tuple[OutboxItem, int | None, str, bool]]
+        try:
+            target = parse_destination(destination)
+        except ValueError as exc:
+            outcomes = [(item, None, str(exc), False) for item in items]
+        else:
+            sent = self._send_files([item.path for item in items], target)
             outcomes = [
                 (item, s.status, s.detail or s.outcome, s.outcome == DeliveryOutcome.SENT)
                 for item, s in zip(items, sent, strict=True)
