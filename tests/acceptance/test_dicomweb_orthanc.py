@@ -3,7 +3,8 @@
 Orthanc's own DICOMweb client sends a study to the node by STOW-RS (the node as a
 ``DicomWeb.Servers`` entry, with a bearer token); the node analyses it and sends its results
 back by STOW-RS into the same study on Orthanc's DICOMweb server; sending the study again adds
-nothing to Orthanc.
+nothing to Orthanc; a radiologist's SR stored into Orthanc takes the study off the worklist at
+the next QIDO-RS look-up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pydicom
 
 from tests.acceptance.test_delivery import EVERYTHING_POSITIVE, KO, SC, SR
 from tests.acceptance.test_stow import rows
+from tests.acceptance.test_triage import radiologist_report
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
 from tests.support.orthanc import Orthanc
@@ -61,6 +63,7 @@ def test_orthanc_stows_to_the_node_and_gets_the_results_back_by_stow(tmp_path: P
             "interval_seconds": 0.5,
             "web_token_file": str(token_file),
         },
+        reconcile={"pacs": orthanc.dicomweb_url, "interval_seconds": 0.5, "recheck_seconds": 0},
     ).start()
     try:
         files = write_study_set(tmp_path / "set", 2, 128, 96, per_study=2)
@@ -101,6 +104,18 @@ def test_orthanc_stows_to_the_node_and_gets_the_results_back_by_stow(tmp_path: P
             what="the second analysis and its delivery",
         )
         assert classes_in(orthanc, study_id) == before
+        # Only the node's own objects are there: still unreported. A radiologist reports.
+        study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert rows(node, "select reported_at from studies") == [(None,)]
+        orthanc.upload(radiologist_report(pydicom.dcmread(files[0]), tmp_path / "report-sr.dcm"))
+        wait_for(
+            lambda: (
+                rows(node, "select report_source from studies where study_uid = :u", u=study_uid)
+                == [("qido-rs",)]
+            ),
+            60,
+            what="the QIDO-RS look-up to find the radiologist's report",
+        )
     finally:
         assert node.stop() == 0
         orthanc.stop()

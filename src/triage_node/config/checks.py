@@ -9,7 +9,7 @@ from dataclasses import field
 from typing import Any
 
 from triage_node.credentials import hash_problem
-from triage_node.domain import Destination, field_name, parse_destination
+from triage_node.domain import field_name, parse_destination
 
 Check = Callable[[Any], str | None]  # returns a complaint, or None when the value is fine
 
@@ -102,14 +102,7 @@ def _destinations(value: Any) -> str | None:
 
 
 def _one_destination(value: Any) -> str | None:
-    """One DICOM destination (``AE@host:port[+tls]``): the report look-up speaks C-FIND."""
-    if not value:
-        return None
-    try:
-        Destination.parse(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
+    return _destinations([value]) if value else None
 
 
 def _host_port(value: Any) -> str | None:

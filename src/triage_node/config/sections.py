@@ -281,7 +281,8 @@ class ReconcileConfig:
     pacs: str = _setting(
         "",
         _one_destination,
-        "query/retrieve SCP asked for reports, AE_TITLE@host:port[+tls]; empty = no C-FIND",
+        "PACS asked for reports: AE_TITLE@host:port[+tls] (C-FIND) or an http(s):// DICOMweb "
+        "base URL (QIDO-RS); empty = none",
     )
     interval_seconds: float = _setting(
         60.0, _between(0.2, 86400), "how often unreported positives are looked up"

@@ -51,6 +51,7 @@ class ReportSource(enum.StrEnum):
 
     HL7 = "hl7"  # ORU^R01 with OBR-25 F or C
     C_FIND = "c-find"  # a report object in the study that the node did not make
+    QIDO_RS = "qido-rs"  # the same, found by QIDO-RS in a DICOMweb PACS
     CLI = "cli"  # triage-node mark-reported
 
 

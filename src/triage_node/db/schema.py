@@ -92,7 +92,7 @@ studies = Table(
     Column("model_version", String(32)),
     Column("flagged_at", UTCDateTime()),  # first positive result
     Column("reported_at", UTCDateTime()),  # a radiologist's report is known
-    Column("report_source", String(16)),  # c-find, hl7 or cli
+    Column("report_source", String(16)),  # c-find, qido-rs, hl7 or cli
     Column("escalations", Integer, nullable=False, server_default="0"),
     Column("escalated_at", UTCDateTime()),
     Column("checked_at", UTCDateTime()),  # last C-FIND for reports

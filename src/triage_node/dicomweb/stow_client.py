@@ -77,7 +77,7 @@ def send_files_stow(
             results[path] = Sent(path, DeliveryOutcome.FAILED, None, f"cannot read: {exc}")
     if by_study:
         try:
-            session = _session(credentials, tls)
+            session = web_session(credentials, tls)
         except (TriageError, OSError) as exc:
             detail = f"DICOMweb set-up failed: {exc}"
             return [results.get(p) or Sent(p, DeliveryOutcome.FAILED, None, detail) for p in files]
@@ -89,7 +89,7 @@ def send_files_stow(
     return [results[path] for path in files]
 
 
-def _session(credentials: WebCredentials, tls: TlsFiles | None) -> requests.Session:
+def web_session(credentials: WebCredentials, tls: TlsFiles | None) -> requests.Session:
     session = requests.Session()
     session.headers.update(credentials.header())
     if tls is not None and tls.ca_file is not None:

@@ -28,7 +28,7 @@ from triage_node.db.engine import (
 from triage_node.db.outbox import OutboxState
 from triage_node.db.priority import PriorityRow, PriorityState
 from triage_node.dicom.echo_scu import echo_destination, echo_listener
-from triage_node.domain import Destination, WebDestination
+from triage_node.domain import WebDestination, parse_destination
 from triage_node.errors import DatabaseError, ModelError
 
 SCHEMA_VERSION = 2  # docs/status.schema.json; bumped only when a field changes meaning or goes
@@ -261,18 +261,25 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
     """The report-status feeds: the PACS asked by C-FIND, and the HL7 listener."""
     pacs: dict[str, Any] = {"pacs": config.reconcile.pacs or None}
     if config.reconcile.pacs:
-        pacs.update(
-            echo_destination(
-                Destination.parse(config.reconcile.pacs),
-                config.dicom.ae_title,
-                config.delivery.tls,
-                min(config.reconcile.timeout_seconds, 5.0),
+        target = parse_destination(config.reconcile.pacs)
+        if isinstance(target, WebDestination):  # QIDO-RS: does it accept connections?
+            reachable = _accepts(target.host, target.port)
+            pacs.update(
+                reachable=reachable, detail="accepts connections" if reachable else "no connection"
             )
-        )
+        else:
+            pacs.update(
+                echo_destination(
+                    target,
+                    config.dicom.ae_title,
+                    config.delivery.tls,
+                    min(config.reconcile.timeout_seconds, 5.0),
+                )
+            )
         if not pacs["reachable"]:
+            what = "accept connections" if isinstance(target, WebDestination) else "answer C-ECHO"
             problems.append(
-                f"PACS {config.reconcile.pacs} (report look-up) does not answer C-ECHO: "
-                f"{pacs['detail']}"
+                f"PACS {config.reconcile.pacs} (report look-up) does not {what}: {pacs['detail']}"
             )
     report["reconcile"] = pacs
     hl7: dict[str, Any] = {"port": config.hl7.port or None}

@@ -27,7 +27,9 @@ from triage_node.dicom.find_scu import (
     StudyContents,
     study_contents,
 )
-from triage_node.domain import Destination, utcnow
+from triage_node.dicomweb.qido import study_contents_qido
+from triage_node.dicomweb.stow_client import WebCredentials
+from triage_node.domain import WebDestination, parse_destination, utcnow
 from triage_node.errors import DatabaseUnavailable
 from triage_node.hl7.messages import (
     APPLICATION_INTERNAL_ERROR,
@@ -100,11 +102,39 @@ class PacsReconciler:
         self.priority = priority
         self.outbox = outbox
         self.config = config.reconcile
-        self.pacs = Destination.parse(self.config.pacs) if self.config.pacs else None
+        self.pacs = parse_destination(self.config.pacs) if self.config.pacs else None
+        self.source = (
+            ReportSource.QIDO_RS if isinstance(self.pacs, WebDestination) else ReportSource.C_FIND
+        )
+        delivery = config.delivery
+        self.web_credentials = WebCredentials(
+            delivery.web_token_file, delivery.web_user, delivery.web_password_file
+        )
         self.calling_ae = config.dicom.ae_title
         self.tls = config.delivery.tls
         self.rules = ReportRules(self.config)
         self.clock = clock
+
+    def _contents(self, study_uid: str) -> StudyContents:
+        """What the PACS holds: by QIDO-RS for a DICOMweb PACS, else by C-FIND."""
+        assert self.pacs is not None
+        if isinstance(self.pacs, WebDestination):
+            return study_contents_qido(
+                self.pacs,
+                study_uid,
+                credentials=self.web_credentials,
+                timeout=self.config.timeout_seconds,
+                tls=self.tls,
+                look_inside=self.rules.series_rule,
+            )
+        return study_contents(
+            self.pacs,
+            study_uid,
+            calling_ae=self.calling_ae,
+            timeout=self.config.timeout_seconds,
+            tls=self.tls,
+            look_inside=self.rules.series_rule,
+        )
 
     def reconcile_once(self) -> int:
         """One round; returns how many studies were found reported."""
@@ -115,14 +145,7 @@ class PacsReconciler:
         found = 0
         for study_id, study_uid in self.checks.due(now, every, self.config.batch_size):
             try:
-                contents = study_contents(
-                    self.pacs,
-                    study_uid,
-                    calling_ae=self.calling_ae,
-                    timeout=self.config.timeout_seconds,
-                    tls=self.tls,
-                    look_inside=self.rules.series_rule,
-                )
+                contents = self._contents(study_uid)
             except QueryFailed as exc:
                 log_event(
                     LOG,
@@ -147,9 +170,7 @@ class PacsReconciler:
             reason = self.rules.find_report(contents, self.outbox.objects_of(study_id))
             if reason is None:
                 continue
-            marked = self.priority.mark_reported(
-                ReportSource.C_FIND, self.clock(), study_uid=study_uid
-            )
+            marked = self.priority.mark_reported(self.source, self.clock(), study_uid=study_uid)
             if any(newly for _, newly in marked):
                 found += 1
                 log_event(
@@ -158,7 +179,7 @@ class PacsReconciler:
                     "study_reported",
                     "report found in the PACS",
                     study_uid=study_uid,
-                    source=ReportSource.C_FIND.value,
+                    source=self.source.value,
                     reason=reason,
                 )
         return found
