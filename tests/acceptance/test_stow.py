@@ -9,15 +9,19 @@ once the request has ended, as after an association.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import random
 import shutil
 import socket
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from requests.exceptions import HTTPError
 from sqlalchemy import create_engine, text
@@ -248,3 +252,68 @@ def test_other_media_types_methods_and_paths_are_refused(node: Node, tmp_path: P
         DICOMwebClient(
             url(node, ""), headers={"Authorization": f"Bearer {TOKEN}"}
         ).search_for_studies()
+
+
+class Upload:
+    """One STOW-RS request in a thread; *answer* once its response came (if it does)."""
+
+    def __init__(self, node: Node, body: bytes, content_type: str) -> None:
+        self.answer: requests.Response | None = None
+        headers = {"Content-Type": content_type, "Authorization": f"Bearer {TOKEN}"}
+        self.thread = threading.Thread(target=self._post, args=(url(node), body, headers))
+        self.thread.start()
+
+    def _post(self, address: str, body: bytes, headers: dict[str, str]) -> None:
+        with contextlib.suppress(requests.RequestException):  # killed mid-request
+            self.answer = requests.post(address, data=body, headers=headers, timeout=60)
+
+
+def test_sigkill_during_stow_loses_nothing_the_response_reported(tmp_path: Path) -> None:
+    """The crash test's discipline for STOW-RS: the service is SIGKILLed while a request streams
+    in (after a seeded number of its instances were stored) or just after its response; what a
+    response listed as stored is there, byte for byte, after the restart, and nothing partial
+    is left."""
+    rng = random.Random(20261201)
+    web_port = free_port()
+    node = Node(
+        tmp_path / "node",
+        dicomweb={
+            "port": web_port,
+            "bind": "127.0.0.1",
+            "tokens": [hash_secret(TOKEN, iterations=10_000)],
+        },
+    ).start()
+    node.web_port = web_port  # type: ignore[attr-defined]
+    reported: dict[str, Path] = {}
+    killed_mid_request = 0
+
+    def stored_count() -> int:
+        return int(node.sql("select count(*) as n from instances")[0]["n"])
+
+    try:
+        for round_number in range(6):
+            files = write_study_set(tmp_path / f"r{round_number}", 8, 512, 512, per_study=8)
+            body, content_type = multipart([("application/dicom", f.read_bytes()) for f in files])
+            target = stored_count() + rng.randint(1, 7)
+            upload = Upload(node, body, content_type)
+            if round_number % 2:  # after the response
+                wait_for(lambda u=upload: u.answer is not None, 60, what="the response")
+            else:  # mid-request, after some of its instances were stored
+                wait_for(lambda t=target: stored_count() >= t, 60, 0.005, what="the upload")
+            node.kill()
+            upload.thread.join(60)
+            if upload.answer is None:
+                killed_mid_request += 1
+            else:
+                assert upload.answer.status_code in (200, 202), upload.answer.text
+                by_uid = {sop_uid(f): f for f in files}
+                reported.update({uid: by_uid[uid] for uid in stored_uids(upload.answer.json())})
+            node.start()
+        assert reported and killed_mid_request >= 2, (len(reported), killed_mid_request)
+        for uid, source in reported.items():
+            [row] = node.sql("select path from instances where sop_instance_uid = :u", u=uid)
+            assert (node.spool / row["path"]).read_bytes() == source.read_bytes()
+        assert not [p for p in (node.spool / "incoming").rglob("*") if p.is_file()]
+    finally:
+        if node.process is not None:
+            assert node.stop() == 0
