@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: serve test test-long test-tools lint typecheck unit bench-ingest bench-infer bench-e2e bench-idle clean
+.PHONY: serve test test-long test-tools lint typecheck unit bench-ingest bench-stow bench-infer bench-e2e bench-idle clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -62,6 +62,9 @@ unit: $(VENV)/.installed-dev
 
 bench-ingest: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/ingest.py
+
+bench-stow: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/stow.py
 
 bench-infer: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/infer.py

@@ -29,6 +29,7 @@ from sqlalchemy import create_engine, text
 from tests.acceptance.test_receive import sendable_shared_files, uids_valid
 from tests.support.node import Node
 from tests.support.peers import free_port, require_shared_dicom, wait_for
+from tests.support.pki import make_pki
 from tests.support.synth import write_study_set
 from triage_node.credentials import hash_secret
 
@@ -317,3 +318,62 @@ def test_sigkill_during_stow_loses_nothing_the_response_reported(tmp_path: Path)
     finally:
         if node.process is not None:
             assert node.stop() == 0
+
+
+def test_https_with_client_certificates_is_the_credential(tmp_path: Path) -> None:
+    """dicomweb.tls_verify_client: a client certificate from the configured CA stores without a
+    token; a certificate from another CA, or none, does not get through the handshake."""
+    pki = make_pki(tmp_path / "pki")
+    web_port = free_port()
+    node = Node(
+        tmp_path / "node",
+        dicomweb={
+            "port": web_port,
+            "bind": "127.0.0.1",
+            "tls_cert_file": str(pki["server"]),
+            "tls_key_file": str(pki["server-key"]),
+            "tls_ca_file": str(pki["ca"]),
+            "tls_verify_client": True,
+        },
+    ).start()
+    node.web_port = web_port  # type: ignore[attr-defined]
+    https = f"https://127.0.0.1:{web_port}/dicom-web/studies"
+    [file] = write_study_set(tmp_path / "set", 1, 32, 32, per_study=1)
+    body, content_type = multipart([("application/dicom", file.read_bytes())])
+    (tmp_path / "body").write_bytes(body)
+
+    def post(*identity: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                shutil.which("curl") or pytest.skip("curl is not available (apt-get install curl)"),
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                str(pki["ca"]),
+                *identity,
+                "-H",
+                f"Content-Type: {content_type}",
+                "--data-binary",
+                f"@{tmp_path / 'body'}",
+                https,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    try:
+        for refused in (post(), post("--cert", str(pki["rogue"]), "--key", str(pki["rogue-key"]))):
+            assert refused.returncode != 0 or refused.stdout in ("000", "401"), refused
+        assert spooled(node, sop_uid(file)) is None
+        good = post("--cert", str(pki["client"]), "--key", str(pki["client-key"]))
+        assert good.returncode == 0 and good.stdout == "200", good
+        assert spooled(node, sop_uid(file)) is not None
+        records = [r for r in node.log_records() if r.get("action") == "stow_request"]
+        assert records[-1]["principal"] == "certificate:client"
+    finally:
+        assert node.stop() == 0

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,7 @@ class StowApplication:
         peer: str,
         principal: Principal,
     ) -> tuple[int, bytes]:
+        started = time.perf_counter()
         try:
             association_id = self.intake.open_association(
                 calling_ae=CALLING_AE,
@@ -219,6 +221,7 @@ class StowApplication:
             principal=f"{principal.kind}:{principal.name}",
             stored=stored,
             failed=len(outcomes) - stored,
+            ms=round((time.perf_counter() - started) * 1000, 1),
         )
         status = 200 if stored == len(outcomes) and outcomes else 202 if stored else 409
         return status, self._response(outcomes)
