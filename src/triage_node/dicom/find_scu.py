@@ -107,6 +107,40 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+def modalities_of(study: Dataset) -> tuple[str, ...]:
+    """Modalities in Study of a STUDY-level answer (C-FIND or QIDO-RS), upper case."""
+    value = study.get("ModalitiesInStudy") or []
+    listed = [value] if isinstance(value, str) else list(value)
+    return tuple(str(m).upper() for m in listed)
+
+
+def series_of(found: Dataset) -> PacsSeries:
+    """A SERIES-level answer (C-FIND or QIDO-RS)."""
+    return PacsSeries(
+        _text(found, "SeriesInstanceUID"),
+        _text(found, "Modality").upper(),
+        _text(found, "SeriesDescription"),
+    )
+
+
+def object_of(series: PacsSeries, found: Dataset) -> PacsObject:
+    """An IMAGE-level answer (C-FIND or QIDO-RS) in *series*."""
+    return PacsObject(
+        series,
+        _text(found, "SOPInstanceUID"),
+        _text(found, "SOPClassUID"),
+        _text(found, "CompletionFlag").upper(),
+        _text(found, "VerificationFlag").upper(),
+    )
+
+
+def looked_inside(series: PacsSeries, look_inside: Callable[[PacsSeries], bool]) -> bool:
+    """Whether a series' instances are listed: SR and DOC series, and those the caller picks."""
+    return bool(series.series_uid) and (
+        series.modality in REPORT_SERIES_MODALITIES or look_inside(series)
+    )
+
+
 def study_contents(
     pacs: Destination,
     study_uid: str,
@@ -137,27 +171,12 @@ def study_contents(
         studies = _find(assoc, _study_query(study_uid))
         if not studies:
             return StudyContents(False, (), (), ())
-        value = studies[0].get("ModalitiesInStudy") or []
-        listed = [value] if isinstance(value, str) else list(value)
-        modalities = tuple(str(m).upper() for m in listed)
-        series = tuple(
-            PacsSeries(
-                _text(found, "SeriesInstanceUID"),
-                _text(found, "Modality").upper(),
-                _text(found, "SeriesDescription"),
-            )
-            for found in _find(assoc, _series_query(study_uid))
-        )
+        modalities = modalities_of(studies[0])
+        series = tuple(series_of(found) for found in _find(assoc, _series_query(study_uid)))
         objects = tuple(
-            PacsObject(
-                one,
-                _text(found, "SOPInstanceUID"),
-                _text(found, "SOPClassUID"),
-                _text(found, "CompletionFlag").upper(),
-                _text(found, "VerificationFlag").upper(),
-            )
+            object_of(one, found)
             for one in series
-            if one.series_uid and (one.modality in REPORT_SERIES_MODALITIES or look_inside(one))
+            if looked_inside(one, look_inside)
             for found in _find(assoc, _image_query(study_uid, one.series_uid))
         )
     finally:

@@ -19,11 +19,13 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from triage_node.dicom.find_scu import (
-    REPORT_SERIES_MODALITIES,
-    PacsObject,
     PacsSeries,
     QueryFailed,
     StudyContents,
+    looked_inside,
+    modalities_of,
+    object_of,
+    series_of,
 )
 from triage_node.dicomweb.stow_client import WebCredentials, web_session
 from triage_node.domain import TlsFiles, WebDestination
@@ -32,8 +34,6 @@ from triage_node.errors import TriageError
 
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = value[0] if len(value) else ""
     return "" if value is None else str(value).strip()
 
 
@@ -67,14 +67,8 @@ def study_contents_qido(
             studies = [s for s in studies if _text(s, "StudyInstanceUID") == study_uid]
             if not studies:
                 return StudyContents(False, (), (), ())
-            value = studies[0].get("ModalitiesInStudy") or []
-            listed = [value] if isinstance(value, str) else list(value)
             series = tuple(
-                PacsSeries(
-                    _text(found, "SeriesInstanceUID"),
-                    _text(found, "Modality").upper(),
-                    _text(found, "SeriesDescription"),
-                )
+                series_of(found)
                 for found in _datasets(
                     client.search_for_series(
                         study_instance_uid=study_uid, fields=["Modality", "SeriesDescription"]
@@ -82,15 +76,9 @@ def study_contents_qido(
                 )
             )
             objects = tuple(
-                PacsObject(
-                    one,
-                    _text(found, "SOPInstanceUID"),
-                    _text(found, "SOPClassUID"),
-                    _text(found, "CompletionFlag").upper(),
-                    _text(found, "VerificationFlag").upper(),
-                )
+                object_of(one, found)
                 for one in series
-                if one.series_uid and (one.modality in REPORT_SERIES_MODALITIES or look_inside(one))
+                if looked_inside(one, look_inside)
                 for found in _datasets(
                     client.search_for_instances(
                         study_instance_uid=study_uid,
@@ -99,9 +87,9 @@ def study_contents_qido(
                     )
                 )
             )
+            return StudyContents(True, modalities_of(studies[0]), series, objects)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
         raise QueryFailed(f"QIDO-RS answered HTTP {status}") from None
     except (requests.RequestException, ValueError) as exc:
         raise QueryFailed(f"QIDO-RS failed: {type(exc).__name__}") from None
-    return StudyContents(True, tuple(str(m).upper() for m in listed), series, objects)
