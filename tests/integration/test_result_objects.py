@@ -29,6 +29,7 @@ from triage_node.domain import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     MANUFACTURER,
+    is_valid_uid,
 )
 from triage_node.results.codes import ABSENT, CERTAINTY, FRACTURE, PRESENT
 from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs
@@ -133,6 +134,40 @@ def test_a_study_with_a_negative_image_reports_every_image(tmp_path: Path) -> No
         certainties = [g.get_measurements(name=CERTAINTY)[0].value for g in groups]
         assert certainties == pytest.approx([i.probability for i in images])
         assert study_finding(report) == expected
+
+
+def shared_radiographs() -> list[Path]:
+    """Every shared CR/DX file whose header has the UIDs a report needs."""
+    found = []
+    for path in sorted(require_shared_dicom().glob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        uids = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        if ds.get("Modality") in ("CR", "DX") and all(is_valid_uid(str(ds.get(k))) for k in uids):
+            found.append(path)
+    return found
+
+
+def test_the_report_of_every_shared_radiograph_is_template_exact(tmp_path: Path) -> None:
+    """The SR and KOS of each shared CR/DX header, positive: 0 errors and 0 warnings from
+    DicomSRValidator, 0 errors from dciodvfy (their headers differ in what they carry)."""
+    sources = shared_radiographs()
+    assert len(sources) >= 10
+    for source in sources:
+        header = pydicom.dcmread(source, stop_before_pixels=True)
+        rows, columns = int(header.get("Rows", 64)), int(header.get("Columns", 64))
+        image = AnalysedImage(header, 0.61, True, rows // 2, columns // 2, 0.02)
+        uids = ResultUIDs(str(header.StudyInstanceUID), ALGORITHM.version, 1)
+        for kind, dataset in (
+            ("sr", structured_report([image], ALGORITHM, uids)),
+            ("ko", key_objects([image], ALGORITHM, uids)),
+        ):
+            path = tmp_path / f"{source.stem}-{kind}.dcm"
+            path.write_bytes(encode(dataset))
+            assert sr_validator_findings(path) == [], (source.name, kind)
+            assert dciodvfy_errors(path) == [], (source.name, kind)
 
 
 def test_dsrdump_prints_the_tree(tmp_path: Path) -> None:

@@ -61,6 +61,12 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     train.add_argument("--init-weights", type=Path, help="start from these torch weights")
     train.add_argument(
+        "--augment",
+        choices=("standard", "light", "flip"),
+        help="training augmentation: standard (default; flips, rotation 25, shift, zoom, "
+        "brightness, contrast), light (the same, milder), flip (horizontal flips only)",
+    )
+    train.add_argument(
         "--backbone",
         choices=BACKBONE_CHOICES,
         default="scratch",
@@ -201,6 +207,10 @@ def run_train(_config: Config, args: argparse.Namespace) -> int:
         scope_guard=args.scope_guard,
     )
     try:
+        if args.augment:
+            from triage_node.training.augment import AUGMENT_PRESETS
+
+            config = with_overrides(config, augment=AUGMENT_PRESETS[args.augment])
         if args.pooling or args.lse_r:
             pooling = config.pooling
             config = with_overrides(

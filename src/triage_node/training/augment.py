@@ -26,6 +26,30 @@ class AugmentSpec:
     contrast: tuple[float, float] = (0.75, 1.3)  # multiplied around mid-grey
 
 
+AUGMENT_PRESETS = {
+    "standard": AugmentSpec(),
+    # milder geometry and intensity: small fractures stay where the boxes say, nearer the data
+    "light": AugmentSpec(
+        hflip=0.5,
+        vflip=0.0,
+        rotation_deg=10.0,
+        shift=0.04,
+        zoom=(0.95, 1.05),
+        brightness=0.05,
+        contrast=(0.9, 1.1),
+    ),
+    "flip": AugmentSpec(
+        hflip=0.5,
+        vflip=0.0,
+        rotation_deg=0.0,
+        shift=0.0,
+        zoom=(1.0, 1.0),
+        brightness=0.0,
+        contrast=(1.0, 1.0),
+    ),
+}
+
+
 def augment(
     images: torch.Tensor,
     masks: torch.Tensor,

@@ -13,7 +13,12 @@ torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not in
 from triage_node.analysis.preprocess import InputSpec  # noqa: E402
 from triage_node.analysis.runtime import ModelSession  # noqa: E402
 from triage_node.errors import ModelError  # noqa: E402
-from triage_node.training.augment import AugmentSpec, augment, localisation_loss  # noqa: E402
+from triage_node.training.augment import (  # noqa: E402
+    AUGMENT_PRESETS,
+    AugmentSpec,
+    augment,
+    localisation_loss,
+)
 from triage_node.training.export import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
 from triage_node.training.images import Images  # noqa: E402
 from triage_node.training.loop import _load_init_weights, fit  # noqa: E402
@@ -98,6 +103,19 @@ def test_augment_keeps_padding_black_and_is_seeded() -> None:
     b = augment(images, masks, AugmentSpec(), torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert a.shape == images.shape
+
+
+def test_the_flip_preset_only_mirrors() -> None:
+    """``--augment flip``: each image comes back as itself or its left-right mirror."""
+    images = torch.rand(8, 1, 16, 16)
+    masks = torch.ones_like(images)
+    out = augment(images, masks, AUGMENT_PRESETS["flip"], torch.Generator().manual_seed(3))
+    for original, result in zip(images, out, strict=True):
+        same = torch.allclose(result, original, atol=1e-5)
+        mirrored = torch.allclose(result, original.flip(-1), atol=1e-5)
+        assert same or mirrored
+    assert set(AUGMENT_PRESETS) == {"standard", "light", "flip"}
+    assert AUGMENT_PRESETS["standard"] == AugmentSpec()
 
 
 def test_export_parity_dynamic_batch_and_manifest(tmp_path: Path) -> None:
