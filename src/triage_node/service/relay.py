@@ -89,5 +89,5 @@ class Relay:
     def _relay(self, payload: str) -> None:
         topic, sender = parse(payload)
         if topic in TOPICS and sender != self.origin:
-            ring(self.doorbells, topic)
             self.relayed += 1
+            ring(self.doorbells, topic)
