@@ -134,8 +134,8 @@ class StowApplication:
         ]
         if status == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="triage-node", Basic'))
-        if status in (400, 413, 415):
-            headers.append(("Connection", "close"))  # the rest of the body is not read
+        if status >= 400 and status != 409:
+            headers.append(("Connection", "close"))  # the body was not (all) read: do not drain it
         start_response(f"{status} {_REASONS.get(status, '')}", headers)
         return [body]
 
