@@ -227,19 +227,29 @@ def test_each_bad_part_fails_alone_with_its_reason(node: Node, tmp_path: Path) -
     assert not list((node.spool / "incoming").rglob("stow-*"))  # nothing partial left
 
 
-def test_a_request_over_the_limit_gets_413_before_its_body(node: Node) -> None:
-    """A client announcing 2 GB is answered at once, without sending the body."""
+def announce(node: Node, token: str, length: int) -> str:
+    """Send the head of a STOW-RS request announcing *length* bytes, and a first boundary;
+    the first answer the node gives, without the body being sent."""
     boundary = "b" * 16
     head = (
         "POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
-        f"Authorization: Bearer {TOKEN}\r\n"
+        f"Authorization: Bearer {token}\r\n"
         f'Content-Type: multipart/related; type="application/dicom"; boundary={boundary}\r\n'
-        f"Content-Length: {2 * 2**30}\r\n\r\n"
+        f"Content-Length: {length}\r\n\r\n"
     )
-    with socket.create_connection(("127.0.0.1", node.web_port), timeout=30) as sock:  # type: ignore[attr-defined]
+    port = node.web_port  # type: ignore[attr-defined]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head.encode() + f"--{boundary}\r\n".encode())
-        answer = sock.recv(4096).decode("latin-1")
-    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+        return sock.recv(4096).decode("latin-1")
+
+
+def test_a_request_over_the_limit_gets_413_before_its_body(node: Node) -> None:
+    """A client announcing 2 GB is answered at once, without sending the body; so is one with
+    a wrong token, and the node does not wait to drain what it refused."""
+    answer = announce(node, TOKEN, 2 * 2**30)
+    assert answer.startswith("HTTP/1.1 413") and "Connection: close" in answer, answer[:300]
+    answer = announce(node, "not-the-token", 2 * 2**30)
+    assert answer.startswith("HTTP/1.1 401") and "Connection: close" in answer, answer[:300]
 
 
 def test_other_media_types_methods_and_paths_are_refused(node: Node, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import ssl
 import threading
+from typing import Any
 
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
@@ -37,6 +38,21 @@ def tls_context(config: DicomwebConfig) -> ssl.SSLContext:
     return context
 
 
+class _ClosingGateway(wsgi.Gateway_10):
+    """cheroot's WSGI 1.0 gateway, except that a response saying ``Connection: close`` closes
+    the connection at once. cheroot otherwise reads and discards the rest of a request body the
+    application refused (RFC 7230 6.6's courtesy), which for a refused 2 GB upload means
+    taking it all in."""
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Any:
+        write = super().start_response(status, headers, exc_info)
+        if any(k.lower() == "connection" and v.lower() == "close" for k, v in headers):
+            self.req.close_connection = True
+        return write
+
+
 class StowServer:
     """The STOW-RS receiver on ``dicomweb.bind:port``, serving in a thread pool."""
 
@@ -50,6 +66,7 @@ class StowServer:
             server_name="triage-node",
         )
         self.server.max_request_body_size = 0  # the application answers 413 itself
+        self.server.gateway = _ClosingGateway
         if config.tls_cert_file is not None:
             adapter = BuiltinSSLAdapter(str(config.tls_cert_file), str(config.tls_key_file))
             adapter.context = tls_context(config)
