@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import random
 import shutil
@@ -151,6 +152,24 @@ def test_curl_stores_every_shared_radiograph_byte_identical(node: Node, tmp_path
     for f in files:
         path = spooled(node, sop_uid(f))
         assert path is not None and path.read_bytes() == f.read_bytes(), f.name
+
+
+def test_dicomweb_client_stores_every_shared_radiograph_as_it_sent_it(
+    node: Node, tmp_path: Path
+) -> None:
+    """dicomweb-client encodes each dataset itself (pydicom.dcmwrite); the node keeps exactly
+    those bytes. (After the curl test: the same instances, sent again, replace its copies.)"""
+    files = [f for f in sendable_shared_files() if uids_valid(f) and f.name != TRUNCATED]
+    datasets = [pydicom.dcmread(f) for f in files]
+    client = DICOMwebClient(url(node, ""), headers={"Authorization": f"Bearer {TOKEN}"})
+    response = client.store_instances(datasets)
+    assert len(response.ReferencedSOPSequence) == len(files)
+    assert "FailedSOPSequence" not in response
+    for dataset in datasets:
+        sent = io.BytesIO()
+        pydicom.dcmwrite(sent, dataset)  # what dicomweb-client put in the part
+        path = spooled(node, str(dataset.SOPInstanceUID))
+        assert path is not None and path.read_bytes() == sent.getvalue()
 
 
 def test_dicomweb_client_with_basic_auth_and_the_study_is_queued(
