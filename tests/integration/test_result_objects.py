@@ -32,7 +32,13 @@ from triage_node.domain import (
     is_valid_uid,
 )
 from triage_node.results.codes import ABSENT, CERTAINTY, FRACTURE, PRESENT
-from triage_node.results.common import Algorithm, AnalysedImage, ResultUIDs
+from triage_node.results.common import (
+    Algorithm,
+    AnalysedImage,
+    ResultUIDs,
+    character_set,
+    evidence_header,
+)
 from triage_node.results.kos import key_objects
 from triage_node.results.sc import heatmap_capture
 from triage_node.results.spooled import encode
@@ -156,7 +162,7 @@ def test_the_report_of_every_shared_radiograph_is_template_exact(tmp_path: Path)
     sources = shared_radiographs()
     assert len(sources) >= 10
     for source in sources:
-        header = pydicom.dcmread(source, stop_before_pixels=True)
+        header = evidence_header(pydicom.dcmread(source, stop_before_pixels=True))  # as the worker
         rows, columns = int(header.get("Rows", 64)), int(header.get("Columns", 64))
         image = AnalysedImage(header, 0.61, True, rows // 2, columns // 2, 0.02)
         uids = ResultUIDs(str(header.StudyInstanceUID), ALGORITHM.version, 1)
@@ -224,3 +230,24 @@ def test_heatmap_pixels_hold_no_patient_data_and_show_a_legend() -> None:
     legend_row = pixels[600 - 24 - 7]
     assert legend_row[8, 2] > 100 and legend_row[8 + 90, 0] > 100  # blue end, then red end
     assert "NOT FOR DIAGNOSTIC USE" in LEGEND_TEXT
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("ISO_IR 100", "ISO_IR 100"),
+        ("ISO 2022 IR 100", "ISO_IR 100"),  # one value with code extensions, as modalities write
+        ("ISO 2022 IR 6", None),
+        (["ISO 2022 IR 6", "ISO 2022 IR 87"], ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+        ("ISO 2022 IR 87", "ISO_IR 192"),  # not valid alone, and no single-byte equivalent
+        ("NOT A CHARSET", "ISO_IR 192"),
+    ],
+)
+def test_the_character_set_of_a_result_is_the_source_s_made_valid(
+    value: object, expected: object
+) -> None:
+    source = Dataset()
+    if value is not None:
+        source.SpecificCharacterSet = value
+    assert character_set(source) == expected

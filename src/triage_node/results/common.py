@@ -91,8 +91,14 @@ _COPIED_TYPE_2 = (
 )
 
 
+NOT_STATED = "not stated in the source images"
+
+
 def evidence_header(source: Dataset) -> Dataset:
-    """A copy of a source header with the Type 2 attributes the result objects copy present."""
+    """A copy of a source header with what the result objects copy from it made valid: the
+    Type 2 attributes present, and — when the source says Patient Identity Removed YES but not
+    how (its own Type 1C omission, PS3.3 C.7.1.1) — De-identification Method saying so, and
+    for an animal patient (a species given) Patient's Sex Neutered, empty, as Type 2C allows."""
     header = Dataset()
     header.update(source)
     if hasattr(source, "file_meta"):
@@ -100,7 +106,48 @@ def evidence_header(source: Dataset) -> Dataset:
     for keyword, vr in _COPIED_TYPE_2:
         if keyword not in header:
             header.add_new(keyword, vr, "")
+    stated = "DeidentificationMethod" in header or "DeidentificationMethodCodeSequence" in header
+    if str(header.get("PatientIdentityRemoved", "")).upper() == "YES" and not stated:
+        header.DeidentificationMethod = NOT_STATED
+    animal = "PatientSpeciesDescription" in header or "PatientSpeciesCodeSequence" in header
+    if animal and "PatientSexNeutered" not in header:
+        header.add_new("PatientSexNeutered", "CS", "")
     return header
+
+
+UTF_8 = "ISO_IR 192"
+_KNOWN_CHARACTER_SETS = frozenset(m.value for m in hd.SpecificCharacterSetValues)
+_MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149"})
+
+
+def _valid_character_set(values: list[str]) -> bool:
+    """PS3.3 C.12.1.1.2: one value without code extensions, or several that all use them
+    (the first not a multi-byte one)."""
+    if any(v not in _KNOWN_CHARACTER_SETS for v in values):
+        return False
+    if len(values) == 1:
+        return not values[0].startswith("ISO 2022")
+    return all(v.startswith("ISO 2022") for v in values) and values[0] not in _MULTI_BYTE_EXTENSIONS
+
+
+def character_set(source: Dataset) -> str | list[str] | None:
+    """The Specific Character Set for an object made from *source*: the source's own, made
+    valid. Modalities write a single "ISO 2022 IR 100" (code extensions with one value, which
+    PS3.3 C.12.1.1.2 forbids and highdicom refuses); that is "ISO_IR 100". A value that is still
+    not valid becomes UTF-8, which can hold whatever text the source decoded to."""
+    value = source.get("SpecificCharacterSet")
+    if not value:
+        return None
+    values = [value] if isinstance(value, str) else [str(v) for v in value]
+    values = [v.strip() for v in values]
+    if len(values) == 1 and values[0].startswith("ISO 2022 IR "):
+        code = values[0].removeprefix("ISO 2022 IR ")
+        values = [] if code == "6" else [f"ISO_IR {code}"]
+        if not values:
+            return None
+    if not _valid_character_set(values):
+        return UTF_8
+    return values[0] if len(values) == 1 else values
 
 
 def device_observer(algorithm: Algorithm) -> hd.sr.ObserverContext:

@@ -16,6 +16,7 @@ from triage_node.results.common import (
     Algorithm,
     AnalysedImage,
     ResultUIDs,
+    character_set,
     device_observer,
     equipment,
     tolerant_of_source_names,
@@ -61,6 +62,7 @@ def _key_object_document(
         sop_instance_uid=uids.instance(ResultKind.KO),
         instance_number=1,
         manufacturer=MANUFACTURER,
+        specific_character_set=character_set(positives[0]),
         contributing_equipment=[equipment(algorithm)],
         series_description="AI fracture flag",
     )

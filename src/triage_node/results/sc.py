@@ -13,6 +13,7 @@ from triage_node.results.common import (
     Algorithm,
     AnalysedImage,
     ResultUIDs,
+    character_set,
     equipment,
     tolerant_of_source_names,
 )
@@ -36,6 +37,7 @@ def heatmap_capture(
             sop_instance_uid=uids.instance(ResultKind.SC, index),
             instance_number=index + 1,
             manufacturer=MANUFACTURER,
+            specific_character_set=character_set(source),
             # highdicom insists on an orientation in the PATIENT system; a source without one
             # gets a placeholder that is emptied below (Patient Orientation is Type 2).
             patient_orientation=orientation or ("A", "F"),
