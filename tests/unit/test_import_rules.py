@@ -16,7 +16,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "triage_node"
 
-FOUNDATION = {"errors", "domain", "logs", "config", "spool", "credentials"}
+FOUNDATION = {"errors", "domain", "logs", "config", "spool", "credentials", "networks"}
 SUBPACKAGES = {
     "dicom",
     "dicomweb",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ipaddress
 import logging
 import select
 import selectors
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from triage_node.logs import get_logger, log_event
+from triage_node.networks import IPNetwork, source_ip
 
 LOG = get_logger(__name__)
 
@@ -48,19 +48,9 @@ class AdmissionLimits:
 
     per_address: int  # concurrent connections from one source address
     total: int  # concurrent connections in all (max_associations)
-    reserved_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    reserved_networks: tuple[IPNetwork, ...] = ()
     reserved: int = 0  # of *total*, the slots only reserved networks may use
     request_timeout: float = 5.0  # seconds from accept to a complete A-ASSOCIATE-RQ
-
-
-def source_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 @dataclass

@@ -5,7 +5,6 @@ and the Application Entity the handlers are bound to."""
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import socketserver
@@ -28,7 +27,6 @@ from triage_node.dicom.admission import (
     await_request,
     await_request_start,
     drain,
-    source_ip,
 )
 from triage_node.dicom.identity import node_ae, stamp_received_files
 from triage_node.dicom.reactor import quiet_idle_associations
@@ -39,6 +37,7 @@ from triage_node.dicom.storage_scp import (
 )
 from triage_node.errors import TriageError
 from triage_node.logs import get_logger, log_event
+from triage_node.networks import AllowedNetworks, parse_networks
 
 LOG = get_logger(__name__)
 
@@ -207,7 +206,7 @@ class ReceiverServer(ThreadedAssociationServer):
         self.tls_context = tls_context  # applied per connection by _RequestHandler
         self.handlers = handlers
         self.daemon_threads = True  # a connection's thread never holds the process up
-        self._allowed = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
+        self._allowed = AllowedNetworks(config.allowed_networks)
         self.admission = Admission(admission_limits(config))
         self.refusals = RefusalLog()
         self.rejector = Rejector()
@@ -264,19 +263,14 @@ class ReceiverServer(ThreadedAssociationServer):
             self.admission.release(str(client_address[0]))
 
     def address_allowed(self, address: str) -> bool:
-        if not self._allowed:
-            return True
-        ip = source_ip(address)
-        return ip is not None and any(ip in network for network in self._allowed)
+        return self._allowed.allows(address)
 
 
 def admission_limits(config: DicomConfig) -> AdmissionLimits:
     return AdmissionLimits(
         per_address=config.max_associations_per_address,
         total=config.max_associations,
-        reserved_networks=tuple(
-            ipaddress.ip_network(n, strict=False) for n in config.reserved_networks
-        ),
+        reserved_networks=parse_networks(config.reserved_networks),
         reserved=min(config.reserved_associations, config.max_associations),
         request_timeout=config.request_timeout,
     )

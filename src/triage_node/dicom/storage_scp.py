@@ -115,9 +115,7 @@ class StorageHandlers:
         *,
         on_association_end: Callable[[], None] | None = None,
     ) -> None:
-        self.spool = spool
         self.intake = intake
-        self.min_free_bytes = min_free_bytes
         self.clock = clock
         self.storer = Storer(spool, intake, min_free_bytes, clock)
         self.on_association_end = on_association_end  # the study may be complete now

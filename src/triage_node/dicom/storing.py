@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from triage_node.dicom.status import (
     CANNOT_UNDERSTAND,
@@ -28,21 +29,34 @@ from triage_node.logs import get_logger, log_event
 from triage_node.spool import Spool
 
 if TYPE_CHECKING:  # the aggregate is passed in by the service
-    from triage_node.db.intake import Intake, RecordedInstance
+    from triage_node.db.intake import Intake
 
 LOG = get_logger(__name__)
 
 Check = Callable[[InstanceHeader], "tuple[int, str] | None"]  # a refusal, or None
 
 
-def read_header(path: Path) -> InstanceHeader:
+def read_header(path: Path, *, whole: bool = False) -> InstanceHeader:
     """Read the header fields the node keeps, stopping before Pixel Data.
 
-    Raises DatasetError when the dataset cannot be parsed or a required UID is missing/invalid.
+    With *whole*, the whole file is read and checked to be complete (``_check_complete``):
+    what an HTTP part needs, where nothing but the dataset itself tells where it ends.
+    Raises DatasetError when the dataset cannot be parsed, is truncated (*whole*) or a required
+    UID is missing/invalid.
     """
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        if whole:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # "End of file reached before delimiter"
+                ds = dcmread(path)
+        else:
+            ds = dcmread(path, stop_before_pixels=True)
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise DatasetError(f"cannot parse dataset: {type(exc).__name__}") from exc
+    if whole:
+        _check_complete(ds)
+    try:
 
         def text(keyword: str) -> str:
             value = ds.get(keyword, "")
@@ -66,20 +80,15 @@ def read_header(path: Path) -> InstanceHeader:
         raise DatasetError(f"cannot parse dataset: {type(exc).__name__}") from exc
 
 
-def check_complete(path: Path) -> None:
-    """Raise DatasetError when the file ends inside a data element (a truncated upload).
+def _check_complete(ds: Dataset) -> None:
+    """Raise DatasetError when the file ended inside a data element (a truncated upload).
 
     C-STORE's framing tells when a dataset is whole; an HTTP part does not, and pydicom reads a
     truncated value without complaint, so every top-level value's length is compared with what
-    was read and an undefined-length value must reach its delimiter. A file cut exactly between
-    two elements cannot be told from a shorter dataset.
+    was read (an undefined-length value must have reached its delimiter: the warning that it
+    did not is an error while reading). A file cut exactly between two elements cannot be told
+    from a shorter dataset.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # "End of file reached before delimiter"
-            ds = dcmread(path)
-    except Exception as exc:  # pydicom raises many types for malformed data
-        raise DatasetError(f"cannot parse dataset: {type(exc).__name__}") from exc
     for tag, element in ds._dict.items():  # raw elements: their declared and read lengths
         length = getattr(element, "length", None)
         value = getattr(element, "value", None)
@@ -94,7 +103,6 @@ class Stored:
     code: int
     comment: str
     header: InstanceHeader | None = None
-    recorded: RecordedInstance | None = None
 
 
 class Storer:
@@ -108,14 +116,22 @@ class Storer:
         self.min_free_bytes = min_free_bytes
         self.clock = clock
 
-    def store(self, partial: Path, association_id: int | None, check: Check | None) -> Stored:
-        """Store *partial* (consumed: renamed into the spool, or left for the caller to remove)."""
+    def store(
+        self,
+        partial: Path,
+        association_id: int | None,
+        check: Check | None,
+        *,
+        whole: bool = False,
+    ) -> Stored:
+        """Store *partial* (consumed: renamed into the spool, or left for the caller to remove);
+        *whole*: check that the file is a complete dataset first (``read_header``)."""
         try:
             self.spool.ensure_free(self.min_free_bytes)
         except OutOfResources as exc:
             return Stored(OUT_OF_RESOURCES, str(exc))
         try:
-            header = read_header(partial)
+            header = read_header(partial, whole=whole)
         except DatasetError as exc:
             return Stored(CANNOT_UNDERSTAND, str(exc))
         refusal = check(header) if check is not None else None
@@ -148,7 +164,7 @@ class Storer:
                 study_uid=header.study_uid,
                 sop_instance_uid=header.sop_instance_uid,
             )
-        return Stored(SUCCESS, "", header, recorded)
+        return Stored(SUCCESS, "", header)
 
 
-__all__ = ["Check", "Stored", "Storer", "check_complete", "read_header"]
+__all__ = ["Check", "Stored", "Storer", "read_header"]

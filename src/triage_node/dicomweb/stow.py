@@ -18,7 +18,6 @@ over ``dicomweb.max_request_mb``, 415 another media type.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -35,11 +35,12 @@ from pydicom.uid import UID
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from triage_node.credentials import Credentials, Principal
-from triage_node.dicom.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
-from triage_node.dicom.storing import Stored, Storer, check_complete
+from triage_node.dicom.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, SUCCESS
+from triage_node.dicom.storing import Stored, Storer
 from triage_node.domain import AssociationEnd, InstanceHeader, is_valid_uid
-from triage_node.errors import DatabaseUnavailable, DatasetError
+from triage_node.errors import DatabaseUnavailable
 from triage_node.logs import get_logger, log_event
+from triage_node.networks import AllowedNetworks
 
 if TYPE_CHECKING:  # the aggregate is passed in by the service
     from triage_node.db.intake import Intake
@@ -48,25 +49,11 @@ LOG = get_logger(__name__)
 
 CHUNK = 256 * 1024
 STUDY_UID_MISMATCH = 0xA900  # PS3.18 Table I.2-2: the Data Set does not match the target
-PROCESSING_FAILURE = 0x0110
 CALLING_AE = "STOW-RS"  # how a request appears among the associations
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 
 _STUDIES = re.compile(r"^/studies(?:/(?P<study>[^/]+))?/?$")
-_REASONS = {
-    200: "OK",
-    202: "Accepted",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Payload Too Large",
-    415: "Unsupported Media Type",
-    503: "Service Unavailable",
-}
 
 
 @dataclass
@@ -112,7 +99,7 @@ class StowApplication:
         self.incoming = incoming
         self.credentials = credentials
         self.base_path = base_path
-        self.allowed = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
+        self.allowed = AllowedNetworks(allowed_networks)
         self.max_request_bytes = max_request_bytes
         self.called_ae = called_ae
         self.on_request_end = on_request_end
@@ -136,12 +123,12 @@ class StowApplication:
             headers.append(("WWW-Authenticate", 'Bearer realm="triage-node", Basic'))
         if status >= 400 and status != 409:
             headers.append(("Connection", "close"))  # the body was not (all) read: do not drain it
-        start_response(f"{status} {_REASONS.get(status, '')}", headers)
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
         return [body]
 
     def _handle(self, environ: Environ) -> tuple[int, bytes]:
         peer = str(environ.get("REMOTE_ADDR", ""))
-        if self.allowed and not self._address_allowed(peer):
+        if not self.allowed.allows(peer):
             self._refused(peer, "address not allowed")
             return 403, _error("this address may not store here")
         path = str(environ.get("PATH_INFO", ""))
@@ -318,10 +305,6 @@ class StowApplication:
         media, _ = parse_options_header(part.headers.get("content-type", "application/dicom"))
         if media.decode("latin-1").lower() != "application/dicom":
             return _Outcome(CANNOT_UNDERSTAND, f"part of type {media.decode('latin-1')!r}")
-        try:
-            check_complete(part.path)
-        except DatasetError as exc:
-            return _Outcome(CANNOT_UNDERSTAND, str(exc))
 
         def in_study(header: InstanceHeader) -> tuple[int, str] | None:
             if study is not None and header.study_uid != study:
@@ -329,27 +312,19 @@ class StowApplication:
             return None
 
         try:
-            stored: Stored = self.storer.store(part.path, association_id, in_study)
+            stored: Stored = self.storer.store(part.path, association_id, in_study, whole=True)
         except Exception:  # a bug: this instance failed, the others may not
             LOG.exception("storing a STOW-RS part failed", extra={"action": "store_failed"})
             stored = Stored(PROCESSING_FAILURE, "internal error; see the node's log")
         header = stored.header
-        code = stored.code if stored.code != OUT_OF_RESOURCES else 0xA700
         return _Outcome(
-            code,
+            stored.code,
             stored.comment,
             header.sop_class_uid if header else "",
             header.sop_instance_uid if header else "",
         )
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _address_allowed(self, peer: str) -> bool:
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in network for network in self.allowed)
 
     def _refused(self, peer: str, reason: str) -> None:
         log_event(LOG, logging.WARNING, "stow_refused", f"STOW-RS refused: {reason}", peer=peer)

@@ -23,12 +23,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from triage_node.dicom.status import DeliveryOutcome
+from triage_node.config import DeliveryConfig
+from triage_node.dicom.status import PROCESSING_FAILURE, DeliveryOutcome
 from triage_node.dicom.storage_scu import Sent
 from triage_node.domain import TlsFiles, WebDestination
 from triage_node.errors import TriageError
-
-PROCESSING_FAILURE = 0x0110
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,12 @@ class WebCredentials:
     token_file: Path | None = None
     user: str = ""
     password_file: Path | None = None
+
+    @classmethod
+    def from_config(cls, delivery: DeliveryConfig) -> WebCredentials:
+        """The credentials ``[delivery]`` names (``web_token_file``, ``web_user`` and
+        ``web_password_file``): used for STOW-RS destinations and QIDO-RS report look-ups."""
+        return cls(delivery.web_token_file, delivery.web_user, delivery.web_password_file)
 
     def header(self) -> dict[str, str]:
         """The Authorization header; TriageError when a configured file cannot be read."""

@@ -6,7 +6,6 @@ its ACK.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import socketserver
@@ -15,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from triage_node.errors import TriageError
 from triage_node.logs import get_logger, log_event
+from triage_node.networks import AllowedNetworks
 
 LOG = get_logger(__name__)
 
@@ -99,14 +99,11 @@ class MLLPServer(socketserver.ThreadingTCPServer):
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.on_message = on_message
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
+        self.networks = AllowedNetworks(allowed_networks)
         super().__init__(address, _Connection)
 
     def allowed(self, peer: str) -> bool:
-        if not self.networks:
-            return True
-        address = ipaddress.ip_address(peer.split("%")[0])
-        return any(address in network for network in self.networks)
+        return self.networks.allows(peer)
 
     @property
     def port(self) -> int:

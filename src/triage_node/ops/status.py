@@ -28,7 +28,7 @@ from triage_node.db.engine import (
 from triage_node.db.outbox import OutboxState
 from triage_node.db.priority import PriorityRow, PriorityState
 from triage_node.dicom.echo_scu import echo_destination, echo_listener
-from triage_node.domain import WebDestination, parse_destination
+from triage_node.domain import Destination, WebDestination, parse_destination
 from triage_node.errors import DatabaseError, ModelError
 
 SCHEMA_VERSION = 2  # docs/status.schema.json; bumped only when a field changes meaning or goes
@@ -262,22 +262,8 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
     pacs: dict[str, Any] = {"pacs": config.reconcile.pacs or None}
     if config.reconcile.pacs:
         target = parse_destination(config.reconcile.pacs)
-        if isinstance(target, WebDestination):  # QIDO-RS: does it accept connections?
-            reachable = _accepts(target.host, target.port)
-            pacs.update(
-                reachable=reachable, detail="accepts connections" if reachable else "no connection"
-            )
-        else:
-            pacs.update(
-                echo_destination(
-                    target,
-                    config.dicom.ae_title,
-                    config.delivery.tls,
-                    min(config.reconcile.timeout_seconds, 5.0),
-                )
-            )
+        what = _probe(target, config, min(config.reconcile.timeout_seconds, 5.0), pacs)
         if not pacs["reachable"]:
-            what = "accept connections" if isinstance(target, WebDestination) else "answer C-ECHO"
             problems.append(
                 f"PACS {config.reconcile.pacs} (report look-up) does not {what}: {pacs['detail']}"
             )
@@ -289,6 +275,21 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
         if not hl7["listening"]:
             problems.append(f"HL7 listener {host}:{config.hl7.port} does not accept connections")
     report["hl7"] = hl7
+
+
+def _probe(
+    target: Destination | WebDestination, config: Config, timeout: float, into: dict[str, Any]
+) -> str:
+    """Probe a DICOM peer with C-ECHO, a DICOMweb one (no echo in DICOMweb) by connecting;
+    ``reachable`` and ``detail`` go *into*; returns what was asked of it, for the problem."""
+    if isinstance(target, WebDestination):
+        reachable = _accepts(target.host, target.port)
+        into.update(
+            reachable=reachable, detail="accepts connections" if reachable else "no connection"
+        )
+        return "accept connections"
+    into.update(echo_destination(target, config.dicom.ae_title, config.delivery.tls, timeout))
+    return "answer C-ECHO"
 
 
 def _accepts(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -309,26 +310,14 @@ def _add_destinations(
     """Each configured destination: C-ECHO, and its outbox by state (*counts*:
     destination -> state -> items, from ``Store.outbox_counts``)."""
     delivery = config.delivery
-    tls = delivery.tls
     report["destinations"] = []
     for destination in delivery.parsed_destinations:
         name = str(destination)
-        if isinstance(destination, WebDestination):  # STOW-RS: does it accept connections?
-            reachable = _accepts(destination.host, destination.port)
-            echo = {
-                "reachable": reachable,
-                "detail": "accepts connections" if reachable else "no connection",
-            }
-        else:
-            echo = echo_destination(
-                destination, config.dicom.ae_title, tls, min(delivery.timeout_seconds, 5.0)
-            )
+        echo: dict[str, Any] = {}
+        what = _probe(destination, config, min(delivery.timeout_seconds, 5.0), echo)
         outbox = {state.value: counts.get(name, {}).get(state.value, 0) for state in OutboxState}
         report["destinations"].append({"destination": name, **echo, "outbox": outbox})
         if not echo["reachable"]:
-            what = (
-                "accept connections" if isinstance(destination, WebDestination) else "answer C-ECHO"
-            )
             problems.append(f"destination {name} does not {what}: {echo['detail']}")
         if outbox["DEAD"]:
             problems.append(

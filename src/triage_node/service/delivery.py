@@ -52,9 +52,7 @@ class OutboxDelivery:
         self.calling_ae = calling_ae
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
-        self.web_credentials = WebCredentials(
-            config.web_token_file, config.web_user, config.web_password_file
-        )
+        self.web_credentials = WebCredentials.from_config(config)
 
     def deliver_due(self) -> Round:
         """Send what is due now; the counts of this round."""

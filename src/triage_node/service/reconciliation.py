@@ -106,10 +106,7 @@ class PacsReconciler:
         self.source = (
             ReportSource.QIDO_RS if isinstance(self.pacs, WebDestination) else ReportSource.C_FIND
         )
-        delivery = config.delivery
-        self.web_credentials = WebCredentials(
-            delivery.web_token_file, delivery.web_user, delivery.web_password_file
-        )
+        self.web_credentials = WebCredentials.from_config(config.delivery)
         self.calling_ae = config.dicom.ae_title
         self.tls = config.delivery.tls
         self.rules = ReportRules(self.config)
