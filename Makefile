@@ -34,10 +34,11 @@ ifeq ($(CI),true)
 		test -x /usr/sbin/Orthanc && test -f /usr/share/java/pixelmed.jar && \
 		test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v curl >/dev/null && \
 		command -v systemd-analyze >/dev/null && \
+		command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
 		{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; } || { \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			--no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb pixelmed-apps curl systemd \
-			docker-compose; }
+			docker-compose chromium chromium-driver; }
 	@pg_isready -q -h 127.0.0.1 -p 5432 || \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
 endif

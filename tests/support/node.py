@@ -102,9 +102,12 @@ class Node:
             or f"sqlite:///{self.data_dir / 'triage-node.sqlite3'}"
         )
 
-    def command(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def command(
+        self, *args: str, timeout: float = 60, input_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [triage_node_command(), "--config", str(self.config_path), *args],
+            input=input_text,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -22,6 +22,7 @@ from triage_node.cli.training_commands import (
     run_evaluate,
     run_train,
 )
+from triage_node.cli.user_commands import add_users_parser, run_users
 from triage_node.config import Config, load_config
 from triage_node.errors import TriageError
 from triage_node.logs import configure_logging
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("worker", help="run analysis workers only (scale-out hosts)")
+
+    add_users_parser(commands)
 
     commands.add_parser(
         "hash-secret",
@@ -314,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mark-reported": _mark_reported,
         "db": _db,
         "hash-secret": _hash_secret,
+        "users": run_users,
     }
     try:
         return handlers[args.command](config, args)

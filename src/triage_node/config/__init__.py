@@ -27,6 +27,7 @@ from triage_node.config.sections import (
     ServiceConfig,
     StorageConfig,
     StudyConfig,
+    WebConfig,
     WorkerConfig,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "ServiceConfig",
     "StorageConfig",
     "StudyConfig",
+    "WebConfig",
     "WorkerConfig",
     "describe_settings",
     "load_config",

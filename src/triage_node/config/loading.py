@@ -12,7 +12,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from triage_node.config.sections import SECTIONS, Config, DicomConfig, DicomwebConfig
+from triage_node.config.sections import (
+    SECTIONS,
+    Config,
+    DicomConfig,
+    DicomwebConfig,
+    WebConfig,
+)
 from triage_node.errors import ConfigError
 
 ENV_PREFIX = "TRIAGE_NODE_"
@@ -123,6 +129,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     built = {name: _build_section(name, cls, collected[name]) for name, cls in SECTIONS.items()}
     _check_tls(built["dicom"])
     _check_dicomweb(built["dicomweb"], built["dicom"])
+    _check_web(built["web"], built["dicomweb"], built["dicom"])
     source = str(path) if path is not None else "defaults"
     return Config(**built, source=source)
 
@@ -154,6 +161,16 @@ def _check_dicomweb(web: DicomwebConfig, dicom: DicomConfig) -> None:
         raise ConfigError(
             "dicomweb.tls_verify_client: needs dicomweb.tls_cert_file, tls_key_file and tls_ca_file"
         )
+
+
+def _check_web(web: WebConfig, dicomweb: DicomwebConfig, dicom: DicomConfig) -> None:
+    """The web interface's port is its own, and its TLS files come as a pair."""
+    if not web.port:
+        return
+    if web.port in (dicom.port, dicom.tls_port, dicomweb.port):
+        raise ConfigError(f"web.port: must differ from the DICOM and STOW-RS ports, got {web.port}")
+    if (web.tls_cert_file is None) != (web.tls_key_file is None):
+        raise ConfigError("web.tls_cert_file and web.tls_key_file go together")
 
 
 def describe_settings() -> list[tuple[str, str, Any, str]]:

@@ -126,6 +126,45 @@ class DicomwebConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: the web interface (worklist, study pages, dashboard), off unless a port is
+    set. Users are kept in the database ('triage-node users add')."""
+
+    port: int = _setting(0, _between(0, 65535), "HTTP(S) port of the web interface; 0 = off")
+    bind: str = _setting("127.0.0.1", None, "address to listen on (loopback: behind a proxy)")
+    allowed_networks: list[str] = _list_setting(
+        _networks, "source addresses/networks allowed to connect; empty allows any"
+    )
+    tls_cert_file: Path | None = _setting(
+        None, None, "server certificate chain (PEM): HTTPS instead of HTTP"
+    )
+    tls_key_file: Path | None = _setting(None, None, "private key (PEM) of tls_cert_file")
+    secure_cookies: bool = _setting(
+        True,
+        None,
+        "mark the session cookie Secure (sent over HTTPS only; browsers also allow localhost)",
+    )
+    session_idle_minutes: int = _setting(
+        30, _between(1, 24 * 60), "a session ends after this long without a request"
+    )
+    session_max_hours: int = _setting(
+        12, _between(1, 24 * 7), "a session ends this long after sign-in, however active"
+    )
+    login_attempts: int = _setting(
+        5, _between(1, 100), "failed sign-ins (per user and per address) before a lock-out"
+    )
+    lockout_minutes: int = _setting(
+        15, _between(1, 24 * 60), "how long a lock-out lasts (doubling on each further failure)"
+    )
+    refresh_seconds: float = _setting(
+        2.0, _between(0.5, 300), "how often an open worklist asks for changes"
+    )
+    image_cache_mb: int = _setting(
+        64, _between(0, 2**16), "memory for rendered thumbnails (source images and heatmaps)"
+    )
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """``[storage]``: where received data lives."""
 
@@ -370,6 +409,7 @@ class Config:
 
     dicom: DicomConfig = field(default_factory=DicomConfig)
     dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
@@ -393,6 +433,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "dicom": DicomConfig,
     "dicomweb": DicomwebConfig,
+    "web": WebConfig,
     "storage": StorageConfig,
     "database": DatabaseConfig,
     "study": StudyConfig,

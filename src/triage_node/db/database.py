@@ -13,6 +13,8 @@ from triage_node.db.processes import Processes
 from triage_node.db.queue import JobQueue
 from triage_node.db.report_checks import ReportChecks
 from triage_node.db.retention import RetentionRecords
+from triage_node.db.study_view import StudyView
+from triage_node.db.web_access import WebAccess
 
 
 class Database:
@@ -28,3 +30,5 @@ class Database:
         self.escalations = Escalations(engine)
         self.retention = RetentionRecords(engine)
         self.processes = Processes(engine)
+        self.study_view = StudyView(engine)
+        self.web_access = WebAccess(engine)

@@ -155,10 +155,15 @@ class Outbox(Aggregate):
         with self._connect() as conn:
             return [self._item(row) for row in conn.execute(query)]
 
-    def items(self, state: OutboxState | None = None, limit: int = 500) -> list[OutboxItem]:
+    def items(
+        self, state: OutboxState | None = None, limit: int = 500, *, study_uid: str | None = None
+    ) -> list[OutboxItem]:
+        """Items, newest first: in *state*, of *study_uid*, or all."""
         query = self._query().order_by(outbox.c.id.desc()).limit(limit)
         if state is not None:
             query = query.where(outbox.c.state == state.value)
+        if study_uid is not None:
+            query = query.where(studies.c.study_uid == study_uid)
         with self._connect() as conn:
             return [self._item(row) for row in conn.execute(query)]
 

@@ -53,6 +53,7 @@ class ReportSource(enum.StrEnum):
     C_FIND = "c-find"  # a report object in the study that the node did not make
     QIDO_RS = "qido-rs"  # the same, found by QIDO-RS in a DICOMweb PACS
     CLI = "cli"  # triage-node mark-reported
+    WEB = "web"  # "mark reported" on the study's web page (by a signed-in user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +217,10 @@ class PriorityTable(Aggregate):
         *,
         study_uid: str | None = None,
         accession_number: str | None = None,
+        reported_by: str | None = None,
     ) -> list[tuple[str, bool]]:
-        """Record that a study (by UID, or every study of an accession number) was reported.
+        """Record that a study (by UID, or every study of an accession number) was reported
+        (*reported_by*: the web user who said so).
 
         Returns (study UID, newly reported) for each study found; an empty list when none was.
         """
@@ -238,6 +241,12 @@ class PriorityTable(Aggregate):
                 conn.execute(
                     update(studies)
                     .where(studies.c.id.in_(fresh), studies.c.reported_at.is_(None))
-                    .values(reported_at=now, report_source=source.value)
+                    .values(
+                        reported_at=now,
+                        report_source=source.value,
+                        reported_by=None
+                        if reported_by is None
+                        else fit(studies, "reported_by", reported_by),
+                    )
                 )
         return [(r.study_uid, r.reported_at is None) for r in found]

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -92,7 +93,8 @@ studies = Table(
     Column("model_version", String(32)),
     Column("flagged_at", UTCDateTime()),  # first positive result
     Column("reported_at", UTCDateTime()),  # a radiologist's report is known
-    Column("report_source", String(16)),  # c-find, qido-rs, hl7 or cli
+    Column("report_source", String(16)),  # c-find, qido-rs, hl7, cli or web
+    Column("reported_by", String(64)),  # the web user who marked it reported
     Column("escalations", Integer, nullable=False, server_default="0"),
     Column("escalated_at", UTCDateTime()),
     Column("checked_at", UTCDateTime()),  # last C-FIND for reports
@@ -100,6 +102,15 @@ studies = Table(
     Index(None, "state", "last_received_at"),
     Index(None, "flagged_at", "reported_at"),
     Index(None, "accession_number"),
+    # The worklist (unreported positives by score): a partial index holds only them, however
+    # many studies the table keeps.
+    Index(
+        "ix_studies_worklist",
+        "score",
+        "first_received_at",
+        postgresql_where=text("flagged_at IS NOT NULL AND reported_at IS NULL"),
+        sqlite_where=text("flagged_at IS NOT NULL AND reported_at IS NULL"),
+    ),
 )
 
 series = Table(
@@ -242,6 +253,42 @@ retention_runs = Table(
     Column("files_removed", Integer, nullable=False),
     Column("bytes_freed", BigInteger, nullable=False),
     Column("studies_deleted", Integer, nullable=False),  # rows past retention.priority_days
+)
+
+# The web interface's users, their sessions and the audit trail of what they did.
+web_users = Table(
+    "web_users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),  # Argon2id, PHC string
+    Column("role", String(16), nullable=False),  # reader or admin
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("password_changed_at", UTCDateTime(), nullable=False),
+)
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # SHA-256 of the cookie's random token: a copy of the database signs no one in.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("user_id", ForeignKey("web_users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_seen_at", UTCDateTime(), nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", UTCDateTime(), nullable=False, index=True),
+    Column("username", String(64), nullable=False),
+    Column("action", String(32), nullable=False),  # sign_in, sign_in_failed, mark_reported...
+    Column("peer", String(64), nullable=False, server_default=""),
+    Column("target", String(128), nullable=False, server_default=""),  # study UID, outbox id
+    Column("detail", Text, info={"max_length": 1000}),
 )
 
 

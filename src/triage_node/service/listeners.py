@@ -1,6 +1,6 @@
 """The sockets the service opens before it starts its processes: the DICOM port (plain and
-TLS), the STOW-RS receiver, the HL7 listener and the metrics endpoint, with errors that say
-what is in the way."""
+TLS), the STOW-RS receiver, the HL7 listener, the web interface and the metrics endpoint, with
+errors that say what is in the way."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from triage_node.hl7.mllp import MLLPServer
 from triage_node.ops.exporter import start_metrics_server
 from triage_node.service.reconciliation import OruHandler
 from triage_node.spool import Spool
+from triage_node.web.app import WebApp
+from triage_node.web.server import WebServer
 
 
 def open_listener(config: DicomConfig, port: int | None = None) -> socket.socket:
@@ -97,6 +99,13 @@ def open_stow_receiver(config: Config, store: Database, on_request_end: Any) -> 
         client_certificates=web.tls_verify_client,
     )
     return StowServer(web, app).start()
+
+
+def open_web_interface(config: Config, store: Database) -> WebServer | None:
+    """The web interface of ``[web]``, serving; None when ``web.port`` is 0."""
+    if not config.web.port:
+        return None
+    return WebServer(config.web, WebApp(config, store)).start()
 
 
 def open_metrics_endpoint(config: Config) -> Any:

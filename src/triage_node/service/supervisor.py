@@ -49,6 +49,7 @@ from triage_node.service.listeners import (
     open_metrics_endpoint,
     open_stow_receiver,
     open_tls_listener,
+    open_web_interface,
 )
 from triage_node.service.relay import Announcer, Relay
 from triage_node.service.scheduler import ServiceScheduler
@@ -350,12 +351,13 @@ def serve(config: Config) -> int:
     workers = ProcessGroup("worker", run_worker, (config,), config.worker.count)
     scheduler = ServiceScheduler(store, config)
     relay = Relay(run_dir(config.storage.data_dir), Notifier(store.engine))  # workers elsewhere
-    hl7_server = metrics_server = stow_server = None
+    hl7_server = metrics_server = stow_server = web_server = None
     doorbells = run_dir(config.storage.data_dir)
     try:
         relay.start()
         hl7_server = open_hl7_listener(config, store)
         stow_server = open_stow_receiver(config, store, lambda: ring(doorbells, STUDIES))
+        web_server = open_web_interface(config, store)
         metrics_server = open_metrics_endpoint(config)
         receivers.start_all()
         workers.start_all()
@@ -374,6 +376,7 @@ def serve(config: Config) -> int:
             workers=config.worker.count,
             hl7_port=config.hl7.port or None,
             dicomweb_port=config.dicomweb.port or None,
+            web_port=config.web.port or None,
             metrics_port=config.service.metrics_port or None,
             version=__version__,
             database=redact_url(config.database_url),
@@ -393,6 +396,8 @@ def serve(config: Config) -> int:
             tls_socket.close()
         if stow_server is not None:
             stow_server.stop()
+        if web_server is not None:
+            web_server.stop()
         if hl7_server is not None:
             hl7_server.stop()
         if metrics_server is not None:
