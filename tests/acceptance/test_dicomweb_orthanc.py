@@ -23,7 +23,7 @@ from tests.support.peers import free_port, sr_validator_findings, wait_for
 from tests.support.synth import write_study_set
 from triage_node.credentials import hash_secret
 
-TOKEN = "orthanc-sends-with-this"  # noqa: S105 - a test credential
+TOKEN = "orthanc-sends-with-this"
 
 
 def classes_in(orthanc: Orthanc, study_id: str) -> dict[str, int]:

@@ -34,8 +34,8 @@ from tests.support.pki import make_pki
 from tests.support.synth import write_study_set
 from triage_node.credentials import hash_secret
 
-TOKEN = "a-token-for-the-pacs"  # noqa: S105 - a test credential
-PASSWORD = "radiology-password"  # noqa: S105 - a test credential
+TOKEN = "a-token-for-the-pacs"
+PASSWORD = "radiology-password"
 TRUNCATED = "edge_truncated_PixelData.dcm"  # the shared file cut inside Pixel Data
 FAILED_SOP, REFERENCED_SOP, FAILURE_REASON = "00081198", "00081199", "00081197"
 SOP_INSTANCE = "00081155"
