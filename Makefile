@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: serve test test-long test-tools lint typecheck unit bench-ingest bench-stow bench-infer bench-e2e bench-idle clean
+.PHONY: serve test test-long test-tools lint typecheck unit bench-ingest bench-stow bench-infer bench-e2e bench-idle bench-web clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -75,6 +75,9 @@ bench-e2e: $(VENV)/.installed-dev
 
 bench-idle: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/idle.py
+
+bench-web: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/web.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

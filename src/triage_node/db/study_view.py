@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
 from triage_node.db.engine import Aggregate
 from triage_node.db.priority import RANK_ORDER, UNREPORTED_POSITIVE
@@ -70,8 +71,10 @@ class HourOfActivity:
 class StudyView(Aggregate):
     """Read-only views of studies for the web interface."""
 
-    def worklist(self, limit: int = 1000) -> list[WorklistEntry]:
-        """Unreported positives in reading order, each with the body parts of its series."""
+    @staticmethod
+    def worklist_query(limit: int = 1000) -> Select[Any]:
+        """Unreported positives in reading order (the partial index ``ix_studies_worklist``
+        holds exactly these), each with a body part of its series."""
         body_part = (
             select(func.min(series.c.body_part))
             .where(series.c.study_id == studies.c.id, series.c.body_part != "")
@@ -91,8 +94,12 @@ class StudyView(Aggregate):
             .order_by(*RANK_ORDER)
             .limit(limit)
         )
+        return query
+
+    def worklist(self, limit: int = 1000) -> list[WorklistEntry]:
+        """Unreported positives in reading order, each with the body parts of its series."""
         with self._connect() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(self.worklist_query(limit)).all()
         return [
             WorklistEntry(
                 rank=n,
