@@ -19,7 +19,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -219,14 +218,12 @@ def measure(database: str, count: int, repeat: int) -> dict[str, Any]:
                 "dashboard": f"{base}/dashboard",
             }
             results: dict[str, Any] = {}
-            first = time.perf_counter()
             thumbnail_first = server_ms(session, f"{base}/studies/{study}/images/{sop}/source.png")
             results["source thumbnail, first (renders)"] = [thumbnail_first]
             results["source thumbnail, cached"] = [
                 server_ms(session, f"{base}/studies/{study}/images/{sop}/source.png")
                 for _ in range(repeat)
             ]
-            del first
             for name, page in pages.items():
                 server_ms(session, page)  # warm
                 results[name] = [server_ms(session, page) for _ in range(repeat)]
