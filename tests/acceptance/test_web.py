@@ -219,6 +219,8 @@ def test_every_page_needs_a_session(site: Site) -> None:
     assert anonymous.get(site.base + "/studies/1.2.3/images/1.2.4/source.png").status_code == 401
     answer = anonymous.post(site.base + "/dashboard/outbox/retry", allow_redirects=False)
     assert answer.status_code == 303
+    _, report = site.node.status()  # checked against docs/status.schema.json
+    assert report["web"] == {"port": report["web"]["port"], "tls": True, "listening": True}
     headers = anonymous.get(site.base + "/signin").headers
     assert "script-src 'self'" in headers["content-security-policy"]
     assert "unsafe-inline" not in headers["content-security-policy"]
@@ -391,6 +393,27 @@ def test_dashboard_shows_a_destination_down_and_retries_a_dead_item(
     browser.get(f"{site.base}/dashboard")
     assert "outbox_retry" in browser.find_element(By.ID, "audit").text
     screenshot(browser, "dashboard")
+
+
+def test_the_users_command(site: Site) -> None:
+    node = site.node
+    assert node.command("users", "add", "rita", input_text="another password\n").returncode == 1
+    short = node.command("users", "add", "sam", input_text="short\n")
+    assert short.returncode == 2 and "at least 10" in short.stderr
+    bad = node.command("users", "add", "<b>", input_text="long enough pw\n")
+    assert bad.returncode == 2
+    assert node.command("users", "add", "sam", input_text="sams password\n").returncode == 0
+    sam = site.session(("sam", "sams password"))
+    assert sam.get(f"{site.base}/api/worklist").status_code == 200
+    changed = node.command("users", "passwd", "sam", input_text="sams new password\n")
+    assert changed.returncode == 0
+    assert sam.get(f"{site.base}/api/worklist").status_code == 401  # the session ended
+    site.session(("sam", "sams new password"))
+    listed = node.command("users", "list").stdout
+    assert "sam\treader" in listed and "adam\tadmin" in listed
+    assert "password" not in listed.lower()
+    assert node.command("users", "remove", "sam").returncode == 0
+    assert node.command("users", "remove", "sam").returncode == 1
 
 
 def test_ten_wrong_passwords_lock_the_user_out(site: Site) -> None:

@@ -275,6 +275,14 @@ def _add_report_feeds(report: dict[str, Any], config: Config, problems: list[str
         if not hl7["listening"]:
             problems.append(f"HL7 listener {host}:{config.hl7.port} does not accept connections")
     report["hl7"] = hl7
+    web: dict[str, Any] = {"port": config.web.port or None}
+    if config.web.port:
+        host = _local_address(config.web.bind)
+        web["tls"] = config.web.tls_cert_file is not None
+        web["listening"] = _accepts(host, config.web.port)
+        if not web["listening"]:
+            problems.append(f"web interface {host}:{config.web.port} does not accept connections")
+    report["web"] = web
 
 
 def _probe(

@@ -68,6 +68,10 @@ def format_status(report: dict[str, Any]) -> str:
     if report.get("hl7", {}).get("port"):
         state = "listening" if report["hl7"]["listening"] else "NOT listening"
         feeds.append(f"HL7 port {report['hl7']['port']} {state}")
+    if report.get("web", {}).get("port"):
+        state = "listening" if report["web"]["listening"] else "NOT listening"
+        scheme = "https" if report["web"].get("tls") else "http"
+        feeds.append(f"web interface ({scheme}) port {report['web']['port']} {state}")
     if "reconcile" in report:
         lines.append(
             "reports    "
