@@ -187,11 +187,34 @@ def sign_in(browser: Any, site: Site, user: tuple[str, str], target: str = "/wor
 
 
 def rows_of(browser: Any) -> list[str]:
+    """The studies on the open worklist, read in one go (the page rebuilds its rows)."""
+    return list(
+        browser.execute_script(
+            "return Array.from(document.querySelectorAll('#rows tr'), r => r.dataset.study);"
+        )
+    )
+
+
+def open_row(browser: Any, study_uid: str) -> None:
+    """Click the study's row; a refresh may replace the row between finding and clicking."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
+    for _ in range(10):
+        try:
+            browser.find_element(By.CSS_SELECTOR, f'#rows tr[data-study="{study_uid}"] td').click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError("the row kept being replaced")
+
+
+def csp_violations(browser: Any) -> list[str]:
+    """Console messages since the last call that say the page broke its own policy."""
     return [
-        str(r.get_attribute("data-study"))
-        for r in browser.find_elements(By.CSS_SELECTOR, "#rows tr")
+        str(e["message"])
+        for e in browser.get_log("browser")
+        if "Content Security Policy" in str(e["message"])
     ]
 
 
@@ -245,7 +268,7 @@ def test_flagged_study_in_worklist_then_reported(site: Site, browser: Any) -> No
     wait_for(lambda: site.delivered(study_uid), 60, what="the results in Orthanc")
     screenshot(browser, "worklist")
 
-    browser.find_element(By.CSS_SELECTOR, f'#rows tr[data-study="{study_uid}"] td').click()
+    open_row(browser, study_uid)
     wait_for(lambda: "/studies/" in browser.current_url, 20, what="the study page")
     wait_for(lambda: image_loaded(browser, "img.heatmap"), 20, what="the heatmap thumbnail")
     assert image_loaded(browser, "img.source")
@@ -257,6 +280,7 @@ def test_flagged_study_in_worklist_then_reported(site: Site, browser: Any) -> No
         assert step in timeline, step
     assert "ORTHANC@127.0.0.1" in browser.find_element(By.ID, "deliveries").text
     screenshot(browser, "study")
+    assert csp_violations(browser) == []  # the pages keep to their own policy
 
     browser.find_element(By.CSS_SELECTOR, "#mark-reported button").click()
     wait_for(
@@ -307,8 +331,11 @@ def test_hostile_strings_render_as_text(site: Site, browser: Any) -> None:
     wait_for(lambda: site.flagged(study_uid), 120, what="the hostile study to be flagged")
     sign_in(browser, site, READER)
     wait_for(lambda: study_uid in rows_of(browser), 10, what="the hostile study's row")
-    row = browser.find_element(By.CSS_SELECTOR, f'#rows tr[data-study="{study_uid}"]')
-    assert HOSTILE_BODY_PART in row.text
+    row = browser.execute_script(
+        "return document.querySelector(arguments[0]).textContent;",
+        f'#rows tr[data-study="{study_uid}"]',
+    )
+    assert HOSTILE_BODY_PART in row
     browser.get(f"{site.base}/studies/{study_uid}")
     assert browser.find_element(By.ID, "patient-name").text == HOSTILE_NAME
     assert browser.find_element(By.ID, "description").text == HOSTILE_DESCRIPTION
@@ -318,6 +345,7 @@ def test_hostile_strings_render_as_text(site: Site, browser: Any) -> None:
     assert browser.execute_script("return window.__xss === undefined")
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.accept()
+    assert csp_violations(browser) == []
     screenshot(browser, "study-hostile")
 
 

@@ -108,6 +108,8 @@ def test_job_that_keeps_failing_ends_failed_with_its_error(store: Database) -> N
     assert store.queue.claim("w", now, LEASE) is None
     with store.engine.connect() as conn:
         assert conn.execute(select(jobs.c.state, jobs.c.last_error)).one() == ("FAILED", "boom 3")
+    [failure] = store.queue.recent_failures()  # what the dashboard lists
+    assert failure.error == "boom 3" and failure.attempts == 3 and failure.finished_at == now
 
 
 def test_retry_waits_for_its_backoff(store: Database) -> None:

@@ -50,6 +50,14 @@ class JobState(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class FailedJob:
+    study_uid: str
+    finished_at: datetime | None
+    attempts: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRef:
     """A stored instance of a study, as the worker sees it."""
 
@@ -397,3 +405,23 @@ class JobQueue(Aggregate):
                 select(func.min(jobs.c.created_at)).where(jobs.c.state == JobState.QUEUED.value)
             ).scalar_one()
         return oldest
+
+    def recent_failures(self, limit: int = 20) -> list[FailedJob]:
+        """Analyses that gave up, newest first (the dashboard's "recent failures")."""
+        query = (
+            select(
+                studies.c.study_uid,
+                jobs.c.finished_at,
+                jobs.c.attempts,
+                jobs.c.last_error,
+            )
+            .join(studies, studies.c.id == jobs.c.study_id)
+            .where(jobs.c.state == JobState.FAILED.value)
+            .order_by(jobs.c.finished_at.desc(), jobs.c.id.desc())
+            .limit(limit)
+        )
+        with self._connect() as conn:
+            return [
+                FailedJob(r.study_uid, r.finished_at, r.attempts, r.last_error or "")
+                for r in conn.execute(query)
+            ]

@@ -561,6 +561,7 @@ class WebApp:
             page=self._page(session),
             report=report,
             dead=self.store.outbox.items(OutboxState.DEAD, limit=50),
+            failures=self.store.queue.recent_failures(20),
             audit=self.store.web_access.audit_events(20),
             chart=_chart(activity),
             activity=activity,
