@@ -242,6 +242,8 @@ def test_every_page_needs_a_session(site: Site) -> None:
     assert anonymous.get(site.base + "/studies/1.2.3/images/1.2.4/source.png").status_code == 401
     answer = anonymous.post(site.base + "/dashboard/outbox/retry", allow_redirects=False)
     assert answer.status_code == 303
+    huge = anonymous.post(site.base + "/signin", data={"username": "x" * 100_000})
+    assert huge.status_code == 413  # forms are parsed in memory: no large bodies
     _, report = site.node.status()  # checked against docs/status.schema.json
     assert report["web"] == {"port": report["web"]["port"], "tls": True, "listening": True}
     headers = anonymous.get(site.base + "/signin").headers

@@ -5,6 +5,7 @@ errors that say what is in the way."""
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from typing import Any
 
@@ -18,11 +19,14 @@ from triage_node.dicomweb.stow import StowApplication
 from triage_node.domain import utcnow
 from triage_node.errors import TriageError
 from triage_node.hl7.mllp import MLLPServer
+from triage_node.logs import get_logger, log_event
 from triage_node.ops.exporter import start_metrics_server
 from triage_node.service.reconciliation import OruHandler
 from triage_node.spool import Spool
 from triage_node.web.app import WebApp
 from triage_node.web.server import WebServer
+
+LOG = get_logger(__name__)
 
 
 def open_listener(config: DicomConfig, port: int | None = None) -> socket.socket:
@@ -105,6 +109,14 @@ def open_web_interface(config: Config, store: Database) -> WebServer | None:
     """The web interface of ``[web]``, serving; None when ``web.port`` is 0."""
     if not config.web.port:
         return None
+    if not store.web_access.users():
+        log_event(
+            LOG,
+            logging.WARNING,
+            "web_no_users",
+            "the web interface has no users yet: add one with 'triage-node users add NAME "
+            "--role admin'",
+        )
     return WebServer(config.web, WebApp(config, store)).start()
 
 

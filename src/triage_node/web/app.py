@@ -72,6 +72,8 @@ POINT_LABELS = {
     OperatingPointName.HIGH_SENSITIVITY.value: "high sensitivity or stricter",
     OperatingPointName.HIGH_SPECIFICITY.value: "high specificity",
 }
+MAX_FORM_BYTES = 16 * 1024  # every form the pages post is a few hundred bytes
+CAPTURE_MEMORY = 20_000  # heatmap file -> source image, remembered for this many files
 IDENTIFIERS = ("PatientName", "PatientID", "AccessionNumber", "StudyDescription", "StudyDate")
 
 
@@ -92,9 +94,14 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
+        refusal: Response | None = None
         if not self.allowed.allows(client[0] if client else ""):
-            response = Response("Forbidden: address not allowed", 403, media_type="text/plain")
-            await response(scope, receive, send)
+            refusal = Response("Forbidden: address not allowed", 403, media_type="text/plain")
+        elif scope["method"] not in ("GET", "HEAD") and not _small_body(scope):
+            # Forms are parsed in memory: a body must say its length, and a small one.
+            refusal = Response("Request body too large", 413, media_type="text/plain")
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
 
         started = time.perf_counter()
@@ -108,6 +115,16 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def _small_body(scope: Scope) -> bool:
+    """Whether the request declares a body of at most MAX_FORM_BYTES (chunked bodies, with no
+    length, are refused)."""
+    headers = dict(scope.get("headers") or [])
+    if b"transfer-encoding" in headers:
+        return False
+    length = headers.get(b"content-length", b"0")
+    return length.isdigit() and int(length) <= MAX_FORM_BYTES
 
 
 @dataclass(frozen=True)
@@ -430,6 +447,8 @@ class WebApp:
                 continue
             key = str(item.path)
             if key not in self._capture_sources:
+                if len(self._capture_sources) >= CAPTURE_MEMORY:
+                    self._capture_sources.clear()
                 self._capture_sources[key] = captured_source(item.path)
             source = self._capture_sources[key]
             if source is not None and source not in found and item.path.exists():

@@ -132,6 +132,7 @@ class Sessions:
             log_event(LOG, logging.WARNING, "web_sign_in_failed", "sign-in failed", peer=peer)
             return SignIn(refusal="Wrong user name or password.")
         self.throttle.succeeded(keys)
+        self.end_stale()  # sign-ins are rare: a good moment to forget ended sessions
         if rehash:
             self.access.rehash(user.id, hash_password(password))
         token = secrets.token_urlsafe(32)
