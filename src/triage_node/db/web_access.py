@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from triage_node.db.engine import Aggregate
 from triage_node.db.schema import audit_events, fit, web_sessions, web_users
@@ -55,6 +55,11 @@ class AuditEvent:
     detail: str | None
 
 
+def _user_id(conn: Connection, username: str) -> int | None:
+    found = conn.execute(select(web_users.c.id).where(web_users.c.username == username)).first()
+    return None if found is None else int(found.id)
+
+
 class UserExists(ValueError):
     """``users add`` for a name that is taken."""
 
@@ -77,10 +82,7 @@ class WebAccess(Aggregate):
 
     def add_user(self, username: str, password_hash: str, role: Role, now: datetime) -> None:
         with self._begin() as conn:
-            taken = conn.execute(
-                select(web_users.c.id).where(web_users.c.username == username)
-            ).first()
-            if taken is not None:
+            if _user_id(conn, username) is not None:
                 raise UserExists(f"user {username!r} exists; use 'triage-node users passwd'")
             conn.execute(
                 insert(web_users).values(
@@ -106,17 +108,15 @@ class WebAccess(Aggregate):
         """New password; every open session of the user ends. False when there is no such
         user."""
         with self._begin() as conn:
-            found = conn.execute(
-                select(web_users.c.id).where(web_users.c.username == username)
-            ).first()
-            if found is None:
+            user_id = _user_id(conn, username)
+            if user_id is None:
                 return False
             conn.execute(
                 update(web_users)
-                .where(web_users.c.id == found.id)
+                .where(web_users.c.id == user_id)
                 .values(password_hash=password_hash, password_changed_at=now)
             )
-            conn.execute(delete(web_sessions).where(web_sessions.c.user_id == found.id))
+            conn.execute(delete(web_sessions).where(web_sessions.c.user_id == user_id))
         return True
 
     def rehash(self, user_id: int, password_hash: str) -> None:
@@ -130,13 +130,11 @@ class WebAccess(Aggregate):
 
     def remove_user(self, username: str) -> bool:
         with self._begin() as conn:
-            found = conn.execute(
-                select(web_users.c.id).where(web_users.c.username == username)
-            ).first()
-            if found is None:
+            user_id = _user_id(conn, username)
+            if user_id is None:
                 return False
-            conn.execute(delete(web_sessions).where(web_sessions.c.user_id == found.id))
-            conn.execute(delete(web_users).where(web_users.c.id == found.id))
+            conn.execute(delete(web_sessions).where(web_sessions.c.user_id == user_id))
+            conn.execute(delete(web_users).where(web_users.c.id == user_id))
         return True
 
     # -- sessions ----------------------------------------------------------------------------
