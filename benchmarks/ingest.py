@@ -28,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -193,26 +195,36 @@ def main() -> int:
         "large": dataset("large", args.large, 2000, 2500),
         "small": dataset("small", args.small, 512, 512),
     }
-    runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=CACHE) as tmp:
-        work = Path(tmp)
-        for name, files in sets.items():
-            megabytes = sum(f.stat().st_size for f in files) / 1e6
-            for senders in (1, PARALLEL):
-                for receiver, measure in RECEIVERS:
-                    times = [measure(files, senders, work) for _ in range(args.repeat)]
-                    run = Run(
-                        receiver, name, senders, statistics.median(times), len(files), megabytes
-                    )
-                    runs.append(run)
-                    print(
-                        f"  {receiver:<12} {name:<6} senders={senders}  "
-                        f"{run.per_second:8.1f} inst/s  {run.mb_per_second:8.1f} MB/s  "
-                        f"(median of {args.repeat}: {', '.join(f'{t:.2f}' for t in times)} s)",
-                        flush=True,
-                    )
+        runs = measure_matrix(sets, RECEIVERS, args.repeat, Path(tmp))
     report(runs)
     return 0
+
+
+def measure_matrix(
+    sets: dict[str, list[Path]],
+    receivers: Sequence[tuple[str, Callable[..., float]]],
+    repeat: int,
+    work: Path,
+    *extra: Any,
+) -> list[Run]:
+    """Each set, with 1 and PARALLEL senders, into each receiver *repeat* times (the median is
+    kept): ``measure(files, senders, work, *extra)`` returns the seconds one run took."""
+    runs: list[Run] = []
+    for name, files in sets.items():
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        for senders in (1, PARALLEL):
+            for receiver, measure in receivers:
+                times = [measure(files, senders, work, *extra) for _ in range(repeat)]
+                run = Run(receiver, name, senders, statistics.median(times), len(files), megabytes)
+                runs.append(run)
+                print(
+                    f"  {receiver:<12} {name:<6} senders={senders}  "
+                    f"{run.per_second:8.1f} inst/s  {run.mb_per_second:8.1f} MB/s  "
+                    f"(median of {repeat}: {', '.join(f'{t:.2f}' for t in times)} s)",
+                    flush=True,
+                )
+    return runs
 
 
 def report(runs: list[Run]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -31,7 +30,7 @@ from tests.support.node import Node  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
 from tests.support.peers import free_port  # noqa: E402
 
-from ingest import CACHE, PARALLEL, Run, dataset  # noqa: E402
+from ingest import CACHE, PARALLEL, dataset, measure_matrix  # noqa: E402
 from triage_node.credentials import hash_secret  # noqa: E402
 
 TOKEN = "benchmark-token"  # noqa: S105 - a benchmark's local credential
@@ -116,26 +115,8 @@ def main() -> int:
         "large": dataset("large", args.large, 2000, 2500),
         "small": dataset("small", args.small, 512, 512),
     }
-    runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="stow-bench-", dir=CACHE) as tmp:
-        work = Path(tmp)
-        for name, files in sets.items():
-            megabytes = sum(f.stat().st_size for f in files) / 1e6
-            for senders in (1, PARALLEL):
-                for receiver, measure in RECEIVERS:
-                    times = [
-                        measure(files, senders, work, args.per_request) for _ in range(args.repeat)
-                    ]
-                    run = Run(
-                        receiver, name, senders, statistics.median(times), len(files), megabytes
-                    )
-                    runs.append(run)
-                    print(
-                        f"  {receiver:<12} {name:<6} senders={senders}  "
-                        f"{run.per_second:8.1f} inst/s  {run.mb_per_second:8.1f} MB/s  "
-                        f"(median of {args.repeat}: {', '.join(f'{t:.2f}' for t in times)} s)",
-                        flush=True,
-                    )
+        runs = measure_matrix(sets, RECEIVERS, args.repeat, Path(tmp), args.per_request)
     print("\ntriage-node / Orthanc, STOW-RS (both fsync every instance):")
     for name in sets:
         for senders in (1, PARALLEL):
