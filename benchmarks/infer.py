@@ -2,7 +2,7 @@
 
 For a 2000x2500 16-bit synthetic radiograph (the size perf-notes.md measured), on CPU with
 2 intra-op threads, batch 1 and batch 8, median of --runs; with CUDA too when onnxruntime-gpu
-and a GPU are present. Uses --model DIR, else the bundled models/fracture-v2, else a
+and a GPU are present. Uses --model DIR, else the bundled models/fracture-v3, else a
 ResNet-18-like network with random weights built here (same graph shape as a real model: conv
 features -> 1x1 conv CAM -> global average -> sigmoid), so the cost is realistic even before a
 model is trained.
@@ -40,7 +40,7 @@ from triage_node.analysis.preprocess import Preprocessed, preprocess  # noqa: E4
 from triage_node.analysis.runtime import ModelSession, cam_peak  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache"
-BUNDLED = REPO / "models" / "fracture-v2"
+BUNDLED = REPO / "models" / "fracture-v3"
 TARGET_TOTAL_MS, TARGET_PREPROCESS_MS, TARGET_ONNX_MB = 30.0, 15.0, 50.0
 
 
@@ -167,7 +167,8 @@ def measure(model_dir: Path, runs: int, threads: int, preference: tuple[str, ...
         tensors.append(Preprocessed(ready.tensor, np.zeros((1, 1), np.float32), ready.geometry))
         del ready
     batch1, cam_times = [], []
-    model.run(tensors[0].tensor[None])  # warm-up
+    for ready in tensors[:5]:  # warm-up: a worker runs thousands; its first few are not typical
+        model.run(ready.tensor[None])
     for ready in tensors:
         started = time.perf_counter()
         _, cams, _ = model.run(ready.tensor[None])

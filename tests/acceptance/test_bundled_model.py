@@ -1,6 +1,6 @@
-"""The bundled models: fracture-v2 (what `make serve` uses) and fracture-v1 (kept for comparison)
-load, are what their manifests say, and run end to end; v2's scope gating holds on the shared
-radiographs."""
+"""The bundled models: fracture-v3 (what `make serve` uses), fracture-v2 and fracture-v1 (kept
+for comparison) load, are what their manifests say, and run end to end; the default model's
+scope gating holds on the shared radiographs."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ from triage_node.analysis.runtime import ModelSession
 from triage_node.config import WorkerConfig
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-V1, V2 = MODELS / "fracture-v1", MODELS / "fracture-v2"
-BUNDLED = [pytest.param(V1, id="fracture-v1"), pytest.param(V2, id="fracture-v2")]
+V1, V2, V3 = MODELS / "fracture-v1", MODELS / "fracture-v2", MODELS / "fracture-v3"
+DEFAULT = V3  # what `make serve` uses
+BUNDLED = [pytest.param(d, id=d.name) for d in (V1, V2, V3)]
 IN_SCOPE = {"HIP", "EXTREMITY"}  # the shared radiographs' body parts that FracAtlas covers
 
 
-def test_make_serve_uses_fracture_v2() -> None:
-    assert WorkerConfig().model_dir == Path("models/fracture-v2")
+def test_make_serve_uses_fracture_v3() -> None:
+    assert WorkerConfig().model_dir == Path("models/fracture-v3")
 
 
 @pytest.mark.parametrize("directory", BUNDLED)
@@ -32,7 +33,7 @@ def test_manifest_checksum_size_and_recorded_metrics(directory: Path) -> None:
     manifest = load_manifest(directory)  # verifies the SHA-256 of model.onnx
     assert manifest.name == directory.name
     assert manifest.onnx_path.stat().st_size < 50 * 2**20
-    assert manifest.input.size == 320 and manifest.input.channels == 1
+    assert manifest.input.size in (320, 384) and manifest.input.channels == 1
     validation = manifest.metrics["validation"]
     low, high = validation["auroc_ci95"]
     assert low <= validation["auroc"] <= high
@@ -47,9 +48,10 @@ def test_manifest_checksum_size_and_recorded_metrics(directory: Path) -> None:
     assert "Abedeen" in manifest.training_data["citation"]
 
 
-def test_fracture_v2_is_pretrained_calibrated_and_scoped() -> None:
-    manifest = load_manifest(V2)
-    document = json.loads((V2 / "manifest.json").read_text())
+@pytest.mark.parametrize("directory", [V2, V3], ids=["fracture-v2", "fracture-v3"])
+def test_the_pretrained_models_are_calibrated_and_scoped(directory: Path) -> None:
+    manifest = load_manifest(directory)
+    document = json.loads((directory / "manifest.json").read_text())
     weights = document["network"]["initial_weights"]
     assert "EfficientNet-Lite" in weights["origin"] and weights["licence"].startswith("Apache-2.0")
     assert "research" in weights["licence"]  # ImageNet's terms
@@ -61,9 +63,10 @@ def test_fracture_v2_is_pretrained_calibrated_and_scoped() -> None:
 @pytest.mark.parametrize("directory", BUNDLED)
 def test_runs_with_batches_and_a_cam_per_image(directory: Path) -> None:
     model = ModelSession(directory, intra_op_threads=1)
-    batch = np.zeros((3, 1, 320, 320), np.float32)
+    size = load_manifest(directory).input.size
+    batch = np.zeros((3, 1, size, size), np.float32)
     probs, cams, _ = model.run(batch)
-    assert probs.shape == (3,) and cams.shape == (3, 10, 10)
+    assert probs.shape == (3,) and cams.shape == (3, size // 32, size // 32)
     assert np.all((probs >= 0) & (probs <= 1))
 
 
@@ -94,13 +97,13 @@ def test_infer_command_on_shared_radiographs_v1() -> None:
         assert 0 <= image["probability"] <= 1
 
 
-def test_fracture_v2_analyses_what_it_is_for_and_says_why_it_skips_the_rest() -> None:
+def test_the_default_model_analyses_what_it_is_for_and_says_why_it_skips_the_rest() -> None:
     """Every shared file: the in-scope radiographs with pixels analysed; every other body part,
     every non-radiograph and every broken file skipped (or unreadable) with a reason."""
     shared = require_shared_dicom()
     with open(shared / "manifest.csv", newline="") as handle:
         rows = {row["file"]: row for row in csv.DictReader(handle)}
-    report = _infer(V2, shared)
+    report = _infer(DEFAULT, shared)
     analysed = {Path(i["file"]).name for s in report["studies"] for i in s["images"]}
     skipped = {Path(k["file"]).name: k["reason"] for s in report["studies"] for k in s["skipped"]}
     unreadable = {Path(u["file"]).name: u["reason"] for u in report["unreadable"]}
@@ -151,7 +154,9 @@ REGION_TERMS = {"hand": "HAND", "leg": "LEG", "hip": "HIP", "shoulder": "SHOULDE
 
 
 @pytest.mark.skipif(not (FRACATLAS / "labels.csv").is_file(), reason=f"{FRACATLAS} not found")
-def test_fracture_v2_analyses_in_scope_fracatlas_test_images_sent_as_dicom(tmp_path: Path) -> None:
+def test_the_default_model_analyses_in_scope_fracatlas_test_images_as_dicom(
+    tmp_path: Path,
+) -> None:
     """Test-split images wrapped as DX instances, Body Part Examined from labels.csv's region
     flags (none for 'mixed': the unlabelled policy, analyse): the tags admit every one and the
     image guard passes at least 97% of them (the threshold passes 99.5% of validation)."""
@@ -166,7 +171,7 @@ def test_fracture_v2_analyses_in_scope_fracatlas_test_images_sent_as_dicom(tmp_p
             row["image_id"]: next((t for k, t in REGION_TERMS.items() if row[k] == "1"), "")
             for row in csv.DictReader(handle)
         }
-    manifest = load_manifest(V2)
+    manifest = load_manifest(DEFAULT)
     test = select(load_folder(FRACATLAS), "test", manifest.training_data["split"])[::4]
     study_uid, series_uid = generate_uid(), generate_uid()
     for number, example in enumerate(test, 1):
@@ -176,7 +181,7 @@ def test_fracture_v2_analyses_in_scope_fracatlas_test_images_sent_as_dicom(tmp_p
         else:
             del ds.BodyPartExamined
         ds.save_as(tmp_path / f"{number:04d}.dcm", enforce_file_format=True)
-    report = _infer(V2, tmp_path)
+    report = _infer(DEFAULT, tmp_path)
     [study] = report["studies"]
     reasons = [k["reason"] for k in study["skipped"]]
     assert all("scope guard" in r for r in reasons), reasons  # no header refused one
