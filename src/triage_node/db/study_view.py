@@ -199,46 +199,58 @@ class StudyView(Aggregate):
             ).first()
         return None if row is None else Path(row.path)
 
+    def _hour(self, column: Any) -> Any:
+        """*column*'s hour as 'YYYY-MM-DD HH' (UTC, as stored), on either backend."""
+        if self.engine.dialect.name == "postgresql":
+            return func.to_char(func.date_trunc("hour", column), "YYYY-MM-DD HH24")
+        return func.strftime("%Y-%m-%d %H", column)
+
+    def _seconds_between(self, later: Any, earlier: Any) -> Any:
+        if self.engine.dialect.name == "postgresql":
+            return func.extract("epoch", later - earlier)
+        return (func.julianday(later) - func.julianday(earlier)) * 86400.0
+
     def activity(self, now: datetime, hours: int = 24) -> list[HourOfActivity]:
-        """Received, analysed and flagged per hour over the last *hours*, oldest first."""
+        """Received, analysed and flagged per hour over the last *hours*, oldest first; counted
+        by the database, an hour a row (the dashboard asks for this on every load)."""
         end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
         start = end - timedelta(hours=hours)
         buckets = [start + timedelta(hours=h) for h in range(hours)]
+        keys = {b.strftime("%Y-%m-%d %H"): i for i, b in enumerate(buckets)}
         received = [0] * hours
         analysed = [0] * hours
         flagged = [0] * hours
-        waits: list[list[float]] = [[] for _ in range(hours)]
+        waits: list[float | None] = [None] * hours
 
-        def slot(at: datetime) -> int | None:
-            index = int((at - start).total_seconds() // 3600)
-            return index if 0 <= index < hours else None
+        def counts(column: Any) -> list[tuple[str, int]]:
+            hour = self._hour(column)
+            query = (
+                select(hour.label("hour"), func.count().label("n"))
+                .where(column >= start)
+                .group_by(hour)
+            )
+            return [(r.hour, int(r.n)) for r in conn.execute(query)]
 
         with self._connect() as conn:
-            for (at,) in conn.execute(
-                select(studies.c.first_received_at).where(studies.c.first_received_at >= start)
-            ):
-                if (i := slot(at)) is not None:
-                    received[i] += 1
-            for (at,) in conn.execute(
-                select(studies.c.flagged_at).where(studies.c.flagged_at >= start)
-            ):
-                if (i := slot(at)) is not None:
-                    flagged[i] += 1
-            for at, last in conn.execute(
-                select(study_results.c.created_at, studies.c.last_received_at)
+            for key, n in counts(studies.c.first_received_at):
+                if key in keys:
+                    received[keys[key]] = n
+            for key, n in counts(studies.c.flagged_at):
+                if key in keys:
+                    flagged[keys[key]] = n
+            hour = self._hour(study_results.c.created_at)
+            wait = self._seconds_between(study_results.c.created_at, studies.c.last_received_at)
+            rows = conn.execute(
+                select(hour.label("hour"), func.count().label("n"), func.avg(wait).label("wait"))
                 .join(studies, studies.c.id == study_results.c.study_id)
                 .where(study_results.c.created_at >= start)
-            ):
-                if (i := slot(at)) is not None:
-                    analysed[i] += 1
-                    waits[i].append(max(0.0, (at - last).total_seconds()))
-        return [
-            HourOfActivity(
-                buckets[i],
-                received[i],
-                analysed[i],
-                flagged[i],
-                sum(waits[i]) / len(waits[i]) if waits[i] else None,
+                .group_by(hour)
             )
+            for r in rows:
+                if r.hour in keys:
+                    analysed[keys[r.hour]] = int(r.n)
+                    waits[keys[r.hour]] = None if r.wait is None else max(0.0, float(r.wait))
+        return [
+            HourOfActivity(buckets[i], received[i], analysed[i], flagged[i], waits[i])
             for i in range(hours)
         ]
