@@ -479,6 +479,13 @@ def test_ten_wrong_passwords_lock_the_user_out(site: Site) -> None:
     statuses = [attempt(f"wrong guess {n}") for n in range(10)]
     assert statuses[:4] == [401] * 4
     assert 429 in statuses and statuses[-1] == 429
+    reader = site.client()  # a wrong password keeps where the reader was going
+    form = reader.get(f"{site.base}/signin?next=/dashboard").text
+    answer = reader.post(
+        f"{site.base}/signin",
+        data={"csrf_token": _csrf(form), "username": READER[0], "password": "no", "next": "/x"},
+    )
+    assert answer.status_code == 401 and 'name="next" value="/x"' in answer.text
     assert attempt(ADMIN[1]) == 429  # the right password, but locked: nothing learnt
     events = site.node.sql(
         "SELECT action, count(*) AS n FROM audit_events WHERE username = :u GROUP BY action",

@@ -299,13 +299,17 @@ class WebApp:
             return "/worklist"
         return value
 
-    def signin_form(self, request: Request, message: str = "", status: int = 200) -> Response:
+    def signin_form(
+        self, request: Request, message: str = "", status: int = 200, target: str | None = None
+    ) -> Response:
+        """The sign-in form; *target* (a refused POST's ``next``) or the query's ``next`` is
+        where a successful sign-in goes."""
         token = secrets.token_urlsafe(32)
         response = self._render(
             "signin.html",
             status,
             csrf=token,
-            next=self._next(request.query_params.get("next")),
+            next=self._next(target or request.query_params.get("next")),
             message=message,
             version=__version__,
         )
@@ -328,7 +332,9 @@ class WebApp:
             or not self._same_origin(request)
             or not secrets.compare_digest(fields.get("csrf_token", "").encode(), expected.encode())
         ):
-            return self.signin_form(request, "The sign-in form expired; please try again.", 403)
+            return self.signin_form(
+                request, "The sign-in form expired; please try again.", 403, fields.get("next")
+            )
         outcome: SignIn = await run_in_threadpool(
             self.sessions.sign_in,
             fields.get("username", ""),
@@ -336,7 +342,9 @@ class WebApp:
             _peer(request),
         )
         if outcome.token is None:
-            return self.signin_form(request, outcome.refusal, 429 if outcome.locked else 401)
+            return self.signin_form(
+                request, outcome.refusal, 429 if outcome.locked else 401, fields.get("next")
+            )
         response = RedirectResponse(self._next(fields.get("next")), 303)
         response.set_cookie(
             COOKIE,
