@@ -29,7 +29,7 @@ from triage_node.dicom.admission import (
     drain,
 )
 from triage_node.dicom.identity import node_ae, stamp_received_files
-from triage_node.dicom.reactor import quiet_idle_associations
+from triage_node.dicom.reactor import close_doorbells, quiet_idle_associations, ring_on_traffic
 from triage_node.dicom.storage_scp import (
     StorageHandlers,
     stop_waiting_for_request,
@@ -128,6 +128,7 @@ class _RequestHandler(RequestHandler):
         # end, to tidy up after it however it ended (an exception inside pynetdicom's state
         # machine, such as a full disk while a dataset arrives, ends it without any event).
         assoc = self._create_association()
+        ring_on_traffic(assoc)  # its threads wake on traffic, not on a 1 ms tick (dicom.reactor)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         while assoc.is_alive():
@@ -135,6 +136,7 @@ class _RequestHandler(RequestHandler):
             dul = assoc.dul
             if dul.ident is not None and not dul.is_alive():  # its state machine died
                 stop_waiting_for_request(assoc)
+        close_doorbells(assoc)
         self.server.handlers.association_finished(assoc)
 
     def _tls_handshake(self, sock: socket.socket, address: str) -> ssl.SSLSocket | None:
