@@ -72,7 +72,7 @@ def test_worklist_and_study_facts(store: Database) -> None:
     sop = facts.images[0].sop_instance_uid
     assert store.study_view.instance_path("1.7.3", sop) == facts.images[0].path
     assert store.study_view.instance_path("1.7.1", sop) is None  # not an instance of that study
-    assert store.study_view.first_instance_path("1.7.3") == facts.images[0].path
+    assert store.study_view.instance_path("1.7.3") == facts.images[0].path
 
     found = store.priority.mark_reported(
         ReportSource.WEB, T0 + timedelta(minutes=1), study_uid="1.7.3", reported_by="rita"

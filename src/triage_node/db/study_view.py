@@ -172,31 +172,21 @@ class StudyView(Aggregate):
             images=tuple(images),
         )
 
-    def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path | None:
-        """The spooled file (relative to the spool root) of an instance of the study, while
-        retention has not removed it."""
+    def instance_path(self, study_uid: str, sop_instance_uid: str | None = None) -> Path | None:
+        """The spooled file (relative to the spool root) of an instance of the study — that
+        instance, or without *sop_instance_uid* its first (for the identifiers its header
+        holds) — while retention has not removed it."""
+        query = (
+            select(instances.c.path)
+            .join(studies, studies.c.id == instances.c.study_id)
+            .where(studies.c.study_uid == study_uid, instances.c.purged_at.is_(None))
+            .order_by(instances.c.id)
+            .limit(1)
+        )
+        if sop_instance_uid is not None:
+            query = query.where(instances.c.sop_instance_uid == sop_instance_uid)
         with self._connect() as conn:
-            row = conn.execute(
-                select(instances.c.path)
-                .join(studies, studies.c.id == instances.c.study_id)
-                .where(
-                    studies.c.study_uid == study_uid,
-                    instances.c.sop_instance_uid == sop_instance_uid,
-                    instances.c.purged_at.is_(None),
-                )
-            ).first()
-        return None if row is None else Path(row.path)
-
-    def first_instance_path(self, study_uid: str) -> Path | None:
-        """A spooled instance of the study (for the identifiers its header holds)."""
-        with self._connect() as conn:
-            row = conn.execute(
-                select(instances.c.path)
-                .join(studies, studies.c.id == instances.c.study_id)
-                .where(studies.c.study_uid == study_uid, instances.c.purged_at.is_(None))
-                .order_by(instances.c.id)
-                .limit(1)
-            ).first()
+            row = conn.execute(query).first()
         return None if row is None else Path(row.path)
 
     def _hour(self, column: Any) -> Any:

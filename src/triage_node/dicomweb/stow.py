@@ -35,7 +35,12 @@ from pydicom.uid import UID
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from triage_node.credentials import Credentials, Principal
-from triage_node.dicom.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, SUCCESS
+from triage_node.dicom.status import (
+    CANNOT_UNDERSTAND,
+    PROCESSING_FAILURE,
+    STUDY_UID_MISMATCH,
+    SUCCESS,
+)
 from triage_node.dicom.storing import Stored, Storer
 from triage_node.domain import AssociationEnd, InstanceHeader, is_valid_uid
 from triage_node.errors import DatabaseUnavailable
@@ -48,7 +53,6 @@ if TYPE_CHECKING:  # the aggregate is passed in by the service
 LOG = get_logger(__name__)
 
 CHUNK = 256 * 1024
-STUDY_UID_MISMATCH = 0xA900  # PS3.18 Table I.2-2: the Data Set does not match the target
 CALLING_AE = "STOW-RS"  # how a request appears among the associations
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]

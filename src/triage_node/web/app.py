@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from triage_node import __version__
 from triage_node.config import Config
 from triage_node.db.database import Database
-from triage_node.db.outbox import OutboxState
+from triage_node.db.outbox import OutboxItem, OutboxState
 from triage_node.db.priority import ReportSource
 from triage_node.db.study_view import HourOfActivity, WorklistEntry
 from triage_node.db.web_access import Role, WebSession
@@ -436,7 +436,7 @@ class WebApp:
 
     def _identifiers(self, study_uid: str) -> dict[str, str]:
         """Patient and study identifiers from a spooled instance's header (never logged)."""
-        relpath = self.store.study_view.first_instance_path(study_uid)
+        relpath = self.store.study_view.instance_path(study_uid)
         if relpath is None:
             return {}
         try:
@@ -447,10 +447,11 @@ class WebApp:
         except Exception:  # a file retention removed meanwhile, or one pydicom cannot read
             return {}
 
-    def _heatmaps(self, study_uid: str) -> dict[str, Path]:
-        """Source SOP Instance UID -> the newest heatmap capture of it in the spool."""
+    def _heatmaps(self, items: list[OutboxItem]) -> dict[str, Path]:
+        """Source SOP Instance UID -> the newest heatmap capture of it in the spool, among a
+        study's result objects (*items*, newest first)."""
         found: dict[str, Path] = {}
-        for item in self.store.outbox.items(study_uid=study_uid, limit=1000):
+        for item in items:
             if item.kind is not ResultKind.SC:
                 continue
             key = str(item.path)
@@ -480,7 +481,7 @@ class WebApp:
             )
         now = self.clock()
         deliveries = self.store.outbox.items(study_uid=study_uid, limit=1000)
-        heatmaps = self._heatmaps(study_uid)
+        heatmaps = self._heatmaps(deliveries)
         timeline = [
             ("received", facts.first_received_at, ""),
             ("last instance", facts.last_received_at, ""),
@@ -526,7 +527,8 @@ class WebApp:
                 relpath = self.store.study_view.instance_path(study_uid, sop_uid)
                 png = None if relpath is None else render_source(self.spool.root / relpath)
             else:
-                capture = self._heatmaps(study_uid).get(sop_uid)
+                results = self.store.outbox.items(study_uid=study_uid, limit=1000)
+                capture = self._heatmaps(results).get(sop_uid)
                 png = None if capture is None else render_capture(capture)
             if png is None:
                 return Response("No image", 404, media_type="text/plain")
