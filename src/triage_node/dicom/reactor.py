@@ -14,11 +14,12 @@ on its socket and its doorbell (a byte on a socket pair, rung by the queues the 
 thread and the DIMSE provider feed); the association thread's becomes a wait on a
 :class:`threading.Event` rung by the queues the DUL feeds (decoded DIMSE messages, ACSE
 primitives). Both wake at once when there is work and stay asleep when there is none. The
-wait is still bounded — :data:`BUSY_WAIT`, then :data:`IDLE_SLEEP` once nothing has arrived
-for :data:`IDLE_AFTER` and :data:`LONG_IDLE_SLEEP` after :data:`LONG_IDLE_AFTER` — for what
-rings no bell: pynetdicom's timers (ARTIM, network timeout), a killed thread, a dead peer
-thread. Threads without doorbells (an association made before :func:`ring_on_traffic`, or as
-a requestor) keep the older behaviour: pynetdicom's polling, lengthened while idle.
+wait is still bounded — :data:`BUSY_WAIT`, then :data:`IDLE_WAIT` once nothing has arrived
+for :data:`IDLE_AFTER` and :data:`LONG_IDLE_WAIT` after :data:`LONG_IDLE_AFTER` — for what
+rings no bell: pynetdicom's timers (ARTIM, network timeout: checked to within a second), a
+killed thread, a dead peer thread. Threads without doorbells (an association made before
+:func:`ring_on_traffic`, or as a requestor) keep the older behaviour: pynetdicom's polling,
+lengthened while idle.
 
 Nothing else in pynetdicom changes: the two modules' ``time`` is replaced by
 :class:`QuietTime`, which forwards everything to :mod:`time` and turns only those polling
@@ -45,7 +46,9 @@ IDLE_AFTER = 0.5  # seconds without a PDU before an association counts as idle
 IDLE_SLEEP = 0.02  # seconds between the checks of an idle association's threads
 LONG_IDLE_AFTER = 5.0  # ... and after this long without a PDU
 LONG_IDLE_SLEEP = 0.2
-BUSY_WAIT = 0.02  # the longest a thread with a doorbell waits while busy
+BUSY_WAIT = 0.02  # the longest a thread with a doorbell waits while busy,
+IDLE_WAIT = 0.2  # ... once idle (IDLE_AFTER)
+LONG_IDLE_WAIT = 1.0  # ... and once long idle (LONG_IDLE_AFTER): only timers ring no bell
 POLL = 0.001  # pynetdicom's own polling sleep
 
 
@@ -160,8 +163,8 @@ def longest_wait(dul: Any) -> float:
     """The bound on a wait of a thread with a doorbell: short while busy, long while idle."""
     idle = idle_seconds(dul)
     if idle > LONG_IDLE_AFTER:
-        return LONG_IDLE_SLEEP
-    return IDLE_SLEEP if idle > IDLE_AFTER else BUSY_WAIT
+        return LONG_IDLE_WAIT
+    return IDLE_WAIT if idle > IDLE_AFTER else BUSY_WAIT
 
 
 def _wait_for_socket(dul: Any, bell: Doorbell, timeout: float) -> None:
