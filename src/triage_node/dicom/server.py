@@ -129,14 +129,16 @@ class _RequestHandler(RequestHandler):
         # machine, such as a full disk while a dataset arrives, ends it without any event).
         assoc = self._create_association()
         ring_on_traffic(assoc)  # its threads wake on traffic, not on a 1 ms tick (dicom.reactor)
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-        while assoc.is_alive():
-            assoc.join(0.5)
-            dul = assoc.dul
-            if dul.ident is not None and not dul.is_alive():  # its state machine died
-                stop_waiting_for_request(assoc)
-        close_doorbells(assoc)
+        try:
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            while assoc.is_alive():
+                assoc.join(0.5)
+                dul = assoc.dul
+                if dul.ident is not None and not dul.is_alive():  # its state machine died
+                    stop_waiting_for_request(assoc)
+        finally:
+            close_doorbells(assoc)
         self.server.handlers.association_finished(assoc)
 
     def _tls_handshake(self, sock: socket.socket, address: str) -> ssl.SSLSocket | None:
