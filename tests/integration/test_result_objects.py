@@ -142,6 +142,36 @@ def test_a_study_with_a_negative_image_reports_every_image(tmp_path: Path) -> No
         assert study_finding(report) == expected
 
 
+def test_a_date_or_time_no_reader_could_use_is_copied_empty(tmp_path: Path) -> None:
+    """A source whose Study Time or Patient's Birth Date is not a DICOM TM/DA (hostile bytes, an
+    ACR-NEMA '12:00') still gets its SR, heatmap and key objects, valid, with those values empty
+    (Type 2); valid ones are copied unchanged."""
+    path = require_shared_dicom() / SOURCES[0]
+    image, pixels = analysed(path, 0.83, True)
+    for keyword, bad in (
+        ("StudyTime", "\xb820000"),
+        ("StudyTime", "12:00"),
+        ("PatientBirthDate", "19x01231"),
+    ):
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        source[keyword].value = bad
+        header = evidence_header(source)
+        assert header[keyword].value in ("", None)
+        hostile = AnalysedImage(
+            header, image.probability, True, image.peak_row, image.peak_column, 0.05
+        )
+        uids = ResultUIDs(str(header.StudyInstanceUID), ALGORITHM.version, 1)
+        for kind, dataset in (
+            ("sr", structured_report([hostile], ALGORITHM, uids)),
+            ("sc", heatmap_capture(hostile, pixels, ALGORITHM, uids, 0)),
+            ("ko", key_objects([hostile], ALGORITHM, uids)),
+        ):
+            dataset.save_as(tmp_path / f"{kind}.dcm", enforce_file_format=True)
+            assert dciodvfy_errors(tmp_path / f"{kind}.dcm") == [], (keyword, kind)
+    kept = evidence_header(pydicom.dcmread(path, stop_before_pixels=True))
+    assert kept.StudyDate == pydicom.dcmread(path, stop_before_pixels=True).StudyDate
+
+
 def shared_radiographs() -> list[Path]:
     """Every shared CR/DX file whose header has the UIDs a report needs."""
     found = []

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
 
 from triage_node import __version__
 from triage_node.domain import MANUFACTURER, ResultKind
@@ -92,13 +93,27 @@ _COPIED_TYPE_2 = (
 
 
 NOT_STATED = "not stated in the source images"
+_DATE_AND_TIME = {"DA": DA, "TM": TM}
+
+
+def _usable(value: object, vr: str) -> bool:
+    """Whether a copied DA/TM value is one the result objects can carry (highdicom converts
+    them and refuses what PS3.5 6.2 does not allow, such as a hostile '\xb820000')."""
+    if value is None or value == "":
+        return True
+    try:
+        _DATE_AND_TIME[vr](str(value))
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def evidence_header(source: Dataset) -> Dataset:
     """A copy of a source header with what the result objects copy from it made valid: the
-    Type 2 attributes present, and — when the source says Patient Identity Removed YES but not
-    how (its own Type 1C omission, PS3.3 C.7.1.1) — De-identification Method saying so, and
-    for an animal patient (a species given) Patient's Sex Neutered, empty, as Type 2C allows."""
+    Type 2 attributes present (a date or time that is not one made empty), and — when the
+    source says Patient Identity Removed YES but not how (its own Type 1C omission, PS3.3
+    C.7.1.1) — De-identification Method saying so, and for an animal patient (a species given)
+    Patient's Sex Neutered, empty, as Type 2C allows."""
     header = Dataset()
     header.update(source)
     if hasattr(source, "file_meta"):
@@ -106,6 +121,8 @@ def evidence_header(source: Dataset) -> Dataset:
     for keyword, vr in _COPIED_TYPE_2:
         if keyword not in header:
             header.add_new(keyword, vr, "")
+        elif vr in _DATE_AND_TIME and not _usable(header[keyword].value, vr):
+            header.add_new(keyword, vr, "")  # empty, as Type 2 allows, rather than no result
     stated = "DeidentificationMethod" in header or "DeidentificationMethodCodeSequence" in header
     if str(header.get("PatientIdentityRemoved", "")).upper() == "YES" and not stated:
         header.DeidentificationMethod = NOT_STATED
