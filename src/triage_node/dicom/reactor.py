@@ -153,18 +153,19 @@ def polling_sleep(thread: threading.Thread, seconds: float) -> float:
     dul = _dul_of(thread)
     if dul is None:
         return seconds
-    idle = idle_seconds(dul)
-    if idle > LONG_IDLE_AFTER:
-        return LONG_IDLE_SLEEP
-    return IDLE_SLEEP if idle > IDLE_AFTER else seconds
+    return _by_idleness(dul, seconds, IDLE_SLEEP, LONG_IDLE_SLEEP)
 
 
 def longest_wait(dul: Any) -> float:
     """The bound on a wait of a thread with a doorbell: short while busy, long while idle."""
-    idle = idle_seconds(dul)
-    if idle > LONG_IDLE_AFTER:
-        return LONG_IDLE_WAIT
-    return IDLE_WAIT if idle > IDLE_AFTER else BUSY_WAIT
+    return _by_idleness(dul, BUSY_WAIT, IDLE_WAIT, LONG_IDLE_WAIT)
+
+
+def _by_idleness(dul: Any, busy: float, idle: float, long_idle: float) -> float:
+    quiet = idle_seconds(dul)
+    if quiet > LONG_IDLE_AFTER:
+        return long_idle
+    return idle if quiet > IDLE_AFTER else busy
 
 
 def _wait_for_socket(dul: Any, bell: Doorbell, timeout: float) -> None:

@@ -98,11 +98,10 @@ _DATE_AND_TIME = {"DA": DA, "TM": TM}
 
 def _usable(value: object, vr: str) -> bool:
     """Whether a copied DA/TM value is one the result objects can carry (highdicom converts
-    them and refuses what PS3.5 6.2 does not allow, such as a hostile '\xb820000')."""
-    if value is None or value == "":
-        return True
+    them and refuses what PS3.5 6.2 does not allow, such as a hostile '\xb820000'); an empty
+    value converts to None."""
     try:
-        _DATE_AND_TIME[vr](str(value))
+        _DATE_AND_TIME[vr](str(value or ""))
     except (ValueError, TypeError, OverflowError):
         return False
     return True
