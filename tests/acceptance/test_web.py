@@ -218,6 +218,16 @@ def csp_violations(browser: Any) -> list[str]:
     ]
 
 
+def main_text(browser: Any) -> str:
+    """The text of the page's <main>, read in one go: "" while a form's POST and its redirect are
+    still loading (an element found then can vanish before its text is read)."""
+    return str(
+        browser.execute_script(
+            "const m = document.querySelector('main'); return m === null ? '' : m.innerText;"
+        )
+    )
+
+
 def image_loaded(browser: Any, css: str) -> bool:
     return bool(
         browser.execute_script(
@@ -274,7 +284,7 @@ def test_flagged_study_in_worklist_then_reported(site: Site, browser: Any) -> No
     wait_for(lambda: "/studies/" in browser.current_url, 20, what="the study page")
     wait_for(lambda: image_loaded(browser, "img.heatmap"), 20, what="the heatmap thumbnail")
     assert image_loaded(browser, "img.source")
-    page = browser.find_element(By.TAG_NAME, "main").text
+    page = main_text(browser)
     assert "Probability" in page and "tiny-test 0.0.1" in page
     assert browser.find_element(By.ID, "patient-name").text == "SYNTHETIC PATIENT"
     timeline = browser.find_element(By.ID, "timeline").text
@@ -286,7 +296,7 @@ def test_flagged_study_in_worklist_then_reported(site: Site, browser: Any) -> No
 
     browser.find_element(By.CSS_SELECTOR, "#mark-reported button").click()
     wait_for(
-        lambda: "marked by rita" in browser.find_element(By.TAG_NAME, "main").text,
+        lambda: "marked by rita" in main_text(browser),
         20,
         what="the study page to say reported",
     )
