@@ -7,9 +7,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from triage_node.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from triage_node.config import Config
+
+if TYPE_CHECKING:
+    from triage_node.training.settings import TrainConfig
 
 BACKBONE_CHOICES = ("scratch", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
@@ -46,6 +50,11 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     train.add_argument("--block-size", type=int, help="images per split block (default 20)")
     train.add_argument("--folds", type=int, help="k-fold cross-validation first (default none)")
     train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    train.add_argument(
+        "--device",
+        help="where the network trains: cpu (default), cuda or cuda:N; calibration, the scope "
+        "guard, export and evaluation run on the CPU",
+    )
     train.add_argument("--widths", type=_int_list, help="stage widths, e.g. 32,64,128,256")
     train.add_argument("--blocks", type=_int_list, help="blocks per stage, e.g. 1,1,2,1")
     train.add_argument(
@@ -142,10 +151,7 @@ def add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def run_train(_config: Config, args: argparse.Namespace) -> int:
     try:
-        from triage_node.training.backbone import Pooling
         from triage_node.training.finalise import train
-        from triage_node.training.network import NetSpec
-        from triage_node.training.settings import TrainConfig, pretrained_defaults, with_overrides
     except ImportError as exc:
         print(
             f"triage-node train needs the 'train' extra ({exc.name} is missing): "
@@ -153,6 +159,23 @@ def run_train(_config: Config, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    try:
+        config = train_config(args)
+    except ValueError as exc:
+        print(f"triage-node train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    train(config, resume=args.resume)
+    return EXIT_OK
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training settings that ``triage-node train``'s arguments ask for (ValueError if they
+    do not fit together); also how a script reproduces a command line's run exactly."""
+    from triage_node.training.augment import AUGMENT_PRESETS
+    from triage_node.training.backbone import Pooling
+    from triage_node.training.network import NetSpec
+    from triage_node.training.settings import TrainConfig, pretrained_defaults, with_overrides
+
     provenance = {
         key: value
         for key, value in (
@@ -171,16 +194,12 @@ def run_train(_config: Config, args: argparse.Namespace) -> int:
         blocks = args.blocks or (
             net.blocks if len(net.blocks) == len(widths) else (1,) * len(widths)
         )
-        try:
-            net = NetSpec(
-                widths=widths,
-                blocks=blocks,
-                stem=net.stem,
-                last_stride=args.last_stride or net.last_stride,
-            )
-        except ValueError as exc:
-            print(f"triage-node train: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+        net = NetSpec(
+            widths=widths,
+            blocks=blocks,
+            stem=net.stem,
+            last_stride=args.last_stride or net.last_stride,
+        )
     config = with_overrides(
         base,
         net=net,
@@ -197,6 +216,7 @@ def run_train(_config: Config, args: argparse.Namespace) -> int:
         block_size=args.block_size,
         folds=args.folds,
         threads=args.threads,
+        device=args.device,
         init_weights=args.init_weights,
         box_loss=args.box_loss,
         freeze_epochs=args.freeze_epochs,
@@ -206,23 +226,15 @@ def run_train(_config: Config, args: argparse.Namespace) -> int:
         scope=args.scope,
         scope_guard=args.scope_guard,
     )
-    try:
-        if args.augment:
-            from triage_node.training.augment import AUGMENT_PRESETS
-
-            config = with_overrides(config, augment=AUGMENT_PRESETS[args.augment])
-        if args.pooling or args.lse_r:
-            pooling = config.pooling
-            config = with_overrides(
-                config,
-                pooling=Pooling(kind=args.pooling or pooling.kind, r=args.lse_r or pooling.r),
-            )
-        config.check()
-    except ValueError as exc:
-        print(f"triage-node train: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    train(config, resume=args.resume)
-    return EXIT_OK
+    if args.augment:
+        config = with_overrides(config, augment=AUGMENT_PRESETS[args.augment])
+    if args.pooling or args.lse_r:
+        pooling = config.pooling
+        config = with_overrides(
+            config, pooling=Pooling(kind=args.pooling or pooling.kind, r=args.lse_r or pooling.r)
+        )
+    config.check()
+    return config
 
 
 def run_evaluate(config: Config, args: argparse.Namespace) -> int:

@@ -59,16 +59,19 @@ def augment(
 ) -> torch.Tensor:
     """Augment (N, 1, S, S) images in [0, 1]; *masks* mark the image area inside the padding.
 
+    The random draws use *generator* (a CPU generator) on every device.
     *targets* (N, C, S, S), when given, are warped with the same flips, rotation, shift and zoom
     (not brightness or contrast) and returned as extra channels after the image channel.
     """
-    n = images.shape[0]
+    n, device = images.shape[0], images.device
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator)
 
-    contrast = uniform(*spec.contrast).view(n, 1, 1, 1)
-    brightness = uniform(-spec.brightness, spec.brightness).view(n, 1, 1, 1)
+    # The random draws come from the CPU generator whatever the device, so a run's augmentation
+    # is the same on a GPU as on the CPU; only the warp itself runs where the images are.
+    contrast = uniform(*spec.contrast).view(n, 1, 1, 1).to(device)
+    brightness = uniform(-spec.brightness, spec.brightness).view(n, 1, 1, 1).to(device)
     x = ((images - 0.5) * contrast + 0.5 + brightness).clamp(0, 1) * masks
     if targets is not None:
         x = torch.cat([x, targets], dim=1)
@@ -83,7 +86,7 @@ def augment(
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
     theta[:, 0, 2] = uniform(-spec.shift, spec.shift) * 2
     theta[:, 1, 2] = uniform(-spec.shift, spec.shift) * 2
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

@@ -118,14 +118,18 @@ def _box_distance(boxes: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor
 
 
 def score_images(net: CamNet, images: Images, config: TrainConfig) -> Scored:
+    """Score *images* (kept on the CPU) with *net* on whatever device it is on; the results
+    come back to the CPU."""
     net.eval()
+    device = next(net.parameters()).device
     logits, features, inside, near = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(images), 64):
             index = torch.arange(start, min(start + 64, len(images)))
             pixels, _, _ = images.batch(index)
-            f = net.features(normalise(pixels, config))
-            cam = net.cam_from_features(f)
+            on_device = net.features(normalise(pixels.to(device), config))
+            cam = net.cam_from_features(on_device).cpu()
+            f = on_device.cpu()
             logits.append(pool_logits(cam, config.pooling))
             features.append(f.mean(dim=(2, 3)))
             boxes = images.boxes[index, 0]

@@ -23,7 +23,7 @@ import math
 import pickle
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -118,11 +118,12 @@ def fit(
     is continued from (``--resume``).
     """
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # on the CPU whatever the device
+    device = torch.device(config.device)
     net = build_net(config)
     if config.init_weights is not None:
         _load_init_weights(net, config.init_weights, report)
-    net = net.to(memory_format=memory_format(config))  # type: ignore[call-overload]
+    net = net.to(device, memory_format=memory_format(config))  # type: ignore[call-overload]
     ema = None
     if config.ema_decay > 0:
         average = get_ema_multi_avg_fn(config.ema_decay)  # type: ignore[no-untyped-call]
@@ -138,7 +139,7 @@ def fit(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, rate)
     positives = float(train.labels.sum())
-    pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0))
+    pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
     best: dict[str, Any] = {"auroc": -1.0, "epoch": 0}
     best_state: dict[str, torch.Tensor] = {}
     validation_labels = validation.labels.numpy()
@@ -150,17 +151,22 @@ def fit(
                 f"{state_path} was written by a run with other settings; remove it, or resume "
                 "with the settings it was started with"
             )
-        net.load_state_dict(state["net"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         best, best_state, first = state["best"], state["best_state"], state["epoch"] + 1
         report(f"resuming after epoch {first - 1} (best {best['auroc']:.4f} at {best['epoch']})")
-        if first - 1 >= config.min_epochs and first - 1 - best["epoch"] >= config.patience:
-            first = config.epochs + 1  # it had stopped early: nothing left to train
+        if state.get("finished") or (
+            first - 1 >= config.min_epochs and first - 1 - best["epoch"] >= config.patience
+        ):
+            first = config.epochs + 1  # it had finished or stopped early: nothing left to train
+        else:
+            net.load_state_dict(state["net"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            optimiser.load_state_dict(state["optimiser"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
     for epoch in range(first, config.epochs + 1):
         started = time.perf_counter()
         frozen = _frozen_blocks(net, config, epoch)
@@ -173,8 +179,8 @@ def fit(
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             if len(index) < 2:
                 continue
-            pixels, masks, labels = train.batch(index)
-            targets = train.box_masks(index) if config.box_loss > 0 else None
+            pixels, masks, labels = (t.to(device) for t in train.batch(index))
+            targets = train.box_masks(index).to(device) if config.box_loss > 0 else None
             warped = augment(pixels, masks, config.augment, generator, targets=targets)
             cam = net.cam(normalise(warped[:, :1], config), frozen)
             loss = F.binary_cross_entropy_with_logits(
@@ -228,6 +234,7 @@ def fit(
                     "schedule": schedule.state_dict(),
                     "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "best": best,
                     "best_state": best_state,
                 },
@@ -235,9 +242,24 @@ def fit(
         if epoch >= config.min_epochs and epoch - best["epoch"] >= config.patience:
             report(f"early stop: no better validation AUROC for {config.patience} epochs")
             break
-    final = build_net(config, pretrained=False)
+    final = build_net(config, pretrained=False)  # on the CPU, where export and finalising run
     final.load_state_dict(best_state)
     return final.eval(), best
+
+
+def compact_state(path: Path) -> None:
+    """Shrink a finished run's ``train-state.pt`` to what finalising needs (its best network and
+    record): a fifth of the size, so a run trained on one machine (a GPU) can be finalised on
+    another with ``--resume``. A compacted state cannot be trained further."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    kept = {
+        "fingerprint": state["fingerprint"],
+        "epoch": state["epoch"],
+        "best": state["best"],
+        "best_state": state["best_state"],
+        "finished": True,
+    }
+    _save_state(path, kept)
 
 
 def _rounded(value: float | None) -> float | None:
@@ -250,9 +272,13 @@ def cross_validate(
     config: TrainConfig,
     report: Report,
     directory: Path | None = None,
+    only: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """k-fold cross-validation (by blocks) of the recipe; returns each fold's best AUROC and
-    CAM localisation at that epoch.
+    CAM localisation at that epoch, with their mean and spread over the folds done.
+
+    With *only*, just those folds are trained (the others are taken from the record if done
+    before, else left out): several sessions or machines can share out the folds.
 
     With *directory*, each finished fold is recorded in ``cross-validation.json`` (its best
     network and held-out logits in ``cv-fold-K-best.pt``) and a fold in progress checkpoints to
@@ -271,6 +297,8 @@ def cross_validate(
     ):
         if str(fold) in folds:
             report(f"cross-validation fold {fold}/{config.folds}: done before ({folds[str(fold)]})")
+            continue
+        if only is not None and fold not in only:
             continue
         report(f"cross-validation fold {fold}/{config.folds}: {len(train)} train, {len(held)} held")
 
@@ -303,19 +331,21 @@ def cross_validate(
             record_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         if state is not None:
             state.unlink(missing_ok=True)
-    values = [folds[str(k)]["auroc"] for k in range(1, config.folds + 1)]
-    near = [folds[str(k)]["cam_peak_within_16px"] for k in range(1, config.folds + 1)]
+    done_folds = [k for k in range(1, config.folds + 1) if str(k) in folds]
+    values = [folds[str(k)]["auroc"] for k in done_folds]
+    near = [folds[str(k)]["cam_peak_within_16px"] for k in done_folds]
     return {
         "folds": config.folds,
+        **({} if len(done_folds) == config.folds else {"folds_done": done_folds}),
         "auroc": values,
-        "auroc_mean": round(float(np.mean(values)), 4),
-        "auroc_sd": round(float(np.std(values, ddof=1)), 4),
+        "auroc_mean": round(float(np.mean(values)), 4) if values else None,
+        "auroc_sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None,
         **(
             {
                 "cam_peak_within_16px": near,
                 "cam_peak_within_16px_mean": round(float(np.mean(near)), 4),
             }
-            if all(v is not None for v in near)
+            if near and all(v is not None for v in near)
             else {}
         ),
     }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class TrainConfig:
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     folds: int = 0  # >= 2: k-fold cross-validation on train + validation first
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "cpu"  # where the network trains: cpu, cuda or cuda:N (export is on the CPU)
     net: NetSpec = field(default_factory=NetSpec)
     pretrained: BackboneSpec | None = None  # None: FractureNet from scratch
     pooling: Pooling = field(default_factory=Pooling)
@@ -76,6 +78,8 @@ class TrainConfig:
             raise ValueError("--epochs and --patience must be positive, --batch-size at least 2")
         if self.folds == 1 or self.folds < 0:
             raise ValueError("--folds must be 0 (none) or at least 2")
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
+            raise ValueError("--device must be cpu, cuda or cuda:N")
 
 
 # Settings a resumed run may change: finalise-only, cosmetic, or not the main run's.
@@ -83,6 +87,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "epochs",
         "threads",
+        "device",
         "out",
         "name",
         "version",
