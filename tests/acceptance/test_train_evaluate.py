@@ -203,6 +203,23 @@ def test_pretrained_backbone_resume_calibration_and_guard(tmp_path: Path) -> Non
     mismatch = run("train", *common, *lite, "--epochs", "3", "--resume", "--pooling", "avg")
     assert mismatch.returncode == 1 and "other settings" in mismatch.stderr
 
+    # A finished run compacted to its best network (as scripts/train_sweep.py does on a GPU
+    # machine) is finalised by --resume elsewhere into the same network, without training.
+    import torch
+
+    from triage_node.training.loop import compact_state
+
+    trained = torch.load(out / "checkpoint.pt", weights_only=False)["state_dict"]
+    full = (out / "train-state.pt").stat().st_size
+    compact_state(out / "train-state.pt")
+    assert (out / "train-state.pt").stat().st_size < full / 2
+    result = run("train", *common, *lite, "--epochs", "3", "--resume", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "epoch   " not in result.stdout.replace("resuming after epoch", "")
+    again = torch.load(out / "checkpoint.pt", weights_only=False)["state_dict"]
+    assert again.keys() == trained.keys()
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
+
     evaluation = tmp_path / "ev"
     result = run("evaluate", "--model", out, "--data", data, "--out", evaluation, "--json")
     assert result.returncode == 0, result.stderr
