@@ -46,8 +46,7 @@ def run_recipe(data: Path, out: Path, arguments: str, deadline: float, smoke: bo
 
     import torch
 
-    from triage_node.training.folders import block_split, load_folder
-    from triage_node.training.images import load_images
+    from triage_node.training.finalise import read_training_images, split_folder
     from triage_node.training.loop import STATE_FILE, compact_state, cross_validate, fit
 
     config = recipe_config(data, out, arguments)
@@ -60,22 +59,13 @@ def run_recipe(data: Path, out: Path, arguments: str, deadline: float, smoke: bo
     def report(line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
-    examples = load_folder(config.data)
-    splits = block_split(examples, config.fractions, block_size=config.block_size, seed=config.seed)
-    train_part, validation_part = splits["train"], splits["validation"]
+    splits = split_folder(config, report)
     if smoke:
-        train_part, validation_part = train_part[:48], validation_part[:48]
-    order = train_part + validation_part
-    images = load_images(order, config.size, report)
-    n_train = len(train_part)
+        splits = {name: part[:48] for name, part in splits.items()}
+    order, images, train_images, validation_images = read_training_images(splits, config, report)
     started = time.monotonic()
     _, best = fit(
-        images.take(slice(0, n_train)),
-        images.take(slice(n_train, None)),
-        config,
-        report,
-        out / "train-log.jsonl",
-        out / STATE_FILE,
+        train_images, validation_images, config, report, out / "train-log.jsonl", out / STATE_FILE
     )
     compact_state(out / STATE_FILE)
     took = time.monotonic() - started
@@ -94,16 +84,24 @@ def run_recipe(data: Path, out: Path, arguments: str, deadline: float, smoke: bo
 
 
 def _summary(out: Path, recipes: dict[str, str]) -> dict[str, Any]:
+    import torch
+
+    from triage_node.training.loop import STATE_FILE
+
     document: dict[str, Any] = {}
     for name, arguments in recipes.items():
         folder = out / name
         log = folder / "train-log.jsonl"
         cv = folder / "cross-validation.json"
         epochs = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-        best = max(epochs, key=lambda e: e["validation_auroc"], default=None)
+        state = folder / STATE_FILE
+        finished = state.is_file() and bool(
+            torch.load(state, map_location="cpu", weights_only=False).get("finished")
+        )  # a fit stopped mid-way leaves a full state, which compact_state has not marked
+        best = next((e for e in reversed(epochs) if e["epoch"] == e["best_epoch"]), None)
         document[name] = {
             "arguments": arguments,
-            "fit_finished": (folder / "train-state.pt").is_file() and best is not None,
+            "fit_finished": finished,
             "best_epoch": best,
             "epochs": epochs,
             "cross_validation": json.loads(cv.read_text())["folds"] if cv.is_file() else {},

@@ -249,14 +249,8 @@ def finalise(
     return document
 
 
-def train(config: TrainConfig, report: Report = print, *, resume: bool = False) -> dict[str, Any]:
-    """Train, export and describe a model; returns the manifest document written.
-
-    With *resume*, an interrupted run in ``config.out`` goes on from its last finished epoch.
-    """
-    config.check()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+def split_folder(config: TrainConfig, report: Report) -> dict[str, list[Example]]:
+    """The data folder's train / validation / test split (both classes needed in the first two)."""
     examples = load_folder(config.data)
     splits = block_split(examples, config.fractions, block_size=config.block_size, seed=config.seed)
     for name in ("train", "validation"):
@@ -271,6 +265,29 @@ def train(config: TrainConfig, report: Report = print, *, resume: bool = False) 
             f"{n} {len(p)} ({sum(e.label for e in p)} fractured)" for n, p in splits.items()
         )
     )
+    return splits
+
+
+def read_training_images(
+    splits: dict[str, list[Example]], config: TrainConfig, report: Report
+) -> tuple[list[Example], Images, Images, Images]:
+    """Train then validation images, read once: their examples in that order (the order the
+    cross-validation folds are cut from), all their images, and the two parts."""
+    order = splits["train"] + splits["validation"]
+    images = load_images(order, config.size, report)
+    n_train = len(splits["train"])
+    return order, images, images.take(slice(0, n_train)), images.take(slice(n_train, None))
+
+
+def train(config: TrainConfig, report: Report = print, *, resume: bool = False) -> dict[str, Any]:
+    """Train, export and describe a model; returns the manifest document written.
+
+    With *resume*, an interrupted run in ``config.out`` goes on from its last finished epoch.
+    """
+    config.check()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    splits = split_folder(config, report)
     config.out.mkdir(parents=True, exist_ok=True)
     log_path = config.out / "train-log.jsonl"
     state_path = config.out / STATE_FILE
@@ -280,11 +297,7 @@ def train(config: TrainConfig, report: Report = print, *, resume: bool = False) 
         log_path.unlink(missing_ok=True)
         state_path.unlink(missing_ok=True)
 
-    order = splits["train"] + splits["validation"]
-    images = load_images(order, config.size, report)
-    n_train = len(splits["train"])
-    train_images = images.take(slice(0, n_train))
-    validation_images = images.take(slice(n_train, None))
+    order, images, train_images, validation_images = read_training_images(splits, config, report)
     metrics: dict[str, Any] = {}
     if config.folds:
         metrics["cross_validation"] = cross_validate(order, images, config, report, config.out)

@@ -127,11 +127,10 @@ def score_images(net: CamNet, images: Images, config: TrainConfig) -> Scored:
         for start in range(0, len(images), 64):
             index = torch.arange(start, min(start + 64, len(images)))
             pixels, _, _ = images.batch(index)
-            on_device = net.features(normalise(pixels.to(device), config))
-            cam = net.cam_from_features(on_device).cpu()
-            f = on_device.cpu()
+            f = net.features(normalise(pixels.to(device), config))
+            cam = net.cam_from_features(f).cpu()
             logits.append(pool_logits(cam, config.pooling))
-            features.append(f.mean(dim=(2, 3)))
+            features.append(f.mean(dim=(2, 3)).cpu())  # pooled where computed: 1/h*w to move
             boxes = images.boxes[index, 0]
             has_box = boxes.flatten(1).any(dim=1)
             if bool(has_box.any()):
