@@ -1,9 +1,13 @@
+import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.support.records import header
+from triage_node import spool as spool_module
+from triage_node.domain import SpooledFile
 from triage_node.errors import OutOfResources
 from triage_node.spool import EarlyWriteback, Spool
 
@@ -34,6 +38,58 @@ def test_commit_replaces_a_resend(tmp_path: Path) -> None:
     again = spool.commit(partial_file(spool, b"second!"), header(sop="1.2.3.4"))
     assert again.replaced and again.size == 7
     assert spool.path_of(again.relpath).read_bytes() == b"second!"
+
+
+def test_commit_and_record_flushes_the_directory_while_recording(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row is recorded once the file is whole at its place, while the directory's fsync is
+    in flight (it waits here until the record has started); both finish before it returns."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    recording = threading.Event()
+    flushed: list[Path] = []
+    real_fsync_dir = spool_module._fsync_dir
+
+    def slow_fsync_dir(path: Path) -> None:
+        if threading.current_thread().name.startswith("spool-fsync"):
+            assert recording.wait(10), "the record did not start while the directory synced"
+            flushed.append(path)
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", slow_fsync_dir)
+
+    def record(spooled: SpooledFile) -> str:
+        assert spool.path_of(spooled.relpath).read_bytes() == b"whole"
+        recording.set()
+        return "row"
+
+    spooled, recorded = spool.commit_and_record(
+        partial_file(spool, b"whole"), header(sop="1.2.3.4"), record
+    )
+    assert recorded == "row" and spooled.size == 5
+    assert flushed == [spool.path_of(spooled.relpath).parent]
+
+
+def test_commit_and_record_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the record raises is raised (the file stays for the caller to judge); a directory
+    fsync that fails is OutOfResources, as from commit."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+
+    def refuse(spooled: SpooledFile) -> None:
+        raise RuntimeError("no row")
+
+    with pytest.raises(RuntimeError, match="no row"):
+        spool.commit_and_record(partial_file(spool, b"a"), header(sop="1.2.3.4"), refuse)
+    assert spool.path_of("1.2.3/1.2.3.1/1.2.3.4.dcm").is_file()
+
+    def broken_fsync_dir(path: Path) -> None:
+        raise OSError(5, os.strerror(5))
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", broken_fsync_dir)
+    with pytest.raises(OutOfResources, match="cannot write to the spool: Input/output error"):
+        spool.commit_and_record(partial_file(spool, b"b"), header(sop="1.2.3.5"), str)
 
 
 def test_paths_cannot_leave_the_spool(tmp_path: Path) -> None:

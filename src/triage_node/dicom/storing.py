@@ -1,8 +1,10 @@
 """Storing one received dataset file: the promise every receiver keeps (C-STORE and STOW-RS).
 
 The file is checked (its header parsed, the caller's own checks), fsynced and renamed into the
-spool, and its row committed, in that order; only a :class:`Stored` with code SUCCESS may be
-reported to the sender as stored. On any failure the file is removed and nothing is recorded.
+spool, and its row committed while the spool's directory is fsynced (``commit_and_record``);
+only a :class:`Stored` with code SUCCESS may be reported to the sender as stored. On a failure
+before the row the file is removed and nothing is recorded; a failed directory fsync after it
+is reported as out of resources, and the sender's resend replaces row and file.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from triage_node.dicom.status import (
     OUT_OF_RESOURCES,
     SUCCESS,
 )
-from triage_node.domain import InstanceHeader
+from triage_node.domain import InstanceHeader, SpooledFile
 from triage_node.errors import DatabaseUnavailable, DatasetError, InvalidUID, OutOfResources
 from triage_node.logs import get_logger, log_event
 from triage_node.spool import Spool
 
 if TYPE_CHECKING:  # the aggregate is passed in by the service
-    from triage_node.db.intake import Intake
+    from triage_node.db.intake import Intake, RecordedInstance
 
 LOG = get_logger(__name__)
 
@@ -137,23 +139,28 @@ class Storer:
         refusal = check(header) if check is not None else None
         if refusal is not None:
             return Stored(*refusal, header=header)
+
+        def record(spooled: SpooledFile) -> RecordedInstance | None:
+            try:
+                return self.intake.record_instance(header, spooled, association_id, self.clock())
+            except DatabaseUnavailable as exc:
+                if not spooled.replaced:
+                    self.spool.remove(spooled.relpath)
+                log_event(
+                    LOG,
+                    logging.ERROR,
+                    "database_write_failed",
+                    "could not record an instance",
+                    sop_instance_uid=header.sop_instance_uid,
+                    error=exc.cause,
+                )
+                return None
+
         try:
-            spooled = self.spool.commit(partial, header)
+            _, recorded = self.spool.commit_and_record(partial, header, record)
         except OutOfResources as exc:
             return Stored(OUT_OF_RESOURCES, str(exc), header=header)
-        try:
-            recorded = self.intake.record_instance(header, spooled, association_id, self.clock())
-        except DatabaseUnavailable as exc:
-            if not spooled.replaced:
-                self.spool.remove(spooled.relpath)
-            log_event(
-                LOG,
-                logging.ERROR,
-                "database_write_failed",
-                "could not record an instance",
-                sop_instance_uid=header.sop_instance_uid,
-                error=exc.cause,
-            )
+        if recorded is None:
             return Stored(OUT_OF_RESOURCES, "database unavailable; try again later", header)
         if recorded.reopened:
             log_event(
