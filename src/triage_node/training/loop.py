@@ -290,7 +290,10 @@ def cross_validate(
     if record_path is not None and record_path.is_file():
         done = json.loads(record_path.read_text(encoding="utf-8"))
         if not same_run(done.get("fingerprint", {}), config):
-            done = {}
+            raise ModelError(
+                f"{record_path} was written by a cross-validation with other settings; move "
+                "it aside, or run with the settings it was made with"
+            )
     folds: dict[str, Any] = done.get("folds", {})
     for fold, (train, held) in enumerate(
         block_folds(examples, config.folds, block_size=config.block_size, seed=config.seed), 1

@@ -102,16 +102,21 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def fingerprint(config: TrainConfig) -> dict[str, Any]:
-    """What must not change between a run and its --resume."""
+    """What must not change between a run and its --resume (the data folder as an absolute
+    path: ``../shared/data/x`` and ``/work/shared/data/x`` are the same run)."""
     keep = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    keep["data"] = Path(config.data).resolve()
     document: dict[str, Any] = json.loads(json.dumps(keep, default=str))
     return document
 
 
 def same_run(stored: dict[str, Any], config: TrainConfig) -> bool:
     """Whether a checkpoint's fingerprint is this configuration's (keys that may change are
-    left out on both sides, so a checkpoint from before a key became changeable still fits)."""
+    left out on both sides, so a checkpoint from before a key became changeable still fits; a
+    data folder recorded as a relative path is taken from the working directory)."""
     kept = {k: v for k, v in stored.items() if k not in RESUMABLE_CHANGES}
+    if "data" in kept:
+        kept["data"] = str(Path(kept["data"]).resolve())
     return kept == fingerprint(config)
 
 

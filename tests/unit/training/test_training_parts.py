@@ -21,9 +21,9 @@ from triage_node.training.augment import (  # noqa: E402
 )
 from triage_node.training.export import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
 from triage_node.training.images import Images  # noqa: E402
-from triage_node.training.loop import _load_init_weights, fit  # noqa: E402
+from triage_node.training.loop import _load_init_weights, cross_validate, fit  # noqa: E402
 from triage_node.training.network import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
-from triage_node.training.settings import TrainConfig  # noqa: E402
+from triage_node.training.settings import TrainConfig, fingerprint, same_run  # noqa: E402
 
 TINY = NetSpec(widths=(16, 16, 16, 16), blocks=(1, 1, 1, 1), stem=16)
 
@@ -227,3 +227,32 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
     other = __import__("dataclasses").replace(base, learning_rate=0.5)
     with pytest.raises(ModelError, match="other settings"):
         fit(train, validation, other, messages.append, None, tmp_path / "b.pt")
+
+
+def test_the_data_folder_counts_as_one_whichever_way_it_is_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with ``../shared/data/x`` resumes when given ``/work/shared/data/x``, and a
+    checkpoint that recorded the relative spelling still fits, read from the same directory."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    relative = TrainConfig(data=Path("../data"), out=tmp_path)
+    absolute = TrainConfig(data=tmp_path / "data", out=tmp_path)
+    assert fingerprint(relative) == fingerprint(absolute)
+    older = {**fingerprint(absolute), "data": "../data"}  # as written before paths were resolved
+    assert same_run(older, absolute)
+    assert not same_run({**older, "data": "../elsewhere"}, absolute)
+
+
+def test_cross_validation_record_of_other_settings_is_refused_not_overwritten(
+    tmp_path: Path,
+) -> None:
+    config = TrainConfig(data=tmp_path, out=tmp_path, folds=2, size=32)
+    record = tmp_path / "cross-validation.json"
+    other = {**fingerprint(config), "learning_rate": 0.5}
+    text = json.dumps({"fingerprint": other, "folds": {"1": {"auroc": 0.9}}})
+    record.write_text(text)
+    with pytest.raises(ModelError, match="other settings"):
+        cross_validate([], tiny_images(4, 0), config, lambda _: None, tmp_path)
+    assert record.read_text() == text
