@@ -214,9 +214,10 @@ class Spool:
 
     def commit_and_record(
         self, partial: Path, header: InstanceHeader, record: Callable[[SpooledFile], R]
-    ) -> tuple[SpooledFile, R]:
-        """:meth:`commit`, with *record* (the instance's database row) run while the directory's
-        fsync is in flight; returns when both have finished.
+    ) -> R:
+        """:meth:`commit`, with *record* (the instance's database row, given the spooled file) run
+        while the directory's fsync is in flight; returns what *record* returned once both have
+        finished.
 
         Each flush costs a file-system journal commit (about 2 ms each on the virtual disks
         measured in the admin guide); side by side the file system can take both in one. The
@@ -231,9 +232,8 @@ class Spool:
         final = self.path_of(relpath)
         size, replaced = self._place(partial, final, sync_directory=False)
         synced = self._flusher().submit(_fsync_dir, final.parent)
-        spooled = SpooledFile(relpath=relpath, size=size, replaced=replaced)
         try:
-            recorded = record(spooled)
+            recorded = record(SpooledFile(relpath=relpath, size=size, replaced=replaced))
         except BaseException:
             with contextlib.suppress(OSError):
                 synced.result()
@@ -242,7 +242,7 @@ class Spool:
             synced.result()
         except OSError as exc:
             raise OutOfResources(f"cannot write to the spool: {exc.strerror}") from exc
-        return spooled, recorded
+        return recorded
 
     def _flusher(self) -> concurrent.futures.ThreadPoolExecutor:
         """Threads for the directory fsyncs of :meth:`commit_and_record` (made on first use)."""

@@ -59,14 +59,16 @@ def test_commit_and_record_flushes_the_directory_while_recording(
 
     monkeypatch.setattr(spool_module, "_fsync_dir", slow_fsync_dir)
 
+    given: list[SpooledFile] = []
+
     def record(spooled: SpooledFile) -> str:
         assert spool.path_of(spooled.relpath).read_bytes() == b"whole"
+        given.append(spooled)
         recording.set()
         return "row"
 
-    spooled, recorded = spool.commit_and_record(
-        partial_file(spool, b"whole"), header(sop="1.2.3.4"), record
-    )
+    recorded = spool.commit_and_record(partial_file(spool, b"whole"), header(sop="1.2.3.4"), record)
+    [spooled] = given
     assert recorded == "row" and spooled.size == 5
     assert flushed == [spool.path_of(spooled.relpath).parent]
 

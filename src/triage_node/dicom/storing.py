@@ -157,7 +157,7 @@ class Storer:
                 return None
 
         try:
-            _, recorded = self.spool.commit_and_record(partial, header, record)
+            recorded = self.spool.commit_and_record(partial, header, record)
         except OutOfResources as exc:
             return Stored(OUT_OF_RESOURCES, str(exc), header=header)
         if recorded is None:
