@@ -29,6 +29,10 @@ class OutOfResources(TriageError):
     """The node has no room to store more data right now."""
 
 
+class NotPlaced(OutOfResources):
+    """A received file could not be made durable at its place in the spool."""
+
+
 class DatabaseError(TriageError):
     """The database could not be used."""
 

@@ -4,8 +4,8 @@ Layout: ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``; every UID is val
 becomes part of a path, so a crafted UID cannot leave the spool. Incoming data is streamed by the
 receiver into ``<root>/incoming/<host>-<pid>/`` (same file system, so the final step is a rename),
 then fsynced, renamed into place and the directory fsynced. A receiver records the instance's
-database row while that directory fsync is in flight (:meth:`Spool.commit_and_record`): the two
-flushes overlap, and both have finished before anything is acknowledged.
+database row while a flusher thread does that (:meth:`Spool.commit_and_record`): the flushes
+and the row's statements overlap, and all have finished before anything is acknowledged.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from triage_node.domain import InstanceHeader, SpooledFile, validate_uid
-from triage_node.errors import OutOfResources
+from triage_node.errors import NotPlaced, OutOfResources
 
 R = TypeVar("R")
-FLUSH_THREADS = 8  # directory fsyncs in flight at once, per process (one per busy association)
+FLUSH_THREADS = 8  # files being placed at once, per process (one per busy association)
 
 INCOMING = "incoming"
 RESULTS = "results"  # the objects the node made, per study; never a UID, so never a study
@@ -215,37 +215,43 @@ class Spool:
     def commit_and_record(
         self, partial: Path, header: InstanceHeader, record: Callable[[SpooledFile], R]
     ) -> R:
-        """:meth:`commit`, with *record* (the instance's database row, given the spooled file) run
-        while the directory's fsync is in flight; returns what *record* returned once both have
-        finished.
+        """:meth:`commit` on a flusher thread while *record* (the instance's database row, given
+        the spooled file it will be) runs in this one; returns what *record* returned once both
+        have finished.
 
         Each flush costs a file-system journal commit (about 2 ms each on the virtual disks
-        measured in the admin guide); side by side the file system can take both in one. The
-        file's own fsync still comes first, so a file at its place in the spool is always whole.
-        A crash between the two can leave a committed row whose rename was not yet durable:
-        that instance was never acknowledged, so the sender sends it again, and the worker
-        holds such a study back until its file is there. Raises OutOfResources as commit does
-        (also when the directory's fsync failed after *record* ran: the sender is told to try
-        again, and its resend replaces both); whatever *record* raises is raised.
+        measured in the admin guide) and the row's commit one more; side by side the file
+        system takes them together, and the row's statements run while the disk works. The
+        file's own fsync still precedes its rename, so a file at its place in the spool is
+        always whole. A crash before both have finished can leave a committed row whose file
+        is not (yet) at its place: that instance was never acknowledged, so the sender sends
+        it again, and the worker holds such a study back until its file is there.
+
+        Raises as :meth:`commit` does once *record* has run: NotPlaced when no file reached its
+        place (*partial* is removed; the caller takes back the row *record* made), plain
+        OutOfResources when the file was renamed but its directory's fsync failed (the sender
+        is told to try again, and its resend replaces both). Whatever *record* raises is raised
+        once the placing has ended.
         """
         relpath = self.relpath_for(header)
         final = self.path_of(relpath)
-        size, replaced = self._place(partial, final, sync_directory=False)
-        synced = self._flusher().submit(_fsync_dir, final.parent)
+        try:
+            size = partial.stat().st_size
+            replaced = final.exists()
+        except OSError as exc:
+            self._give_up(partial, exc, placed=False)
+        placed = self._flusher().submit(self._place, partial, final)
         try:
             recorded = record(SpooledFile(relpath=relpath, size=size, replaced=replaced))
         except BaseException:
-            with contextlib.suppress(OSError):
-                synced.result()
+            with contextlib.suppress(OutOfResources):
+                placed.result()
             raise
-        try:
-            synced.result()
-        except OSError as exc:
-            raise OutOfResources(f"cannot write to the spool: {exc.strerror}") from exc
+        placed.result()
         return recorded
 
     def _flusher(self) -> concurrent.futures.ThreadPoolExecutor:
-        """Threads for the directory fsyncs of :meth:`commit_and_record` (made on first use)."""
+        """Threads that place files for :meth:`commit_and_record` (made on first use)."""
         with self._flusher_lock:
             if self._flusher_pool is None:
                 self._flusher_pool = concurrent.futures.ThreadPoolExecutor(
@@ -265,16 +271,14 @@ class Spool:
         try:
             partial.write_bytes(data)
         except OSError as exc:
-            self._give_up(partial, exc)
+            self._give_up(partial, exc, placed=False)
         self._place(partial, final)
         return final
 
-    def _place(
-        self, partial: Path, final: Path, *, sync_directory: bool = True
-    ) -> tuple[int, bool]:
-        """fsync *partial*, rename it to *final* (parents created durably), fsync the directory
-        (unless the caller does: *sync_directory* false). Returns (size, whether a file was
-        replaced); *partial* is removed on any failure."""
+    def _place(self, partial: Path, final: Path) -> tuple[int, bool]:
+        """fsync *partial*, rename it to *final* (parents created durably), fsync the directory.
+        Returns (size, whether a file was replaced); *partial* is removed on any failure, which
+        raises NotPlaced before the rename and OutOfResources after it."""
         try:
             fd = os.open(partial, os.O_RDONLY)
             try:
@@ -292,19 +296,24 @@ class Spool:
                 except FileNotFoundError:  # retention removed the empty directory just now
                     if attempt == 2 or not partial.exists():
                         raise
-            if sync_directory:
-                _fsync_dir(final.parent)
+        except OSError as exc:
+            self._give_up(partial, exc, placed=False)
+        try:
+            _fsync_dir(final.parent)
         except OSError as exc:
             self._give_up(partial, exc)
         return size, replaced
 
     @staticmethod
-    def _give_up(partial: Path, exc: OSError) -> NoReturn:
+    def _give_up(partial: Path, exc: OSError, *, placed: bool = True) -> NoReturn:
+        """Remove *partial* and raise OutOfResources (NotPlaced unless the file was *placed*:
+        renamed to its place, its directory's fsync failed)."""
         with contextlib.suppress(OSError):
             partial.unlink()
+        error = OutOfResources if placed else NotPlaced
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutOfResources("the spool's disk is full") from exc
-        raise OutOfResources(f"cannot write to the spool: {exc.strerror}") from exc
+            raise error("the spool's disk is full") from exc
+        raise error(f"cannot write to the spool: {exc.strerror}") from exc
 
     def remove(self, relpath: str) -> None:
         """Remove a spooled file (used when its database row could not be written)."""

@@ -1,5 +1,6 @@
 import os
 import socket
+import stat
 import threading
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from tests.support.records import header
 from triage_node import spool as spool_module
 from triage_node.domain import SpooledFile
-from triage_node.errors import OutOfResources
+from triage_node.errors import NotPlaced, OutOfResources
 from triage_node.spool import EarlyWriteback, Spool
 
 
@@ -40,42 +41,44 @@ def test_commit_replaces_a_resend(tmp_path: Path) -> None:
     assert spool.path_of(again.relpath).read_bytes() == b"second!"
 
 
-def test_commit_and_record_flushes_the_directory_while_recording(
+def test_commit_and_record_places_the_file_while_recording(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The row is recorded once the file is whole at its place, while the directory's fsync is
-    in flight (it waits here until the record has started); both finish before it returns."""
+    """The row is recorded while a flusher thread fsyncs the file (it waits here until the
+    record has started), renames it and fsyncs its directory; all finish before it returns."""
     spool = Spool(tmp_path / "spool")
     spool.prepare()
     recording = threading.Event()
-    flushed: list[Path] = []
-    real_fsync_dir = spool_module._fsync_dir
+    flushed: list[str] = []
+    real_fsync = os.fsync
 
-    def slow_fsync_dir(path: Path) -> None:
+    def slow_fsync(fd: int) -> None:
         if threading.current_thread().name.startswith("spool-fsync"):
-            assert recording.wait(10), "the record did not start while the directory synced"
-            flushed.append(path)
-        real_fsync_dir(path)
+            assert recording.wait(10), "the record did not start while the file was synced"
+            flushed.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
 
-    monkeypatch.setattr(spool_module, "_fsync_dir", slow_fsync_dir)
-
+    monkeypatch.setattr(os, "fsync", slow_fsync)
     given: list[SpooledFile] = []
 
     def record(spooled: SpooledFile) -> str:
-        assert spool.path_of(spooled.relpath).read_bytes() == b"whole"
         given.append(spooled)
         recording.set()
         return "row"
 
     recorded = spool.commit_and_record(partial_file(spool, b"whole"), header(sop="1.2.3.4"), record)
     [spooled] = given
-    assert recorded == "row" and spooled.size == 5
-    assert flushed == [spool.path_of(spooled.relpath).parent]
+    assert recorded == "row" and spooled.size == 5 and not spooled.replaced
+    assert spool.path_of(spooled.relpath).read_bytes() == b"whole"
+    assert flushed[0] == "file" and flushed[-1] == "dir"  # the file's fsync before its rename's
+    again = spool.commit_and_record(partial_file(spool, b"again"), header(sop="1.2.3.4"), record)
+    assert again == "row" and given[-1].replaced
 
 
 def test_commit_and_record_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the record raises is raised (the file stays for the caller to judge); a directory
-    fsync that fails is OutOfResources, as from commit."""
+    """What the record raises is raised once the file is placed (it stays for the caller to
+    judge); a file that cannot be fsynced is NotPlaced (removed, nothing at its place); a
+    directory fsync that fails after the rename is plain OutOfResources, as from commit."""
     spool = Spool(tmp_path / "spool")
     spool.prepare()
 
@@ -84,14 +87,32 @@ def test_commit_and_record_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(RuntimeError, match="no row"):
         spool.commit_and_record(partial_file(spool, b"a"), header(sop="1.2.3.4"), refuse)
-    assert spool.path_of("1.2.3/1.2.3.1/1.2.3.4.dcm").is_file()
+    assert spool.path_of("1.2.3/1.2.3.1/1.2.3.4.dcm").read_bytes() == b"a"
+
+    real_fsync = os.fsync
+
+    def broken_file_fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, os.strerror(5))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", broken_file_fsync)
+    recorded: list[SpooledFile] = []
+    partial = partial_file(spool, b"b")
+    with pytest.raises(NotPlaced, match="cannot write to the spool: Input/output error"):
+        spool.commit_and_record(partial, header(sop="1.2.3.5"), recorded.append)
+    assert len(recorded) == 1  # the row was made meanwhile: the caller takes it back
+    assert not partial.exists() and not spool.path_of("1.2.3/1.2.3.1/1.2.3.5.dcm").exists()
+    monkeypatch.setattr(os, "fsync", real_fsync)
 
     def broken_fsync_dir(path: Path) -> None:
         raise OSError(5, os.strerror(5))
 
     monkeypatch.setattr(spool_module, "_fsync_dir", broken_fsync_dir)
-    with pytest.raises(OutOfResources, match="cannot write to the spool: Input/output error"):
-        spool.commit_and_record(partial_file(spool, b"b"), header(sop="1.2.3.5"), str)
+    with pytest.raises(OutOfResources, match="cannot write to the spool: Input/output error") as e:
+        spool.commit_and_record(partial_file(spool, b"c"), header(sop="1.2.3.6"), str)
+    assert not isinstance(e.value, NotPlaced)
+    assert spool.path_of("1.2.3/1.2.3.1/1.2.3.6.dcm").read_bytes() == b"c"
 
 
 def test_paths_cannot_leave_the_spool(tmp_path: Path) -> None:

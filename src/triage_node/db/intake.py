@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     bindparam,
     case,
+    delete,
     exists,
     not_,
     or_,
@@ -26,6 +27,7 @@ from triage_node.db.engine import Aggregate, process_owner
 from triage_node.db.schema import (
     associations,
     fit,
+    image_results,
     instances,
     series,
     studies,
@@ -243,6 +245,33 @@ class Intake(Aggregate):
             replaced=spooled.replaced,
             reopened=reopened,
         )
+
+    def forget_instance(self, recorded: RecordedInstance, association_id: int | None) -> bool:
+        """Take back the row :meth:`record_instance` made for a new instance whose file never
+        reached the spool (the sender was told to send it again). An instance that results
+        already refer to is kept. Returns whether the row was removed."""
+        if recorded.replaced:
+            return False  # the row and an earlier file were there before
+        with self._begin() as conn:
+            removed = conn.execute(
+                delete(instances).where(
+                    instances.c.id == recorded.instance_id,
+                    not_(
+                        exists(
+                            select(image_results.c.id).where(
+                                image_results.c.instance_id == instances.c.id
+                            )
+                        )
+                    ),
+                )
+            ).rowcount
+            if removed and association_id is not None:
+                conn.execute(
+                    update(associations)
+                    .where(associations.c.id == association_id, associations.c.instances > 0)
+                    .values(instances=associations.c.instances - 1)
+                )
+        return bool(removed)
 
     def ready_studies(
         self, now: datetime, settle: timedelta, stale: timedelta, limit: int = 100

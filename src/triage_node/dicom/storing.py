@@ -1,10 +1,11 @@
 """Storing one received dataset file: the promise every receiver keeps (C-STORE and STOW-RS).
 
-The file is checked (its header parsed, the caller's own checks), fsynced and renamed into the
-spool, and its row committed while the spool's directory is fsynced (``commit_and_record``);
-only a :class:`Stored` with code SUCCESS may be reported to the sender as stored. On a failure
-before the row the file is removed and nothing is recorded; a failed directory fsync after it
-is reported as out of resources, and the sender's resend replaces row and file.
+The file is checked (its header parsed, the caller's own checks), then fsynced, renamed into the
+spool and its directory fsynced on a flusher thread while its row is committed here
+(``commit_and_record``); only a :class:`Stored` with code SUCCESS may be reported to the sender
+as stored. When the row fails the file is removed; when the file fails to reach the spool the
+new row is taken back; a failed directory fsync after the rename is reported as out of
+resources, and the sender's resend replaces row and file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from triage_node.dicom.status import (
     SUCCESS,
 )
 from triage_node.domain import InstanceHeader, SpooledFile
-from triage_node.errors import DatabaseUnavailable, DatasetError, InvalidUID, OutOfResources
+from triage_node.errors import (
+    DatabaseUnavailable,
+    DatasetError,
+    InvalidUID,
+    NotPlaced,
+    OutOfResources,
+)
 from triage_node.logs import get_logger, log_event
 from triage_node.spool import Spool
 
@@ -140,12 +147,15 @@ class Storer:
         if refusal is not None:
             return Stored(*refusal, header=header)
 
+        made: list[tuple[SpooledFile, RecordedInstance | None]] = []
+
         def record(spooled: SpooledFile) -> RecordedInstance | None:
             try:
-                return self.intake.record_instance(header, spooled, association_id, self.clock())
+                recorded = self.intake.record_instance(
+                    header, spooled, association_id, self.clock()
+                )
             except DatabaseUnavailable as exc:
-                if not spooled.replaced:
-                    self.spool.remove(spooled.relpath)
+                recorded = None
                 log_event(
                     LOG,
                     logging.ERROR,
@@ -154,13 +164,20 @@ class Storer:
                     sop_instance_uid=header.sop_instance_uid,
                     error=exc.cause,
                 )
-                return None
+            made.append((spooled, recorded))
+            return recorded
 
         try:
             recorded = self.spool.commit_and_record(partial, header, record)
+        except NotPlaced as exc:
+            self._take_back(made, association_id, header)
+            return Stored(OUT_OF_RESOURCES, str(exc), header=header)
         except OutOfResources as exc:
             return Stored(OUT_OF_RESOURCES, str(exc), header=header)
         if recorded is None:
+            spooled, _ = made[0]
+            if not spooled.replaced:
+                self.spool.remove(spooled.relpath)
             return Stored(OUT_OF_RESOURCES, "database unavailable; try again later", header)
         if recorded.reopened:
             log_event(
@@ -172,6 +189,31 @@ class Storer:
                 sop_instance_uid=header.sop_instance_uid,
             )
         return Stored(SUCCESS, "", header)
+
+    def _take_back(
+        self,
+        made: list[tuple[SpooledFile, RecordedInstance | None]],
+        association_id: int | None,
+        header: InstanceHeader,
+    ) -> None:
+        """The file did not reach the spool: remove the row recorded for it, unless the
+        instance had one before or another resend's file is there now."""
+        if not made:
+            return  # the spool refused before anything was recorded
+        spooled, recorded = made[0]
+        if recorded is None or self.spool.path_of(spooled.relpath).exists():
+            return
+        try:
+            self.intake.forget_instance(recorded, association_id)
+        except DatabaseUnavailable as exc:  # the worker holds the study back until a resend
+            log_event(
+                LOG,
+                logging.ERROR,
+                "database_write_failed",
+                "could not take back an instance whose file was not stored",
+                sop_instance_uid=header.sop_instance_uid,
+                error=exc.cause,
+            )
 
 
 __all__ = ["Check", "Stored", "Storer", "read_header"]
