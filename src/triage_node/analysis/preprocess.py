@@ -4,13 +4,21 @@ In the order PS3.4 Annex N (the grayscale pipeline) requires: decode, Modality L
 presentation (MONOCHROME1 / Presentation LUT Shape INVERSE, so bone is bright), then resize to
 the model's input and normalise. Size limits are checked before any pixel is allocated, and each
 refusal is a :class:`PreprocessRefused` with a reason, never a crash.
+
+A large radiograph is windowed and area-reduced in :data:`BANDS` horizontal bands side by side
+(numpy and Pillow release the GIL): every step before the resize is per pixel, and the bands of
+the integer reduction never share an input pixel, so the result is the same, bit for bit, as one
+pass over the whole image (tested), in about half the time on two cores.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -25,6 +33,10 @@ from triage_node.errors import PreprocessRefused
 MAX_ROWS = MAX_COLUMNS = 16384
 MAX_PIXEL_BYTES = 512 * 2**20
 PERCENTILE_WINDOW = (0.5, 99.5)  # robust window for images whose header has none
+BANDS = 2  # horizontal bands of a large image processed side by side
+BANDED_PIXELS = 512 * 512  # images smaller than this are processed in one piece
+REDUCING_GAP = 2.0  # Pillow's: box-reduce by an integer factor first, leaving at least 2x to go
+T = TypeVar("T")
 
 ResizeMode = Literal["letterbox", "stretch"]
 WindowPolicy = Literal["header", "percentile"]
@@ -170,21 +182,44 @@ def _first(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+VOISource = Literal["lut", "window", "percentile"]
+
+
+def voi_source(ds: Dataset, policy: WindowPolicy = "header") -> VOISource:
+    """Which VOI step :func:`apply_voi` takes for *ds*: its VOI LUT Sequence, its first usable
+    Window Center/Width pair, or a percentile window of the image itself."""
+    if policy == "header" and "VOILUTSequence" in ds:
+        return "lut"
+    if policy == "header" and "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        usable = math.isfinite(center) and math.isfinite(width)  # else: as if there were none
+        if usable and width > 0 and not (function == "LINEAR" and width < 1):
+            return "window"
+    return "percentile"
+
+
+def _per_pixel(ds: Dataset, policy: WindowPolicy) -> bool:
+    """Whether the VOI step maps each pixel on its own (so bands give the same result): not for
+    a percentile window, nor for a VOI LUT whose top is read from the image."""
+    source = voi_source(ds, policy)
+    if source == "lut":
+        return isinstance(ds.VOILUTSequence[0].LUTData, MultiValue | list)
+    return source == "window"
+
+
 def apply_voi(arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
     """VOI LUT (PS3.3 C.11.2) to [0, 1]: VOI LUT Sequence, else the first Window Center/Width
     pair (LINEAR, LINEAR_EXACT or SIGMOID), else a robust percentile window."""
-    if policy == "header" and "VOILUTSequence" in ds:
+    source = voi_source(ds, policy)
+    if source == "lut":
         out = np.asarray(apply_voi_lut(arr, ds, prefer_lut=True), dtype=np.float32)
         lut_data = ds.VOILUTSequence[0].LUTData
         top = float(max(lut_data)) if isinstance(lut_data, MultiValue | list) else float(out.max())
         return np.clip(out / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(out)
-    if policy == "header" and "WindowCenter" in ds and "WindowWidth" in ds:
-        center = _first(ds.WindowCenter)
-        width = _first(ds.WindowWidth)
+    if source == "window":
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        usable = math.isfinite(center) and math.isfinite(width)  # else: as if there were none
-        if usable and width > 0 and not (function == "LINEAR" and width < 1):
-            return window(arr, center, width, function)
+        return window(arr, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
     low, high = np.percentile(arr, PERCENTILE_WINDOW)
     if high <= low:
         return np.zeros_like(arr, dtype=np.float32)
@@ -229,24 +264,69 @@ def apply_presentation(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 def resize(
     arr: np.ndarray, size: int, mode: ResizeMode = "letterbox"
 ) -> tuple[np.ndarray, Geometry]:
-    """Area-average resize into a size x size square; letterbox keeps the aspect ratio."""
+    """Area-average resize into a size x size square; letterbox keeps the aspect ratio.
+
+    What Pillow's ``resize(BOX, reducing_gap=2.0)`` does — box-reduce by an integer factor,
+    then box-resample the rest (half the time of one exact BOX pass at these sizes, still an
+    area average) — with the reduction done in bands side by side.
+    """
     rows, columns = arr.shape
     if mode == "stretch":
         new_h, new_w = size, size
     else:
         scale = size / max(rows, columns)
         new_h, new_w = max(1, round(rows * scale)), max(1, round(columns * scale))
-    image = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
-    # reducing_gap: Pillow first box-reduces by an integer factor, then box-resamples the rest;
-    # half the time of one exact BOX pass at these sizes, still an area average.
+    image = np.ascontiguousarray(arr, dtype=np.float32)
+    factor_x = int(columns / new_w / REDUCING_GAP) or 1
+    factor_y = int(rows / new_h / REDUCING_GAP) or 1
+    box = (0.0, 0.0, float(columns), float(rows))
+    if factor_x > 1 or factor_y > 1:
+        parts = bands(rows, factor_y) if image.size >= BANDED_PIXELS else [slice(0, rows)]
+        whole = image
+        image = np.concatenate(
+            side_by_side(lambda band: _reduce(whole[band], factor_x, factor_y), parts)
+        )
+        box = (0.0, 0.0, columns / factor_x, rows / factor_y)
     small = np.asarray(
-        image.resize((new_w, new_h), Image.Resampling.BOX, reducing_gap=2.0), dtype=np.float32
+        Image.fromarray(image, mode="F").resize((new_w, new_h), Image.Resampling.BOX, box=box),
+        dtype=np.float32,
     )
     out = np.zeros((size, size), dtype=np.float32)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = small
     geometry = Geometry(rows, columns, new_h / rows, new_w / columns, top, left)
     return out, geometry
+
+
+def _reduce(arr: np.ndarray, factor_x: int, factor_y: int) -> np.ndarray:
+    """Pillow's box reduction: the mean of each factor_x x factor_y block (the last, partial
+    blocks of a row or column average the pixels they have)."""
+    image = Image.fromarray(np.ascontiguousarray(arr), mode="F")
+    return np.asarray(image.reduce((factor_x, factor_y)), dtype=np.float32)
+
+
+def bands(rows: int, multiple: int = 1) -> list[slice]:
+    """Up to :data:`BANDS` row ranges covering *rows*, each but the last a multiple of
+    *multiple* rows long (so a reduction by that factor never straddles two)."""
+    step = max(multiple, (rows // BANDS) // multiple * multiple)
+    starts = list(range(0, rows, step))[:BANDS]
+    ends = [*starts[1:], rows]
+    return [slice(start, end) for start, end in zip(starts, ends, strict=True)]
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def side_by_side(work: Callable[[slice], T], parts: list[slice]) -> list[T]:
+    """``[work(part) for part in parts]``, the parts in threads (made on first use)."""
+    global _pool
+    if len(parts) == 1:
+        return [work(parts[0])]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=BANDS, thread_name_prefix="preprocess")
+    return list(_pool.map(work, parts))
 
 
 def normalise(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -261,11 +341,22 @@ def windowed_image(ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
     if arr.shape != (int(ds.Rows), int(ds.Columns)):
         raise PreprocessRefused(f"decoded pixels have shape {arr.shape}, not Rows x Columns")
     try:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            display = apply_presentation(apply_voi(apply_modality(arr, ds), ds, policy), ds)
+        if arr.size < BANDED_PIXELS or not _per_pixel(ds, policy):
+            return _grayscale(arr, ds, policy)
+        display = np.empty(arr.shape, dtype=np.float32)
+
+        def window_band(band: slice) -> None:
+            display[band] = _grayscale(arr[band], ds, policy)
+
+        side_by_side(window_band, bands(arr.shape[0]))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise PreprocessRefused(f"invalid LUT or window in the header: {exc}") from exc
     return display
+
+
+def _grayscale(arr: np.ndarray, ds: Dataset, policy: WindowPolicy) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return apply_presentation(apply_voi(apply_modality(arr, ds), ds, policy), ds)
 
 
 def model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
