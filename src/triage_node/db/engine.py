@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from triage_node.db.write_lock import write_lock
 from triage_node.errors import DatabaseError, DatabaseUnavailable, SchemaOutOfDate
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -52,11 +53,18 @@ class Aggregate:
         self._insert: Callable[[Table], Any] = (
             postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         )
+        database = sqlite_path(engine.url.render_as_string(hide_password=False))
+        self._write_lock = write_lock(database) if database else None
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
-        """A write transaction, committed when the block ends without an error."""
-        with translate_errors(), self.engine.begin() as conn:
+        """A write transaction, committed when the block ends without an error (on SQLite
+        behind the host's write lock, :mod:`triage_node.db.write_lock`)."""
+        if self._write_lock is None:
+            with translate_errors(), self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock.held(), translate_errors(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager

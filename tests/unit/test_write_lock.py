@@ -1,0 +1,89 @@
+"""The SQLite write lock: one writer at a time across threads and processes, re-entrant in a
+thread, and taken by every write transaction of an aggregate on SQLite."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from triage_node.db.engine import Aggregate, make_engine
+from triage_node.db.write_lock import SUFFIX, WriteLock, write_lock
+
+
+def test_one_lock_per_file_and_process(tmp_path: Path) -> None:
+    database = tmp_path / "node.sqlite3"
+    assert write_lock(str(database)) is write_lock(str(tmp_path / "." / "node.sqlite3"))
+    assert write_lock(str(database)).path == tmp_path / ("node.sqlite3" + SUFFIX)
+
+
+def test_threads_take_turns_and_a_holder_may_enter_again(tmp_path: Path) -> None:
+    lock = WriteLock(tmp_path / "db.sqlite3")
+    order: list[str] = []
+
+    def other() -> None:
+        with lock.held():
+            order.append("other")
+
+    with lock.held():
+        with lock.held():  # re-entrant: a nested write in the same thread goes on
+            order.append("nested")
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(0.2)
+        assert thread.is_alive(), "a second thread got in while the lock was held"
+        order.append("first")
+    thread.join(10)
+    assert order == ["nested", "first", "other"]
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from triage_node.db.write_lock import WriteLock
+with WriteLock(Path(sys.argv[1])).held():
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_another_process_waits_for_the_holder(tmp_path: Path) -> None:
+    database = tmp_path / "db.sqlite3"
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "held"
+        fd = os.open(database.with_name(database.name + SUFFIX), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.wait(30) == 0
+    with WriteLock(database).held():  # free again once the child has committed
+        pass
+
+
+def test_sqlite_aggregates_write_behind_the_lock(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    aggregate = Aggregate(engine)
+    assert aggregate._write_lock is write_lock(str(tmp_path / "node.sqlite3"))
+    with aggregate._begin():
+        assert aggregate._write_lock is not None
+        assert getattr(aggregate._write_lock._held, "depth", 0) == 1
+    assert aggregate._write_lock._held.depth == 0
+    engine.dispose()
+    memory = make_engine("sqlite://")
+    assert Aggregate(memory)._write_lock is None
+    memory.dispose()
