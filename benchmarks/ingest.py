@@ -168,6 +168,15 @@ def measure_triage_node(files: list[Path], senders: int, work: Path) -> float:
     )
     node.start()
     try:
+        # Measured once it is ready, as Orthanc is: C-ECHO answers as soon as one receiver
+        # listens, while the others are still starting (a second of CPU each, which would be
+        # charged to the first files, and fewer receivers to share the senders).
+        receivers = os.cpu_count() or 1  # dicom.receivers = 0: one per core
+        wait_for(
+            lambda: node.log().count('"receiver_started"') >= receivers,
+            60,
+            what=f"the node's {receivers} receivers to start",
+        )
         seconds = send(node.port, files, senders, "TRIAGE_NODE")
     finally:
         node.stop()

@@ -10,6 +10,7 @@ import socket
 import socketserver
 import ssl
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from triage_node.dicom.admission import (
     await_request_start,
     drain,
 )
+from triage_node.dicom.balance import AcceptBalance
 from triage_node.dicom.identity import node_ae, stamp_received_files
 from triage_node.dicom.reactor import close_doorbells, quiet_idle_associations, ring_on_traffic
 from triage_node.dicom.storage_scp import (
@@ -205,8 +207,10 @@ class ReceiverServer(ThreadedAssociationServer):
         config: DicomConfig,
         handlers: StorageHandlers,
         tls_context: ssl.SSLContext | None = None,
+        balance: AcceptBalance | None = None,
     ) -> None:
         self._listen_socket = listen_socket
+        self.balance = balance or AcceptBalance.alone()
         self.tls_context = tls_context  # applied per connection by _RequestHandler
         self.handlers = handlers
         self.daemon_threads = True  # a connection's thread never holds the process up
@@ -246,6 +250,14 @@ class ReceiverServer(ThreadedAssociationServer):
         self.server_close()
         self.rejector.stop()
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection, after letting a less busy receiver take it (dicom.balance);
+        raises BlockingIOError (ignored by socketserver) when another receiver took it."""
+        deferral = self.balance.deferral()
+        if deferral > 0:
+            time.sleep(deferral)
+        return super().get_request()
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """Admit the connection (a slot, before any thread) or have it rejected."""
         address = str(client_address[0])
@@ -254,10 +266,12 @@ class ReceiverServer(ThreadedAssociationServer):
             self.refusals.refused(refused, address)
             self.rejector.reject(request)
             return
+        self.balance.opened()
         try:
             super().process_request(request, client_address)  # its thread
         except Exception:
             self.admission.release(address)
+            self.balance.closed()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -265,6 +279,7 @@ class ReceiverServer(ThreadedAssociationServer):
             super().process_request_thread(request, client_address)
         finally:
             self.admission.release(str(client_address[0]))
+            self.balance.closed()
 
     def address_allowed(self, address: str) -> bool:
         return self._allowed.allows(address)

@@ -32,6 +32,7 @@ from triage_node.db.database import Database
 from triage_node.db.engine import make_engine, redact_url, require_current_schema, upgrade
 from triage_node.db.intake import Intake
 from triage_node.db.notify import Notifier
+from triage_node.dicom.balance import AcceptBalance, Counts
 from triage_node.dicom.server import (
     ReceiverServer,
     build_ae,
@@ -116,9 +117,14 @@ def _child_process_setup(config: Config) -> threading.Event:
 
 
 def run_receiver(
-    config: Config, listen_socket: socket.socket, tls_socket: socket.socket | None, index: int
+    config: Config,
+    listen_socket: socket.socket,
+    tls_socket: socket.socket | None,
+    loads: Counts,
+    index: int,
 ) -> None:
-    """Entry point of a receiver process: the DICOM port and, when configured, the TLS port."""
+    """Entry point of a receiver process: the DICOM port and, when configured, the TLS port;
+    *loads*: the receivers' open connections, shared (dicom.balance)."""
     stop = _child_process_setup(config)
 
     spool = Spool(config.storage.spool_path)
@@ -135,10 +141,13 @@ def run_receiver(
         on_association_end=lambda: ring(doorbells, STUDIES),
     )
     ae = build_ae(config.dicom)
-    servers = [ReceiverServer(ae, listen_socket, config.dicom, handlers)]
+    balance = AcceptBalance(loads, index)
+    servers = [ReceiverServer(ae, listen_socket, config.dicom, handlers, balance=balance)]
     if tls_socket is not None:
         context = server_tls_context(config.dicom)
-        servers.append(ReceiverServer(ae, tls_socket, config.dicom, handlers, context))
+        servers.append(
+            ReceiverServer(ae, tls_socket, config.dicom, handlers, context, balance=balance)
+        )
     for number, server in enumerate(servers):
         threading.Thread(
             target=server.serve_forever,
@@ -347,7 +356,10 @@ def serve(config: Config) -> int:
     tls_socket = open_tls_listener(config.dicom)
     count = receiver_count(config.dicom)
     stop = _stop_on_signals()
-    receivers = ProcessGroup("receiver", run_receiver, (config, listen_socket, tls_socket), count)
+    loads = multiprocessing.get_context("spawn").RawArray("i", count)  # dicom.balance
+    receivers = ProcessGroup(
+        "receiver", run_receiver, (config, listen_socket, tls_socket, loads), count
+    )
     workers = ProcessGroup("worker", run_worker, (config,), config.worker.count)
     scheduler = ServiceScheduler(store, config)
     relay = Relay(run_dir(config.storage.data_dir), Notifier(store.engine))  # workers elsewhere
