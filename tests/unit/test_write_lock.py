@@ -14,6 +14,7 @@ import pytest
 
 from triage_node.db.engine import Aggregate, make_engine
 from triage_node.db.write_lock import SUFFIX, WriteLock, write_lock
+from triage_node.errors import DatabaseUnavailable
 
 
 def test_one_lock_per_file_and_process(tmp_path: Path) -> None:
@@ -87,3 +88,39 @@ def test_sqlite_aggregates_write_behind_the_lock(tmp_path: Path) -> None:
     memory = make_engine("sqlite://")
     assert Aggregate(memory)._write_lock is None
     memory.dispose()
+
+
+def test_a_writer_waits_no_longer_than_the_busy_timeout(tmp_path: Path) -> None:
+    lock = WriteLock(tmp_path / "db.sqlite3", timeout=0.05)
+    failures: list[str] = []
+
+    def other() -> None:
+        try:
+            with WriteLock(tmp_path / "db.sqlite3", timeout=0.05).held():
+                failures.append("got in")
+        except DatabaseUnavailable as exc:
+            failures.append(exc.cause)
+
+    with lock.held():  # another descriptor of the same file, as another process would have
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(10)
+    assert failures == ["WriteLock"]
+
+
+def test_a_reader_holds_no_writer_up(tmp_path: Path) -> None:
+    """Read-only connections begin deferred (a WAL snapshot): a write commits while a read
+    transaction is open, and the reader still sees its snapshot."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}", busy_timeout=0.5)
+    aggregate = Aggregate(engine)
+    with aggregate._begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    with aggregate._connect() as reader:
+        assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 1
+        with aggregate._begin() as writer:  # would wait out the busy timeout and fail before
+            writer.exec_driver_sql("INSERT INTO t VALUES (2)")
+        assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 1
+    with aggregate._connect() as reader:
+        assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 2
+    engine.dispose()

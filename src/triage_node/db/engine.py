@@ -69,9 +69,21 @@ class Aggregate:
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
-        """A read-only connection."""
+        """A read-only connection (on SQLite its transactions begin deferred: they wait for no
+        writer and hold no writer up)."""
         with translate_errors(), self.engine.connect() as conn:
-            yield conn
+            yield conn.execution_options(**{READ_ONLY: True})
+
+
+READ_ONLY = "triage_node_read_only"  # execution option of Aggregate._connect's connections
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """BEGIN IMMEDIATE for a write transaction (it takes SQLite's write lock at once, so it
+    cannot fail half-way for a writer that came in between), a deferred BEGIN for a read-only
+    connection's (a WAL snapshot: it neither waits for writers nor holds them up)."""
+    read_only = conn.get_execution_options().get(READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(busy_timeout: float) -> Any:
@@ -99,7 +111,9 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": busy_timeout})
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(engine, "begin", _sqlite_begin)
+        if parsed.database and parsed.database != ":memory:":
+            write_lock(parsed.database, timeout=busy_timeout)
         return engine
     if parsed.get_backend_name() == "postgresql":
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)

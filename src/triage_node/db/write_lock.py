@@ -4,11 +4,13 @@ SQLite lets one connection write at a time; the others get SQLITE_BUSY and its b
 retries after sleeping 1, 2, 5, 10 ... 100 ms. With several receiver processes committing an
 instance row each every few milliseconds, those sleeps are most of the time a row waits (four
 senders into two receivers: fewer instances per second than one sender). Here each write
-transaction first takes an exclusive ``flock`` on a file beside the database, which the kernel
-hands to the next waiting process (or thread, through an in-process lock) the moment the last
-writer releases it, right after its commit. SQLite's own locking and busy timeout stay as they
-are: this only orders the node's writers, so a process that does not take the lock (a
-``sqlite3`` shell) is still safe, just slower to get in.
+transaction first takes an exclusive ``flock`` on a file beside the database (threads of one
+process queue on an in-process lock first); a writer that finds it taken tries again within a
+millisecond, and gives up after the database's busy timeout like SQLite would
+(:class:`~triage_node.errors.DatabaseUnavailable`). Read transactions take neither this lock
+nor SQLite's write lock (``BEGIN DEFERRED``: in WAL mode readers and writers never wait for
+each other), so the holder of this lock waits for no one but a writer from outside the node
+(a ``sqlite3`` shell), whom SQLite's own locking still keeps safe.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from triage_node.errors import DatabaseUnavailable
+
 SUFFIX = "-writelock"
+FIRST_RETRY = 0.0002  # seconds before a writer that found the lock taken tries again,
+LONGEST_RETRY = 0.001  # doubling up to this
 
 
 class WriteLock:
     """The write lock of one SQLite database file (a process keeps one per file)."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, timeout: float = 30.0) -> None:
         self.path = database.with_name(database.name + SUFFIX)
+        self.timeout = timeout  # the database's busy timeout
         self._threads = threading.Lock()
         self._held = threading.local()
         self._fd: int | None = None
@@ -43,15 +51,35 @@ class WriteLock:
             finally:
                 self._held.depth -= 1
             return
-        with self._threads:
+        deadline = time.monotonic() + self.timeout
+        if not self._threads.acquire(timeout=self.timeout):
+            raise DatabaseUnavailable("database is locked by another writer", cause="WriteLock")
+        try:
             fd = self._file()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._take(fd, deadline)
             self._held.depth = 1
             try:
                 yield
             finally:
                 self._held.depth = 0
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+    @staticmethod
+    def _take(fd: int, deadline: float) -> None:
+        pause = FIRST_RETRY
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DatabaseUnavailable(
+                        "database is locked by another writer", cause="WriteLock"
+                    ) from None
+                time.sleep(pause)
+                pause = min(2 * pause, LONGEST_RETRY)
 
     def _file(self) -> int:
         """This process's descriptor of the lock file (a forked child opens its own: a shared
@@ -66,11 +94,14 @@ _locks: dict[Path, WriteLock] = {}
 _locks_guard = threading.Lock()
 
 
-def write_lock(database: str) -> WriteLock:
-    """The one :class:`WriteLock` of this process for the SQLite file *database*."""
+def write_lock(database: str, timeout: float | None = None) -> WriteLock:
+    """The one :class:`WriteLock` of this process for the SQLite file *database* (*timeout*:
+    the database's busy timeout, set by the engine that opens it)."""
     path = Path(database).resolve()
     with _locks_guard:
         lock = _locks.get(path)
         if lock is None:
             lock = _locks[path] = WriteLock(path)
+        if timeout is not None:
+            lock.timeout = timeout
         return lock
