@@ -188,7 +188,9 @@ class DatabaseConfig:
     )
     auto_upgrade: bool = _setting(True, None, "apply schema migrations when the service starts")
     busy_timeout: float = _setting(
-        30.0, _between(0.1, 600), "seconds SQLite waits for a lock held by another process"
+        30.0,
+        _between(0.1, 600),
+        "seconds a writer waits for the database's write lock held by another process",
     )
 
 
