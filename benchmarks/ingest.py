@@ -47,6 +47,9 @@ from tests.support.peers import (  # noqa: E402
 )
 from tests.support.synth import write_study_set  # noqa: E402
 
+from triage_node.config import DicomConfig  # noqa: E402
+from triage_node.service.supervisor import receiver_count  # noqa: E402
+
 CACHE = REPO / "benchmarks" / ".cache"
 PARALLEL = 4
 
@@ -171,7 +174,7 @@ def measure_triage_node(files: list[Path], senders: int, work: Path) -> float:
         # Measured once it is ready, as Orthanc is: C-ECHO answers as soon as one receiver
         # listens, while the others are still starting (a second of CPU each, which would be
         # charged to the first files, and fewer receivers to share the senders).
-        receivers = os.cpu_count() or 1  # dicom.receivers = 0: one per core
+        receivers = receiver_count(DicomConfig(receivers=0))  # as the node counts them
         wait_for(
             lambda: node.log().count('"receiver_started"') >= receivers,
             60,

@@ -276,15 +276,14 @@ def resize(
     else:
         scale = size / max(rows, columns)
         new_h, new_w = max(1, round(rows * scale)), max(1, round(columns * scale))
-    image = np.ascontiguousarray(arr, dtype=np.float32)
+    pixels = np.ascontiguousarray(arr, dtype=np.float32)
     factor_x = int(columns / new_w / REDUCING_GAP) or 1
     factor_y = int(rows / new_h / REDUCING_GAP) or 1
-    box = (0.0, 0.0, float(columns), float(rows))
+    image, box = pixels, (0.0, 0.0, float(columns), float(rows))
     if factor_x > 1 or factor_y > 1:
-        parts = bands(rows, factor_y) if image.size >= BANDED_PIXELS else [slice(0, rows)]
-        whole = image
+        parts = bands(rows, factor_y) if pixels.size >= BANDED_PIXELS else [slice(0, rows)]
         image = np.concatenate(
-            side_by_side(lambda band: _reduce(whole[band], factor_x, factor_y), parts)
+            side_by_side(lambda band: _reduce(pixels[band], factor_x, factor_y), parts)
         )
         box = (0.0, 0.0, columns / factor_x, rows / factor_y)
     small = np.asarray(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,8 @@ class Aggregate:
     def _begin(self) -> Iterator[Connection]:
         """A write transaction, committed when the block ends without an error (on SQLite
         behind the host's write lock, :mod:`triage_node.db.write_lock`)."""
-        if self._write_lock is None:
-            with translate_errors(), self.engine.begin() as conn:
-                yield conn
-            return
-        with self._write_lock.held(), translate_errors(), self.engine.begin() as conn:
+        held = self._write_lock.held() if self._write_lock is not None else nullcontext()
+        with held, translate_errors(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
@@ -112,8 +109,9 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
         engine = create_engine(url, connect_args={"timeout": busy_timeout})
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
         event.listen(engine, "begin", _sqlite_begin)
-        if parsed.database and parsed.database != ":memory:":
-            write_lock(parsed.database, timeout=busy_timeout)
+        database = sqlite_path(url)
+        if database:
+            write_lock(database, timeout=busy_timeout)
         return engine
     if parsed.get_backend_name() == "postgresql":
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
