@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -90,22 +91,57 @@ def test_sqlite_aggregates_write_behind_the_lock(tmp_path: Path) -> None:
     memory.dispose()
 
 
-def test_a_writer_waits_no_longer_than_the_busy_timeout(tmp_path: Path) -> None:
+def test_a_writer_waits_no_longer_than_the_busy_timeout_then_goes_on_to_sqlite(
+    tmp_path: Path,
+) -> None:
+    """After the busy timeout a waiting writer goes on without the lock, so SQLite's own
+    locking decides and its error names the real cause."""
     lock = WriteLock(tmp_path / "db.sqlite3", timeout=0.05)
-    failures: list[str] = []
+    outcome: list[str] = []
 
     def other() -> None:
-        try:
-            with WriteLock(tmp_path / "db.sqlite3", timeout=0.05).held():
-                failures.append("got in")
-        except DatabaseUnavailable as exc:
-            failures.append(exc.cause)
+        waiter = WriteLock(tmp_path / "db.sqlite3", timeout=0.05)  # as another process's
+        with waiter.held():
+            outcome.append("went on")
+            assert getattr(waiter._held, "depth", 0) == 0  # without holding the lock
 
-    with lock.held():  # another descriptor of the same file, as another process would have
+    with lock.held():
         thread = threading.Thread(target=other)
         thread.start()
         thread.join(10)
-    assert failures == ["WriteLock"]
+    assert outcome == ["went on"]
+
+
+def test_sqlites_own_error_names_a_lock_from_outside_the_node(tmp_path: Path) -> None:
+    """A writer queued behind another that is stuck on an outside lock fails with SQLite's
+    OperationalError, not with an error of the write lock."""
+    path = tmp_path / "node.sqlite3"
+    engine = make_engine(f"sqlite:///{path}", busy_timeout=0.2)
+    aggregate = Aggregate(engine)
+    with aggregate._begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    outside = sqlite3.connect(path, isolation_level=None)
+    outside.execute("BEGIN EXCLUSIVE")
+    causes: list[str] = []
+
+    def write() -> None:
+        try:
+            with aggregate._begin() as conn:
+                conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        except DatabaseUnavailable as exc:
+            causes.append(exc.cause)
+
+    try:
+        writers = [threading.Thread(target=write) for _ in range(2)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(30)
+    finally:
+        outside.execute("ROLLBACK")
+        outside.close()
+    assert causes == ["OperationalError", "OperationalError"]
+    engine.dispose()
 
 
 def test_a_reader_holds_no_writer_up(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""One writer at a time on an SQLite file, handed over at once instead of polled for.
+"""One writer at a time on an SQLite file, handed over within a millisecond.
 
 SQLite lets one connection write at a time; the others get SQLITE_BUSY and its busy handler
 retries after sleeping 1, 2, 5, 10 ... 100 ms. With several receiver processes committing an
@@ -6,11 +6,11 @@ instance row each every few milliseconds, those sleeps are most of the time a ro
 senders into two receivers: fewer instances per second than one sender). Here each write
 transaction first takes an exclusive ``flock`` on a file beside the database (threads of one
 process queue on an in-process lock first); a writer that finds it taken tries again within a
-millisecond, and gives up after the database's busy timeout like SQLite would
-(:class:`~triage_node.errors.DatabaseUnavailable`). Read transactions take neither this lock
-nor SQLite's write lock (``BEGIN DEFERRED``: in WAL mode readers and writers never wait for
-each other), so the holder of this lock waits for no one but a writer from outside the node
-(a ``sqlite3`` shell), whom SQLite's own locking still keeps safe.
+millisecond, and after the database's busy timeout goes on without it, to SQLite's own
+locking (whose error, if it gives one, names what is really in the way). Read transactions
+take neither this lock nor SQLite's write lock (``BEGIN DEFERRED``: in WAL mode readers and
+writers never wait for each other), so the holder of this lock waits for no one but a writer
+from outside the node (a ``sqlite3`` shell), whom SQLite's own locking still keeps safe.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from triage_node.errors import DatabaseUnavailable
 
 SUFFIX = "-writelock"
 FIRST_RETRY = 0.0002  # seconds before a writer that found the lock taken tries again,
@@ -43,7 +41,11 @@ class WriteLock:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        """Hold the lock for a write transaction; a thread that already holds it goes on."""
+        """Hold the lock for a write transaction; a thread that already holds it goes on.
+
+        A writer that cannot have it within the database's busy timeout goes on without it:
+        the lock only orders the node's writers, and SQLite's own locking, which then decides,
+        says what is really in the way (a holder stuck on a lock from outside the node)."""
         if getattr(self._held, "depth", 0):
             self._held.depth += 1
             try:
@@ -53,10 +55,13 @@ class WriteLock:
             return
         deadline = time.monotonic() + self.timeout
         if not self._threads.acquire(timeout=self.timeout):
-            raise DatabaseUnavailable("database is locked by another writer", cause="WriteLock")
+            yield
+            return
         try:
             fd = self._file()
-            self._take(fd, deadline)
+            if not self._take(fd, deadline):
+                yield
+                return
             self._held.depth = 1
             try:
                 yield
@@ -67,17 +72,16 @@ class WriteLock:
             self._threads.release()
 
     @staticmethod
-    def _take(fd: int, deadline: float) -> None:
+    def _take(fd: int, deadline: float) -> bool:
+        """Take the lock file's flock; False once *deadline* has passed without it."""
         pause = FIRST_RETRY
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                return True
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise DatabaseUnavailable(
-                        "database is locked by another writer", cause="WriteLock"
-                    ) from None
+                    return False
                 time.sleep(pause)
                 pause = min(2 * pause, LONGEST_RETRY)
 
