@@ -127,6 +127,19 @@ def _wait_for_bytes(sock: socket.socket, count: int, deadline: float) -> bool:
 NO_REQUEST = "no association request"
 
 
+def peer_gone(sock: socket.socket) -> bool:
+    """True when the peer closed (or reset) the connection before sending anything — a load
+    balancer's health check or a port scan, by the time it is accepted. Such a connection is
+    closed at once, without a slot: otherwise a burst of them could fill the slots until each
+    one's thread had seen the close, and turn the PACS away meanwhile."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # open, nothing sent yet
+    except OSError:
+        return True  # reset
+
+
 def await_request_start(sock: socket.socket, timeout: float) -> str | None:
     """Wait for the peer's first bytes (on the TLS port: its handshake); the reason if none."""
     try:

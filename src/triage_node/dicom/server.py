@@ -28,6 +28,7 @@ from triage_node.dicom.admission import (
     await_request,
     await_request_start,
     drain,
+    peer_gone,
 )
 from triage_node.dicom.balance import AcceptBalance
 from triage_node.dicom.identity import node_ae, stamp_received_files
@@ -259,7 +260,11 @@ class ReceiverServer(ThreadedAssociationServer):
         return super().get_request()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Admit the connection (a slot, before any thread) or have it rejected."""
+        """Admit the connection (a slot, before any thread) or have it rejected; one whose peer
+        has already gone without a word is just closed."""
+        if peer_gone(request):
+            self.shutdown_request(request)
+            return
         address = str(client_address[0])
         refused = self.admission.admit(address)
         if refused is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import select
 import socket
+import struct
 import threading
 import time
 
@@ -19,6 +21,7 @@ from triage_node.dicom.admission import (
     RefusalLog,
     Rejector,
     await_request,
+    peer_gone,
 )
 
 PACS = ipaddress.ip_network("10.0.0.0/24")
@@ -106,6 +109,30 @@ def test_a_peer_that_closes_half_way_is_not_waited_for() -> None:
         started = time.monotonic()
         assert await_request(server, 5.0) == "incomplete association request"
         assert time.monotonic() - started < 1.0
+
+
+def test_a_peer_gone_before_asking_is_told_apart_from_one_still_there() -> None:
+    """Closed or reset without a byte: gone. Still open, or closed after sending its request
+    (which must still be answered): not gone."""
+    client, server = pair()
+    with server:
+        client.close()
+        assert select.select([server], [], [], 10)[0], "the close did not arrive"
+        assert peer_gone(server)
+    client, server = pair()
+    with server:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset
+        assert select.select([server], [], [], 10)[0], "the reset did not arrive"
+        assert peer_gone(server)
+    client, server = pair()
+    with client, server:
+        assert not peer_gone(server)
+        client.sendall(association_request())
+        client.shutdown(socket.SHUT_WR)
+        assert select.select([server], [], [], 10)[0], "the request did not arrive"
+        assert not peer_gone(server)
+        assert server.recv(1, socket.MSG_PEEK) == b"\x01"  # left for pynetdicom
 
 
 def test_a_refused_peer_reads_a_transient_local_limit_rejection() -> None:
