@@ -149,6 +149,11 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     folds = [torch.load(out / f"cv-fold-{k}-best.pt", weights_only=True) for k in (1, 2)]
     held = [set(f["held_logits"]) for f in folds]
     assert not held[0] & held[1] and len(held[0] | held[1]) > 100  # train + validation, once
+    record = json.loads((out / "cross-validation.json").read_text())  # and in the record itself
+    for k, fold in enumerate(folds, 1):
+        in_record = record["folds"][str(k)]["held_logits"]
+        assert set(in_record) == set(fold["held_logits"])
+        assert all(abs(in_record[i] - v) < 1e-4 for i, v in fold["held_logits"].items())
     assert "hand/wrist/fingers" in manifest.scope.regions  # labels.csv has FracAtlas's regions
     assert manifest.training_data["licence"] == "CC BY 4.0"
 

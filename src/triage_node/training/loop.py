@@ -299,7 +299,8 @@ def cross_validate(
         block_folds(examples, config.folds, block_size=config.block_size, seed=config.seed), 1
     ):
         if str(fold) in folds:
-            report(f"cross-validation fold {fold}/{config.folds}: done before ({folds[str(fold)]})")
+            summary = {k: v for k, v in folds[str(fold)].items() if k != "held_logits"}
+            report(f"cross-validation fold {fold}/{config.folds}: done before ({summary})")
             continue
         if only is not None and fold not in only:
             continue
@@ -313,14 +314,13 @@ def cross_validate(
         held_images = subset(held)
         net, best = fit(subset(train), held_images, config, report, None, state)
         scored = score_images(net, held_images, config)
+        held_logits = {e.image_id: float(v) for e, v in zip(held, scored.logits, strict=True)}
         if directory is not None:  # the fold's network and its held-out logits, for ensembles
             torch.save(
                 {
                     "fingerprint": fingerprint(config),
                     "net": net.state_dict(),
-                    "held_logits": {
-                        e.image_id: float(v) for e, v in zip(held, scored.logits, strict=True)
-                    },
+                    "held_logits": held_logits,
                 },
                 directory / f"cv-fold-{fold}-best.pt",
             )
@@ -328,6 +328,9 @@ def cross_validate(
             "auroc": round(best["auroc"], 4),
             "best_epoch": best["epoch"],
             "cam_peak_within_16px": _rounded(scored.peak_near_box),
+            # out-of-fold logits in the record itself (a few kB), so that calibration and
+            # thresholds can be fitted across the folds from the record alone
+            "held_logits": {k: round(v, 5) for k, v in held_logits.items()},
         }
         if record_path is not None:
             document = {"fingerprint": fingerprint(config), "folds": folds}
