@@ -54,22 +54,23 @@ class WriteLock:
                 self._held.depth -= 1
             return
         deadline = time.monotonic() + self.timeout
-        if not self._threads.acquire(timeout=self.timeout):
-            yield
-            return
+        threads = self._threads.acquire(timeout=self.timeout)
+        fd: int | None = None
         try:
-            fd = self._file()
-            if not self._take(fd, deadline):
-                yield
-                return
-            self._held.depth = 1
+            if threads:
+                fd = self._file()
+                if not self._take(fd, deadline):
+                    fd = None  # go on without it (above)
+            self._held.depth = 0 if fd is None else 1
             try:
                 yield
             finally:
                 self._held.depth = 0
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            self._threads.release()
+            if threads:
+                self._threads.release()
 
     @staticmethod
     def _take(fd: int, deadline: float) -> bool:
