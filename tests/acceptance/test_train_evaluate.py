@@ -21,6 +21,8 @@ from PIL import Image
 from tests.support.peers import SHARED, triage_node_command
 from tests.support.synth import write_study_set
 from triage_node.analysis.manifest import load_manifest
+from triage_node.training.calibration import fit_platt
+from triage_node.training.evaluate import operating_thresholds
 
 pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 
@@ -134,6 +136,8 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
         "1",
         "--folds",
         "2",
+        "--calibration",
+        "cross-validation",
         "--block-size",
         "5",
         "--data-name",
@@ -154,6 +158,22 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
         in_record = record["folds"][str(k)]["held_logits"]
         assert set(in_record) == set(fold["held_logits"])
         assert all(abs(in_record[i] - v) < 1e-4 for i, v in fold["held_logits"].items())
+    # --calibration cross-validation: Platt scaling and the operating points fitted on those
+    # out-of-fold logits (every train + validation image), not on the validation split alone
+    held_logits = {i: v for f in record["folds"].values() for i, v in f["held_logits"].items()}
+    fractured = {r["image_id"]: int(r["fractured"]) for r in rows}
+    order = sorted(held_logits)
+    z = np.array([held_logits[i] for i in order])
+    y = np.array([fractured[i] for i in order])
+    platt = fit_platt(z, y)
+    assert manifest.calibration["scale"] == pytest.approx(platt.scale, rel=1e-6)
+    assert manifest.calibration["shift"] == pytest.approx(platt.shift, rel=1e-6, abs=1e-9)
+    assert "cross-validation" in manifest.calibration["method"]
+    document = json.loads((out / "manifest.json").read_text())
+    assert document["calibration"]["out_of_fold"]["images"] == len(order)
+    wanted = operating_thresholds(y, platt.apply(z))
+    for name, threshold in wanted.items():
+        assert document["operating_points"][name]["threshold"] == pytest.approx(threshold)
     assert "hand/wrist/fingers" in manifest.scope.regions  # labels.csv has FracAtlas's regions
     assert manifest.training_data["licence"] == "CC BY 4.0"
 
