@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from triage_node.training.evaluate import operating_thresholds
 pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 
 FRACATLAS = SHARED / "data" / "fracatlas"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 TINY_NET = ["--widths", "16,16,16,16", "--blocks", "1,1,1,1", "--size", "64", "--threads", "1"]
 
 
@@ -126,26 +128,9 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     (data / "boxes.csv").write_text("\n".join(kept) + "\n")
 
     out = tmp_path / "fa-tiny"
-    result = run(
-        "train",
-        "--data",
-        data,
-        "--out",
-        out,
-        "--epochs",
-        "1",
-        "--folds",
-        "2",
-        "--calibration",
-        "cross-validation",
-        "--block-size",
-        "5",
-        "--data-name",
-        "FracAtlas subset",
-        "--data-licence",
-        "CC BY 4.0",
-        *TINY_NET,
-    )
+    recipe = ["--epochs", "1", "--folds", "2", "--block-size", "5", *TINY_NET]
+    provenance = ["--data-name", "FracAtlas subset", "--data-licence", "CC BY 4.0"]
+    result = run("train", "--data", data, "--out", out, *recipe, *provenance)
     assert result.returncode == 0, result.stderr
     manifest = load_manifest(out)
     assert len(manifest.metrics["cross_validation"]["auroc"]) == 2
@@ -158,8 +143,28 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
         in_record = record["folds"][str(k)]["held_logits"]
         assert set(in_record) == set(fold["held_logits"])
         assert all(abs(in_record[i] - v) < 1e-4 for i, v in fold["held_logits"].items())
-    # --calibration cross-validation: Platt scaling and the operating points fitted on those
-    # out-of-fold logits (every train + validation image), not on the validation split alone
+    assert "validation split" in manifest.calibration["method"]
+
+    # The finished network re-finalised with --calibration cross-validation (its state rebuilt
+    # from the model directory, the record beside it): Platt scaling and the operating points
+    # fitted on the out-of-fold logits (every train + validation image), the network the same.
+    again = tmp_path / "fa-tiny-oof"
+    script = [sys.executable, SCRIPTS / "state_from_model.py", "--model", out, "--data", data]
+    rebuilt = subprocess.run(
+        [*script, "--out", again, "--arguments", " ".join(recipe)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    shutil.copy(out / "cross-validation.json", again)
+    calibrate = ["--resume", "--calibration", "cross-validation"]
+    result = run("train", "--data", data, "--out", again, *recipe, *provenance, *calibrate)
+    assert result.returncode == 0, result.stderr
+    assert "epoch   " not in result.stdout.replace("resuming after epoch", "")  # no training
+    first, second = (torch.load(d / "checkpoint.pt")["state_dict"] for d in (out, again))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    manifest = load_manifest(again)
     held_logits = {i: v for f in record["folds"].values() for i, v in f["held_logits"].items()}
     fractured = {r["image_id"]: int(r["fractured"]) for r in rows}
     order = sorted(held_logits)
@@ -169,7 +174,7 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     assert manifest.calibration["scale"] == pytest.approx(platt.scale, rel=1e-6)
     assert manifest.calibration["shift"] == pytest.approx(platt.shift, rel=1e-6, abs=1e-9)
     assert "cross-validation" in manifest.calibration["method"]
-    document = json.loads((out / "manifest.json").read_text())
+    document = json.loads((again / "manifest.json").read_text())
     assert document["calibration"]["out_of_fold"]["images"] == len(order)
     wanted = operating_thresholds(y, platt.apply(z))
     for name, threshold in wanted.items():
