@@ -4,8 +4,10 @@ A model directory keeps its best network (``checkpoint.pt``) and its per-epoch r
 (``train-log.jsonl``), not the run's ``train-state.pt``. This writes that state, compacted and
 marked finished (as ``scripts/train_sweep.py`` leaves one), into a new directory, so that
 ``triage-node train <the model's own arguments> --out NEW --resume`` finalises the same network
-again without training it: for example with ``--folds 5 --calibration cross-validation`` once
-the recipe's cross-validation is recorded in ``NEW/cross-validation.json``.
+again without training it: with other finalise-only settings (``--sensitivity-target``,
+``--ood-pass-rate``, ``--scope``), or with ``--folds K`` to cross-validate the model's recipe
+fold by fold (resumable; a ``cross-validation.json`` copied into ``NEW`` keeps the folds it has)
+without fitting the network again.
 
     python scripts/state_from_model.py --model models/fracture-v3 \\
         --data ../shared/data/fracatlas --out runs/v3-oof \\

@@ -103,12 +103,6 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="validation share the scope guard passes (default 1.0: the highest validation score)",
     )
     train.add_argument(
-        "--calibration",
-        choices=("validation", "cross-validation"),
-        help="fit the probability calibration and the operating points on the validation "
-        "split (default) or on the cross-validation folds' out-of-fold logits (needs --folds)",
-    )
-    train.add_argument(
         "--sensitivity-target",
         type=float,
         help="validation sensitivity of the high-sensitivity operating point (0.9)",
@@ -232,7 +226,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         frozen_blocks=args.frozen_blocks,
         ood_pass_rate=args.ood_pass_rate,
         sensitivity_target=args.sensitivity_target,
-        calibration=args.calibration,
         scope=args.scope,
         scope_guard=args.scope_guard,
     )

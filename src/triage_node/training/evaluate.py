@@ -182,11 +182,9 @@ def guard_summary(predictions: Predictions, threshold: float | None) -> dict[str
     }
 
 
-def operating_thresholds(
-    labels: np.ndarray, probabilities: np.ndarray, target: float = 0.9
-) -> dict[str, float]:
-    """Thresholds reaching *target* sensitivity and *target* specificity on these scores."""
-    y, s = labels, probabilities
+def operating_thresholds(predictions: Predictions, target: float = 0.9) -> dict[str, float]:
+    """Thresholds reaching *target* sensitivity and *target* specificity on these predictions."""
+    y, s = predictions.labels, predictions.probabilities
     return {
         "high_sensitivity": threshold_for_sensitivity(y, s, target),
         "high_specificity": threshold_for_specificity(y, s, target),

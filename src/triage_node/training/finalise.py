@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
 
 from triage_node import __version__
@@ -24,16 +23,15 @@ from triage_node.analysis.runtime import ModelSession
 from triage_node.analysis.scope import FRACATLAS_SCOPE, Scope
 from triage_node.errors import DatasetFolderError, ModelError
 from triage_node.training.backbone import PACKAGED, weights_file
-from triage_node.training.calibration import Platt, expected_calibration_error, fit_platt
+from triage_node.training.calibration import Platt, fit_platt
 from triage_node.training.evaluate import operating_thresholds, predict, summarise
 from triage_node.training.export import export_checked, input_section, write_manifest
 from triage_node.training.folders import Example, block_split, load_folder
 from triage_node.training.images import CamNet, Images, load_images, normalise, score_images
-from triage_node.training.loop import STATE_FILE, cross_validate, fit, out_of_fold_logits
+from triage_node.training.loop import STATE_FILE, cross_validate, fit
 from triage_node.training.network import ExportWrapper
 from triage_node.training.ood import fit_whitening, threshold_for_pass_rate
 from triage_node.training.settings import TrainConfig
-from triage_node.training.statistics import auroc
 
 Report = Callable[[str], None]
 
@@ -182,13 +180,8 @@ def finalise(
     metrics: dict[str, Any],
     report: Report,
     scope: Scope | None = None,
-    out_of_fold: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate, fit the guard, export, measure and describe; returns the manifest written.
-
-    Calibration and the operating points are fitted on the validation split, or with
-    *out_of_fold* (logits, labels: :func:`out_of_fold_logits`) on the cross-validation folds'
-    held-out logits, about six times as many images as the validation split."""
+    """Calibrate, fit the guard, export, measure and describe; returns the manifest written."""
     torch.save(
         {
             "state_dict": net.state_dict(),
@@ -199,39 +192,20 @@ def finalise(
         config.out / "checkpoint.pt",
     )
     validation = score_images(net, validation_images, config)
-    if out_of_fold is None:
-        fitted_on = (validation.logits, validation_images.labels.numpy())
-        source = "the validation split"
-    else:
-        fitted_on = out_of_fold
-        source = (
-            f"the {config.folds} cross-validation folds' out-of-fold logits "
-            f"({len(out_of_fold[1])} train + validation images, each scored by the fold "
-            "network that did not train on it)"
-        )
+    labels = validation_images.labels.numpy()
     try:
-        platt = fit_platt(*fitted_on)
-        method = f"Platt scaling on {source}, folded into the graph"
-        report(
-            f"calibration (Platt, {config.calibration}): "
-            f"scale {platt.scale:.4f} shift {platt.shift:.4f}"
-        )
+        platt = fit_platt(validation.logits, labels)
+        method = "Platt scaling on the validation split, folded into the graph"
+        report(f"calibration (Platt, validation): scale {platt.scale:.4f} shift {platt.shift:.4f}")
     except ValueError as exc:  # a network that does not rank the classes cannot be calibrated
         platt = Platt()
         method = f"none: {exc}"
         report(f"calibration skipped: {exc}; the probabilities are NOT calibrated")
     scope = scope or training_scope(config, report)
-    calibration: dict[str, Any] = {"method": method, "scale": platt.scale, "shift": platt.shift}
-    if out_of_fold is not None:  # what the operating points are fitted on, and how they do there
-        logits, labels = out_of_fold
-        calibrated = platt.apply(logits)
-        calibration["out_of_fold"] = {
-            "images": len(labels),
-            "fractured": int(labels.sum()),
-            "auroc": round(auroc(labels, logits).value, 4),
-            "expected_calibration_error": round(expected_calibration_error(labels, calibrated), 4),
-        }
-    extra: dict[str, Any] = {"calibration": calibration, "scope": scope.to_document()}
+    extra: dict[str, Any] = {
+        "calibration": {"method": method, "scale": platt.scale, "shift": platt.shift},
+        "scope": scope.to_document(),
+    }
     guard_matrices = None
     if config.scope_guard:
         trained = score_images(net, train_images, config)
@@ -259,15 +233,7 @@ def finalise(
     write_manifest(config.out, _manifest(config, splits, provisional, metrics, best, extra))
     model = ModelSession(config.out, intra_op_threads=config.threads)
     on_validation = predict(model, splits["validation"])
-    if out_of_fold is None:
-        thresholds = operating_thresholds(
-            on_validation.labels, on_validation.probabilities, config.sensitivity_target
-        )
-    else:
-        labels = out_of_fold[1]
-        thresholds = operating_thresholds(
-            labels, platt.apply(out_of_fold[0]), config.sensitivity_target
-        )
+    thresholds = operating_thresholds(on_validation, config.sensitivity_target)
     metrics["validation"] = summarise(on_validation, thresholds)
     if len({e.label for e in splits["test"]}) == 2:
         metrics["test"] = summarise(predict(model, splits["test"]), thresholds)
@@ -337,17 +303,4 @@ def train(config: TrainConfig, report: Report = print, *, resume: bool = False) 
         metrics["cross_validation"] = cross_validate(order, images, config, report, config.out)
         report(f"cross-validation: {metrics['cross_validation']}")
     net, best = fit(train_images, validation_images, config, report, log_path, state_path)
-    out_of_fold = None
-    if config.calibration == "cross-validation":
-        out_of_fold = out_of_fold_logits(config.out, order, config)
-    return finalise(
-        net,
-        best,
-        config,
-        splits,
-        train_images,
-        validation_images,
-        metrics,
-        report,
-        out_of_fold=out_of_fold,
-    )
+    return finalise(net, best, config, splits, train_images, validation_images, metrics, report)

@@ -355,31 +355,3 @@ def cross_validate(
             else {}
         ),
     }
-
-
-def out_of_fold_logits(
-    directory: Path, examples: Sequence[Example], config: TrainConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out logit of every one of *examples* (train + validation) from the
-    cross-validation record in *directory*, and their labels: what ``--calibration
-    cross-validation`` fits Platt scaling and the operating points on. Each image's logit comes
-    from the one fold network that did not train on it."""
-    path = directory / "cross-validation.json"
-    if not path.is_file():
-        raise ModelError(f"{path} does not exist: no cross-validation to calibrate on")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if not same_run(record.get("fingerprint", {}), config):
-        raise ModelError(f"{path} was made with other settings than this run's")
-    held: dict[str, float] = {}
-    for fold in record.get("folds", {}).values():
-        held.update(fold.get("held_logits", {}))
-    missing = [e.image_id for e in examples if e.image_id not in held]
-    if missing:
-        done = sorted(record.get("folds", {}), key=int)
-        raise ModelError(
-            f"{path} has no held-out logit for {len(missing)} of {len(examples)} images (folds "
-            f"recorded: {', '.join(done) or 'none'}; a fold recorded before its logits were "
-            "kept in the record must be trained again)"
-        )
-    logits = np.array([held[e.image_id] for e in examples], dtype=np.float64)
-    return logits, np.array([e.label for e in examples], dtype=np.int64)

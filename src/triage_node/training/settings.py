@@ -15,9 +15,6 @@ from triage_node.training.backbone import BackboneSpec, Pooling
 from triage_node.training.network import NetSpec
 
 SCOPES = ("auto", "fracatlas", "any")
-# what Platt scaling and the operating points are fitted on: the validation split's logits, or
-# the cross-validation folds' out-of-fold logits (every train + validation image, once)
-CALIBRATIONS = ("validation", "cross-validation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +48,6 @@ class TrainConfig:
     scope_guard: bool = True  # fold the Mahalanobis scope guard into the graph
     scope: str = "auto"  # body parts: auto (FracAtlas's when labels.csv has its regions), any
     sensitivity_target: float = 0.9  # for the high-sensitivity operating point (validation)
-    calibration: str = "validation"  # one of CALIBRATIONS
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     init_weights: Path | None = None
     box_loss: float = 0.5  # weight of the CAM localisation loss on images with boxes; 0 = off
@@ -76,10 +72,6 @@ class TrainConfig:
             raise ValueError("--ood-pass-rate must be in (0, 1], the sensitivity target in (0, 1)")
         if self.scope not in SCOPES:
             raise ValueError(f"--scope must be one of {', '.join(SCOPES)}")
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"--calibration must be one of {', '.join(CALIBRATIONS)}")
-        if self.calibration == "cross-validation" and self.folds < 2:
-            raise ValueError("--calibration cross-validation needs --folds (at least 2)")
         if self.freeze_epochs < 0 or self.frozen_blocks < 0:
             raise ValueError("--freeze-epochs and --frozen-blocks must not be negative")
         if self.epochs < 1 or self.batch_size < 2 or self.patience < 1:
@@ -102,7 +94,6 @@ RESUMABLE_CHANGES = frozenset(
         "dataset_info",
         "ood_pass_rate",
         "sensitivity_target",
-        "calibration",
         "folds",
         "scope",
         "scope_guard",

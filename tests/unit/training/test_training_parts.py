@@ -20,14 +20,8 @@ from triage_node.training.augment import (  # noqa: E402
     localisation_loss,
 )
 from triage_node.training.export import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
-from triage_node.training.folders import Example  # noqa: E402
 from triage_node.training.images import Images  # noqa: E402
-from triage_node.training.loop import (  # noqa: E402
-    _load_init_weights,
-    cross_validate,
-    fit,
-    out_of_fold_logits,
-)
+from triage_node.training.loop import _load_init_weights, cross_validate, fit  # noqa: E402
 from triage_node.training.network import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
 from triage_node.training.settings import TrainConfig, fingerprint, same_run  # noqa: E402
 
@@ -262,37 +256,3 @@ def test_cross_validation_record_of_other_settings_is_refused_not_overwritten(
     with pytest.raises(ModelError, match="other settings"):
         cross_validate([], tiny_images(4, 0), config, lambda _: None, tmp_path)
     assert record.read_text() == text
-
-
-def test_out_of_fold_logits_come_from_the_record_in_example_order(tmp_path: Path) -> None:
-    config = TrainConfig(data=tmp_path, out=tmp_path, folds=2, size=32)
-    examples = [Example(f"IMG{k}", tmp_path / f"{k}.jpg", k % 2) for k in range(4)]
-    folds = {
-        "1": {"auroc": 0.5, "held_logits": {"IMG0": -1.0, "IMG3": 2.0}},
-        "2": {"auroc": 0.5, "held_logits": {"IMG1": 0.5, "IMG2": -0.25}},
-    }
-    record = tmp_path / "cross-validation.json"
-    record.write_text(json.dumps({"fingerprint": fingerprint(config), "folds": folds}))
-    logits, labels = out_of_fold_logits(tmp_path, examples, config)
-    assert logits.tolist() == [-1.0, 0.5, -0.25, 2.0]
-    assert labels.tolist() == [0, 1, 0, 1]
-
-    del folds["2"]  # a fold not done yet: refused, saying which are
-    record.write_text(json.dumps({"fingerprint": fingerprint(config), "folds": folds}))
-    with pytest.raises(ModelError, match=r"no held-out logit for 2 of 4 images .*recorded: 1"):
-        out_of_fold_logits(tmp_path, examples, config)
-    other = {**fingerprint(config), "learning_rate": 0.5}
-    record.write_text(json.dumps({"fingerprint": other, "folds": folds}))
-    with pytest.raises(ModelError, match="other settings"):
-        out_of_fold_logits(tmp_path, examples, config)
-    record.unlink()
-    with pytest.raises(ModelError, match="does not exist"):
-        out_of_fold_logits(tmp_path, examples, config)
-
-
-def test_cross_validation_calibration_needs_folds(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="needs --folds"):
-        TrainConfig(data=tmp_path, out=tmp_path, calibration="cross-validation").check()
-    with pytest.raises(ValueError, match="--calibration must be one of"):
-        TrainConfig(data=tmp_path, out=tmp_path, calibration="test").check()
-    TrainConfig(data=tmp_path, out=tmp_path, calibration="cross-validation", folds=5).check()
