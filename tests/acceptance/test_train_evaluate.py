@@ -142,6 +142,9 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
         assert set(in_record) == set(fold["held_logits"])
         assert all(abs(in_record[i] - v) < 1e-4 for i, v in fold["held_logits"].items())
     assert "validation split" in manifest.calibration["method"]
+    # each fold's held-out AUROC per epoch, and the epoch count their mean chooses
+    assert all(len(f["auroc_by_epoch"]) == 1 for f in record["folds"].values())
+    assert manifest.metrics["cross_validation"]["best_mean_epoch"] == 1
 
     # The finished network re-finalised with another finalise-only setting (its state rebuilt
     # from the model directory): the same network and calibration, the operating point moved.

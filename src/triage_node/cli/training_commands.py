@@ -103,6 +103,12 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="validation share the scope guard passes (default 1.0: the highest validation score)",
     )
     train.add_argument(
+        "--select",
+        choices=("best", "last"),
+        help="the epoch kept: best (default: highest validation AUROC, with early stopping) or "
+        "last (train exactly --epochs, e.g. a count chosen by cross-validation)",
+    )
+    train.add_argument(
         "--sensitivity-target",
         type=float,
         help="validation sensitivity of the high-sensitivity operating point (0.9)",
@@ -226,6 +232,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         frozen_blocks=args.frozen_blocks,
         ood_pass_rate=args.ood_pass_rate,
         sensitivity_target=args.sensitivity_target,
+        select=args.select,
         scope=args.scope,
         scope_guard=args.scope_guard,
     )

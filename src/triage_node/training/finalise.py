@@ -111,6 +111,7 @@ def _manifest(
         "training": {
             "recipe": {
                 "epochs": config.epochs,
+                "epoch_kept": config.select,  # best (validation AUROC) or last
                 "best_epoch": best["epoch"],
                 "batch_size": config.batch_size,
                 "optimiser": "AdamW",

@@ -142,6 +142,7 @@ def fit(
     pos_weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
     best: dict[str, Any] = {"auroc": -1.0, "epoch": 0}
     best_state: dict[str, torch.Tensor] = {}
+    history: list[float] = []  # validation AUROC of each epoch
     validation_labels = validation.labels.numpy()
     first = 1
     if state_path is not None and state_path.is_file():
@@ -152,6 +153,7 @@ def fit(
                 "with the settings it was started with"
             )
         best, best_state, first = state["best"], state["best_state"], state["epoch"] + 1
+        history = list(state.get("history", []))
         report(f"resuming after epoch {first - 1} (best {best['auroc']:.4f} at {best['epoch']})")
         if state.get("finished") or (
             first - 1 >= config.min_epochs and first - 1 - best["epoch"] >= config.patience
@@ -209,7 +211,8 @@ def fit(
             "learning_rate": round(float(schedule.get_last_lr()[-1]), 7),
             "seconds": round(time.perf_counter() - started, 1),
         }
-        if value > best["auroc"]:
+        history.append(round(value, 4))
+        if value > best["auroc"] or config.select == "last":
             best = {"auroc": value, "epoch": epoch}
             best_state = copy.deepcopy(judged.state_dict())
         record["best_epoch"] = best["epoch"]
@@ -237,6 +240,7 @@ def fit(
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "best": best,
                     "best_state": best_state,
+                    "history": history,
                 },
             )
         if epoch >= config.min_epochs and epoch - best["epoch"] >= config.patience:
@@ -244,7 +248,7 @@ def fit(
             break
     final = build_net(config, pretrained=False)  # on the CPU, where export and finalising run
     final.load_state_dict(best_state)
-    return final.eval(), best
+    return final.eval(), {**best, "validation_auroc_by_epoch": history}
 
 
 def compact_state(path: Path) -> None:
@@ -260,6 +264,16 @@ def compact_state(path: Path) -> None:
         "finished": True,
     }
     _save_state(path, kept)
+
+
+def _mean_curve(curves: list[list[float] | None]) -> dict[str, Any]:
+    """The folds' mean held-out AUROC at each epoch all of them reached, and the epoch where it
+    is highest: the epoch count cross-validation chooses (``--epochs N --select last``)."""
+    if not curves or any(not c for c in curves):
+        return {}
+    reached = min(len(c) for c in curves if c)
+    mean = [round(float(np.mean([c[e] for c in curves if c])), 4) for e in range(reached)]
+    return {"auroc_by_epoch_mean": mean, "best_mean_epoch": int(np.argmax(mean)) + 1}
 
 
 def _rounded(value: float | None) -> float | None:
@@ -328,6 +342,7 @@ def cross_validate(
             "auroc": round(best["auroc"], 4),
             "best_epoch": best["epoch"],
             "cam_peak_within_16px": _rounded(scored.peak_near_box),
+            "auroc_by_epoch": best["validation_auroc_by_epoch"],
             # out-of-fold logits in the record itself (a few kB), so that calibration and
             # thresholds can be fitted across the folds from the record alone
             "held_logits": {k: round(v, 5) for k, v in held_logits.items()},
@@ -343,6 +358,7 @@ def cross_validate(
     return {
         "folds": config.folds,
         **({} if len(done_folds) == config.folds else {"folds_done": done_folds}),
+        **_mean_curve([folds[str(k)].get("auroc_by_epoch") for k in done_folds]),
         "auroc": values,
         "auroc_mean": round(float(np.mean(values)), 4) if values else None,
         "auroc_sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None,

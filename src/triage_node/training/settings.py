@@ -15,6 +15,7 @@ from triage_node.training.backbone import BackboneSpec, Pooling
 from triage_node.training.network import NetSpec
 
 SCOPES = ("auto", "fracatlas", "any")
+SELECTIONS = ("best", "last")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class TrainConfig:
     scope_guard: bool = True  # fold the Mahalanobis scope guard into the graph
     scope: str = "auto"  # body parts: auto (FracAtlas's when labels.csv has its regions), any
     sensitivity_target: float = 0.9  # for the high-sensitivity operating point (validation)
+    select: str = "best"  # the epoch kept: best (validation AUROC) or last (a fixed count)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     init_weights: Path | None = None
     box_loss: float = 0.5  # weight of the CAM localisation loss on images with boxes; 0 = off
@@ -72,6 +74,8 @@ class TrainConfig:
             raise ValueError("--ood-pass-rate must be in (0, 1], the sensitivity target in (0, 1)")
         if self.scope not in SCOPES:
             raise ValueError(f"--scope must be one of {', '.join(SCOPES)}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}")
         if self.freeze_epochs < 0 or self.frozen_blocks < 0:
             raise ValueError("--freeze-epochs and --frozen-blocks must not be negative")
         if self.epochs < 1 or self.batch_size < 2 or self.patience < 1:
@@ -117,7 +121,14 @@ def same_run(stored: dict[str, Any], config: TrainConfig) -> bool:
     kept = {k: v for k, v in stored.items() if k not in RESUMABLE_CHANGES}
     if "data" in kept:
         kept["data"] = str(Path(kept["data"]).resolve())
-    return kept == fingerprint(config)
+    wanted = fingerprint(config)
+    # a setting added since the checkpoint was written matches when this run leaves it at its
+    # default (the run it was written by had no other choice)
+    defaults = fingerprint(TrainConfig(data=config.data, out=config.out))
+    for key in wanted.keys() - kept.keys():
+        if wanted[key] == defaults[key]:
+            kept[key] = wanted[key]
+    return kept == wanted
 
 
 def with_overrides(config: TrainConfig, **values: Any) -> TrainConfig:

@@ -219,6 +219,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
     resumed, best_b = fit(train, validation, base, messages.append, None, tmp_path / "b.pt")
     assert any("resuming after epoch 1" in m for m in messages)
     assert best_b == best
+    assert len(best["validation_auroc_by_epoch"]) == 3  # the curve spans the resume too
     for (name, a), (_, b) in zip(
         straight.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
@@ -227,6 +228,36 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
     other = __import__("dataclasses").replace(base, learning_rate=0.5)
     with pytest.raises(ModelError, match="other settings"):
         fit(train, validation, other, messages.append, None, tmp_path / "b.pt")
+
+
+def test_select_last_keeps_the_last_epoch_and_never_stops_early(tmp_path: Path) -> None:
+    tiny = NetSpec(widths=(16, 16), blocks=(1, 1), stem=16)
+    config = TrainConfig(
+        data=tmp_path,
+        out=tmp_path,
+        size=32,
+        net=tiny,
+        epochs=4,
+        min_epochs=1,
+        patience=1,
+        batch_size=8,
+        threads=1,
+        learning_rate=0.05,  # a rate that makes validation AUROC move about
+        select="last",
+    )
+    torch.set_num_threads(1)
+    _, best = fit(tiny_images(32, 0), tiny_images(16, 1), config, lambda _: None, None)
+    assert best["epoch"] == 4
+    assert best["auroc"] == pytest.approx(best["validation_auroc_by_epoch"][-1], abs=1e-4)
+    with pytest.raises(ValueError, match="--select must be one of"):
+        TrainConfig(data=tmp_path, out=tmp_path, select="median").check()
+
+
+def test_a_setting_added_later_matches_an_older_checkpoint_at_its_default(tmp_path: Path) -> None:
+    config = TrainConfig(data=tmp_path, out=tmp_path)
+    older = {k: v for k, v in fingerprint(config).items() if k != "select"}
+    assert same_run(older, config)
+    assert not same_run(older, __import__("dataclasses").replace(config, select="last"))
 
 
 def test_the_data_folder_counts_as_one_whichever_way_it_is_spelled(
