@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,20 +196,26 @@ def tiny_images(count: int, seed: int) -> Images:
     return Images(pixels.half(), areas, labels, boxes)
 
 
+def tiny_run(tmp_path: Path, **settings: Any) -> TrainConfig:
+    """A two-stage network on 32 px images, one thread: seconds per epoch."""
+    tiny = NetSpec(widths=(16, 16), blocks=(1, 1), stem=16)
+    return TrainConfig(
+        **{
+            "data": tmp_path,
+            "out": tmp_path,
+            "size": 32,
+            "net": tiny,
+            "min_epochs": 1,
+            "batch_size": 8,
+            "threads": 1,
+            **settings,
+        }
+    )
+
+
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
     """Three epochs in one go, and one epoch then --resume to three: the same network."""
-    tiny = NetSpec(widths=(16, 16), blocks=(1, 1), stem=16)
-    base = TrainConfig(
-        data=tmp_path,
-        out=tmp_path,
-        size=32,
-        net=tiny,
-        epochs=3,
-        min_epochs=1,
-        batch_size=8,
-        threads=1,
-        box_loss=0.5,
-    )
+    base = tiny_run(tmp_path, epochs=3, box_loss=0.5)
     train, validation = tiny_images(32, 0), tiny_images(16, 1)
     torch.set_num_threads(1)
     straight, best = fit(train, validation, base, lambda _: None, None, tmp_path / "a.pt")
@@ -231,20 +238,8 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
 
 
 def test_select_last_keeps_the_last_epoch_and_never_stops_early(tmp_path: Path) -> None:
-    tiny = NetSpec(widths=(16, 16), blocks=(1, 1), stem=16)
-    config = TrainConfig(
-        data=tmp_path,
-        out=tmp_path,
-        size=32,
-        net=tiny,
-        epochs=4,
-        min_epochs=1,
-        patience=1,
-        batch_size=8,
-        threads=1,
-        learning_rate=0.05,  # a rate that makes validation AUROC move about
-        select="last",
-    )
+    # a high rate makes validation AUROC move about; patience 1 would stop a "best" run early
+    config = tiny_run(tmp_path, epochs=4, patience=1, learning_rate=0.05, select="last")
     torch.set_num_threads(1)
     _, best = fit(tiny_images(32, 0), tiny_images(16, 1), config, lambda _: None, None)
     assert best["epoch"] == 4
