@@ -40,7 +40,8 @@ def rebuild(model: Path, data: Path, out: Path, arguments: str) -> dict[str, obj
     checkpoint = torch.load(model / "checkpoint.pt", map_location="cpu", weights_only=False)
     net = build_net(config, pretrained=False)
     net.load_state_dict(checkpoint["state_dict"])  # refuses a network of other arguments
-    epochs = [json.loads(line) for line in (model / "train-log.jsonl").read_text().splitlines()]
+    log = (model / "train-log.jsonl").read_text()
+    epochs = [json.loads(line) for line in log.splitlines()]
     best_epoch = epochs[-1]["best_epoch"]
     best_auroc = next(e["validation_auroc"] for e in epochs if e["epoch"] == best_epoch)
     best = {"auroc": float(best_auroc), "epoch": int(best_epoch)}
@@ -53,7 +54,7 @@ def rebuild(model: Path, data: Path, out: Path, arguments: str) -> dict[str, obj
     }
     torch.save(state, out / STATE_FILE)
     compact_state(out / STATE_FILE)  # marks it finished: --resume trains nothing more
-    (out / "train-log.jsonl").write_text((model / "train-log.jsonl").read_text())
+    (out / "train-log.jsonl").write_text(log)
     return best
 
 

@@ -271,8 +271,9 @@ def _mean_curve(curves: list[list[float] | None]) -> dict[str, Any]:
     is highest: the epoch count cross-validation chooses (``--epochs N --select last``)."""
     if not curves or any(not c for c in curves):
         return {}
-    reached = min(len(c) for c in curves if c)
-    mean = [round(float(np.mean([c[e] for c in curves if c])), 4) for e in range(reached)]
+    complete = cast(list[list[float]], curves)
+    reached = min(len(c) for c in complete)
+    mean = [round(float(np.mean([c[e] for c in complete])), 4) for e in range(reached)]
     return {"auroc_by_epoch_mean": mean, "best_mean_epoch": int(np.argmax(mean)) + 1}
 
 
@@ -343,8 +344,8 @@ def cross_validate(
             "best_epoch": best["epoch"],
             "cam_peak_within_16px": _rounded(scored.peak_near_box),
             "auroc_by_epoch": best["validation_auroc_by_epoch"],
-            # out-of-fold logits in the record itself (a few kB), so that calibration and
-            # thresholds can be fitted across the folds from the record alone
+            # out-of-fold logits in the record itself (a few kB), so that they outlive the
+            # fold networks' files (a fold ensemble's calibration, an analysis of the folds)
             "held_logits": {k: round(v, 5) for k, v in held_logits.items()},
         }
         if record_path is not None:
