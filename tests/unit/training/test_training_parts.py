@@ -20,7 +20,13 @@ from triage_node.training.augment import (  # noqa: E402
     augment,
     localisation_loss,
 )
-from triage_node.training.export import PARITY_TOLERANCE, export_checked, parity, write_manifest  # noqa: E402
+from triage_node.training.export import (  # noqa: E402
+    PARITY_TOLERANCE,
+    export_checked,
+    parity,
+    relative_gap,
+    write_manifest,
+)
 from triage_node.training.images import Images  # noqa: E402
 from triage_node.training.loop import _load_init_weights, cross_validate, fit  # noqa: E402
 from triage_node.training.network import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
@@ -161,6 +167,27 @@ def test_parity_check_catches_a_graph_that_differs(tmp_path: Path) -> None:
         for p in other.parameters():
             p.add_(0.5)
     assert parity(ExportWrapper(other), tmp_path / "model.onnx", inputs) > PARITY_TOLERANCE
+
+
+def test_parity_gap_is_measured_against_each_images_own_scale() -> None:
+    """A CAM cell near zero in a map that peaks at 55 carries the rounding of terms of that
+    size; the probability is compared absolutely; an error as large as the map's own rounding
+    times a thousand still fails."""
+    cam = np.zeros((2, 1, 4, 4), np.float32)
+    cam[0, 0, 0, 0], cam[1, 0, 1, 1] = 55.0, 0.5  # image 0 peaks at 55, image 1 at 0.5
+    rounded = cam.copy()
+    rounded[0, 0, 3, 3] += 1e-3  # a cell near zero, off by 1e-3: 1.8e-5 of the map's peak
+    assert relative_gap(cam, rounded) < PARITY_TOLERANCE
+    wrong = cam.copy()
+    wrong[1, 0, 3, 3] += 1e-3  # the same error in a map that peaks at 0.5: absolute
+    assert relative_gap(cam, wrong) > PARITY_TOLERANCE
+    wrong = cam.copy()
+    wrong[0, 0, 3, 3] += 1.0  # a real difference in the large map
+    assert relative_gap(cam, wrong) > PARITY_TOLERANCE
+    probability = np.array([[0.2], [0.9]], np.float32)
+    assert relative_gap(probability, probability + np.float32(2e-4)) > PARITY_TOLERANCE
+    ood = np.array([[300.0], [1.5]], np.float32)
+    assert relative_gap(ood, ood + np.array([[1e-2], [0.0]], np.float32)) < PARITY_TOLERANCE
 
 
 def test_init_weights_must_fit_the_network(tmp_path: Path) -> None:
