@@ -1,6 +1,6 @@
-"""The bundled models: fracture-v3 (what `make serve` uses), fracture-v2 and fracture-v1 (kept
-for comparison) load, are what their manifests say, and run end to end; the default model's
-scope gating holds on the shared radiographs."""
+"""The bundled models: fracture-v4 (what `make serve` uses), fracture-v3, fracture-v2 and
+fracture-v1 (kept for comparison) load, are what their manifests say, and run end to end; the
+default model's scope gating holds on the shared radiographs."""
 
 from __future__ import annotations
 
@@ -18,14 +18,22 @@ from triage_node.analysis.runtime import ModelSession
 from triage_node.config import WorkerConfig
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-V1, V2, V3 = MODELS / "fracture-v1", MODELS / "fracture-v2", MODELS / "fracture-v3"
-DEFAULT = V3  # what `make serve` uses
-BUNDLED = [pytest.param(d, id=d.name) for d in (V1, V2, V3)]
+V1, V2, V3, V4 = (MODELS / f"fracture-v{n}" for n in (1, 2, 3, 4))
+DEFAULT = V4  # what `make serve` uses
+BUNDLED = [pytest.param(d, id=d.name) for d in (V1, V2, V3, V4)]
+PRETRAINED = [pytest.param(d, id=d.name) for d in (V2, V3, V4)]
 IN_SCOPE = {"HIP", "EXTREMITY"}  # the shared radiographs' body parts that FracAtlas covers
 
 
-def test_make_serve_uses_fracture_v3() -> None:
-    assert WorkerConfig().model_dir == Path("models/fracture-v3")
+def test_make_serve_uses_fracture_v4() -> None:
+    assert WorkerConfig().model_dir == Path("models/fracture-v4")
+
+
+def test_fracture_v4_kept_its_last_epoch_of_the_count_cross_validation_chose() -> None:
+    recipe = json.loads((V4 / "manifest.json").read_text())["training"]["recipe"]
+    assert recipe["epoch_kept"] == "last" and recipe["best_epoch"] == recipe["epochs"] == 10
+    log = [json.loads(line) for line in (V4 / "train-log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == list(range(1, 11))
 
 
 @pytest.mark.parametrize("directory", BUNDLED)
@@ -48,7 +56,7 @@ def test_manifest_checksum_size_and_recorded_metrics(directory: Path) -> None:
     assert "Abedeen" in manifest.training_data["citation"]
 
 
-@pytest.mark.parametrize("directory", [V2, V3], ids=["fracture-v2", "fracture-v3"])
+@pytest.mark.parametrize("directory", PRETRAINED)
 def test_the_pretrained_models_are_calibrated_and_scoped(directory: Path) -> None:
     manifest = load_manifest(directory)
     document = json.loads((directory / "manifest.json").read_text())
