@@ -208,18 +208,30 @@ def _per_pixel(ds: Dataset, policy: WindowPolicy) -> bool:
     return source == "window"
 
 
-def apply_voi(arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
+def apply_voi(
+    arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header", out: np.ndarray | None = None
+) -> np.ndarray:
     """VOI LUT (PS3.3 C.11.2) to [0, 1]: VOI LUT Sequence, else the first Window Center/Width
-    pair (LINEAR, LINEAR_EXACT or SIGMOID), else a robust percentile window."""
+    pair (LINEAR, LINEAR_EXACT or SIGMOID), else a robust percentile window.
+
+    With *out* (float32, the shape of *arr*) a window is written there in its own passes, with
+    no temporary the size of the image; the other sources are computed and then copied in.
+    """
     source = voi_source(ds, policy)
-    if source == "lut":
-        out = np.asarray(apply_voi_lut(arr, ds, prefer_lut=True), dtype=np.float32)
-        lut_data = ds.VOILUTSequence[0].LUTData
-        top = float(max(lut_data)) if isinstance(lut_data, MultiValue | list) else float(out.max())
-        return np.clip(out / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(out)
     if source == "window":
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        return window(arr, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+        return window(arr, _first(ds.WindowCenter), _first(ds.WindowWidth), function, out)
+    if out is not None:
+        out[...] = apply_voi(arr, ds, policy)
+        return out
+    if source == "lut":
+        mapped = np.asarray(apply_voi_lut(arr, ds, prefer_lut=True), dtype=np.float32)
+        lut_data = ds.VOILUTSequence[0].LUTData
+        listed = isinstance(lut_data, MultiValue | list)
+        top = float(max(lut_data)) if listed else float(mapped.max())
+        if top <= 0:
+            return np.zeros_like(mapped)
+        return np.asarray(np.clip(mapped / top, 0, 1), dtype=np.float32)
     low, high = np.percentile(arr, PERCENTILE_WINDOW)
     if high <= low:
         return np.zeros_like(arr, dtype=np.float32)
@@ -227,16 +239,22 @@ def apply_voi(arr: np.ndarray, ds: Dataset, policy: WindowPolicy = "header") -> 
     return np.asarray(np.clip(scaled, 0, 1), dtype=np.float32)
 
 
-def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Window to [0, 1] as PS3.3 C.11.2.1.2 defines it, in float32.
+def window(
+    arr: np.ndarray,
+    center: float,
+    width: float,
+    function: str = "LINEAR",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Window to [0, 1] as PS3.3 C.11.2.1.2 defines it, in float32, into *out* when given.
 
     LINEAR and LINEAR_EXACT are one affine map, ``x * scale + bias`` then a clip: the multiply
     converts to float32 in the same pass (three passes over the pixels instead of five; on a
     2000x2500 image about 2.6 ms instead of 3.9 here, equal to 6e-8).
     """
     if function == "SIGMOID":
-        x = np.array(arr, dtype=np.float32, copy=True)
-        x -= np.float32(center)
+        x = np.empty(arr.shape, dtype=np.float32) if out is None else out
+        np.subtract(arr, np.float32(center), out=x, dtype=np.float32)
         x *= np.float32(-4.0 / width)
         np.exp(x, out=x)
         x += np.float32(1)
@@ -245,20 +263,28 @@ def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR
         scale, bias = 1.0 / width, 0.5 - center / width
     else:
         if width <= 1:
-            return (arr > np.float32(center - 0.5)).astype(np.float32)
+            above = arr > np.float32(center - 0.5)
+            if out is None:
+                return above.astype(np.float32)
+            out[...] = above
+            return out
         scale, bias = 1.0 / (width - 1), 0.5 - (center - 0.5) / (width - 1)
-    x = np.multiply(arr, np.float32(scale), dtype=np.float32)
+    x = np.multiply(arr, np.float32(scale), out=out, dtype=np.float32)
     x += np.float32(bias)
-    out: np.ndarray = np.clip(x, 0, 1, out=x)
-    return out
+    clipped: np.ndarray = np.clip(x, 0, 1, out=x)
+    return clipped
 
 
-def apply_presentation(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Make bone bright: invert MONOCHROME1, and Presentation LUT Shape INVERSE."""
+def apply_presentation(arr: np.ndarray, ds: Dataset, in_place: bool = False) -> np.ndarray:
+    """Make bone bright: invert MONOCHROME1, and Presentation LUT Shape INVERSE (in *arr*
+    itself when *in_place*)."""
     inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         inverted = not inverted
-    return (np.float32(1) - arr) if inverted else arr
+    if not inverted:
+        return arr
+    inverse: np.ndarray = np.subtract(np.float32(1), arr, out=arr if in_place else None)
+    return inverse
 
 
 def resize(
@@ -345,7 +371,7 @@ def windowed_image(ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
         display = np.empty(arr.shape, dtype=np.float32)
 
         def window_band(band: slice) -> None:
-            display[band] = _grayscale(arr[band], ds, policy)
+            _grayscale(arr[band], ds, policy, out=display[band])
 
         side_by_side(window_band, bands(arr.shape[0]))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
@@ -353,9 +379,14 @@ def windowed_image(ds: Dataset, policy: WindowPolicy = "header") -> np.ndarray:
     return display
 
 
-def _grayscale(arr: np.ndarray, ds: Dataset, policy: WindowPolicy) -> np.ndarray:
+def _grayscale(
+    arr: np.ndarray, ds: Dataset, policy: WindowPolicy, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The per-pixel chain; with *out*, written there (a band of the display image) without a
+    temporary image and a copy: on a 2000x2500 radiograph that copy cost about 2 ms."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return apply_presentation(apply_voi(apply_modality(arr, ds), ds, policy), ds)
+        voi = apply_voi(apply_modality(arr, ds), ds, policy, out)
+        return apply_presentation(voi, ds, in_place=out is not None)
 
 
 def model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:

@@ -75,14 +75,44 @@ def sigmoid(ds: Dataset) -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize("variant", [lambda ds: ds, with_voi_lut, monochrome1, sigmoid])
+def linear_exact(ds: Dataset) -> Dataset:
+    ds.VOILUTFunction = "LINEAR_EXACT"
+    return ds
+
+
+def width_one(ds: Dataset) -> Dataset:
+    ds.WindowCenter, ds.WindowWidth = 2000, 1  # a threshold: 0 below the centre, 1 above
+    return ds
+
+
+def inverse_shape(ds: Dataset) -> Dataset:
+    ds.PresentationLUTShape = "INVERSE"
+    return ds
+
+
+VARIANTS = [lambda ds: ds, with_voi_lut, monochrome1, sigmoid, linear_exact, width_one]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, inverse_shape])
 def test_banded_window_is_the_whole_image_chain(variant) -> None:  # type: ignore[no-untyped-def]
+    """The bands are written straight into the display image: still the chain's own result."""
     ds = variant(radiograph(1501, 1201))
     banded = windowed_image(ds)
     whole = preprocessing._grayscale(preprocessing.decode(ds), ds, "header")
     assert banded.dtype == np.float32
     np.testing.assert_array_equal(banded, whole)
     assert len(bands(1501)) == preprocessing.BANDS  # it was banded
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_chain_written_into_a_band_leaves_the_rest_alone(variant) -> None:  # type: ignore[no-untyped-def]
+    ds = variant(radiograph(64, 48))
+    arr = preprocessing.decode(ds)
+    display = np.full((80, 48), -7.0, dtype=np.float32)
+    written = preprocessing._grayscale(arr, ds, "header", out=display[8:72])
+    assert np.shares_memory(written, display)
+    np.testing.assert_array_equal(display[8:72], preprocessing._grayscale(arr, ds, "header"))
+    assert (display[:8] == -7).all() and (display[72:] == -7).all()
 
 
 def test_a_band_that_fails_refuses_the_image() -> None:
