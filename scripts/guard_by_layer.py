@@ -28,21 +28,23 @@ import numpy as np
 from train_sweep import recipe_config
 
 BLOCKS = (5, 7, 10, 12, 15)  # of Lite0's 16 (from 0): 80, 80, 112, 192 and 320 channels
+TOP = "top (bundled)"  # the pooled last features, what the bundled guard uses
 
 
-def pooled_by_layer(net: Any, x: Any) -> dict[str, np.ndarray]:
-    """Global-average-pooled outputs of :data:`BLOCKS` and of the top convolution."""
-    import torch
+def block_outputs(net: Any) -> dict[str, list[np.ndarray]]:
+    """Hooks on :data:`BLOCKS` that keep each block's pooled output of every forward pass (the
+    network's own ``features()``, run by ``score_images`` or directly)."""
+    kept: dict[str, list[np.ndarray]] = {f"block {index}": [] for index in BLOCKS}
 
-    out: dict[str, np.ndarray] = {}
-    with torch.no_grad():
-        h = net.stem(x)
-        for index, block in enumerate(net.blocks):
-            h = block(h, drop_connect_rate=None)
-            if index in BLOCKS:
-                out[f"block {index}"] = h.mean(dim=(2, 3)).numpy()
-        out["top (bundled)"] = net.top(h).mean(dim=(2, 3)).numpy()
-    return out
+    def keep(name: str) -> Any:
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            kept[name].append(output.mean(dim=(2, 3)).numpy())
+
+        return hook
+
+    for index in BLOCKS:
+        net.blocks[index].register_forward_hook(keep(f"block {index}"))
+    return kept
 
 
 def main() -> int:
@@ -59,7 +61,7 @@ def main() -> int:
     from triage_node.analysis.manifest import load_manifest
     from triage_node.analysis.preprocess import preprocess
     from triage_node.training.finalise import read_training_images, split_folder
-    from triage_node.training.images import Images, build_net, load_images, normalise
+    from triage_node.training.images import Images, build_net, load_images, score_images
     from triage_node.training.ood import fit_whitening
 
     config = recipe_config(args.data, args.model, args.arguments)
@@ -72,13 +74,13 @@ def main() -> int:
     net.load_state_dict(checkpoint["state_dict"])
     net.eval()
 
+    kept = block_outputs(net)
+
     def features(images: Images) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(images), 64):
-            pixels, _, _ = images.batch(torch.arange(start, min(start + 64, len(images))))
-            for layer, value in pooled_by_layer(net, normalise(pixels, config)).items():
-                parts.setdefault(layer, []).append(value)
-        return {layer: np.concatenate(values) for layer, values in parts.items()}
+        for parts in kept.values():
+            parts.clear()
+        last = score_images(net, images, config).features
+        return {**{k: np.concatenate(v) for k, v in kept.items()}, TOP: last}
 
     train, validation, test = (features(i) for i in (train_images, validation_images, test_images))
     spec = load_manifest(args.model).input
@@ -93,7 +95,11 @@ def main() -> int:
             print(f"{path.name}: not scored ({type(exc).__name__})")
             continue
         label = f"{path.name[:32]} {ds.get('Modality', '')} {ds.get('BodyPartExamined', '')}"
-        dicom.append((label, pooled_by_layer(net, torch.from_numpy(tensor[None]))))
+        for parts in kept.values():
+            parts.clear()
+        with torch.no_grad():
+            last = net.features(torch.from_numpy(tensor[None])).mean(dim=(2, 3)).numpy()
+        dicom.append((label, {**{k: v[0] for k, v in kept.items()}, TOP: last}))
 
     ratios: dict[str, list[float]] = {}
     for layer in train:

@@ -253,12 +253,12 @@ def window(
     2000x2500 image about 2.6 ms instead of 3.9 here, equal to 6e-8).
     """
     if function == "SIGMOID":
-        x = np.empty(arr.shape, dtype=np.float32) if out is None else out
-        np.subtract(arr, np.float32(center), out=x, dtype=np.float32)
+        x: np.ndarray = np.subtract(arr, np.float32(center), out=out, dtype=np.float32)
         x *= np.float32(-4.0 / width)
         np.exp(x, out=x)
         x += np.float32(1)
-        return np.reciprocal(x, out=x)
+        np.reciprocal(x, out=x)
+        return x
     if function == "LINEAR_EXACT":
         scale, bias = 1.0 / width, 0.5 - center / width
     else:
