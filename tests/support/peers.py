@@ -140,18 +140,26 @@ class StoreSCP:
     def __init__(self, directory: Path, *extra: str, port: int | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.process = subprocess.Popen(
-            [require_tool("storescp", "dcmtk"), *extra, "-od", str(directory), str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=dcmtk_env(),
-        )
-        try:
-            wait_for(self._listening, 60, what="storescp to listen")
-        except AssertionError:
-            self.stop()
-            raise
+        for attempt in range(3):  # a free port can be taken by another test before storescp binds
+            self.port = port or free_port()
+            self.process = subprocess.Popen(
+                [require_tool("storescp", "dcmtk"), *extra, "-od", str(directory), str(self.port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=dcmtk_env(),
+            )
+            try:
+                wait_for(self._listening_or_exited, 60, what="storescp to listen")
+            except AssertionError:
+                self.stop()
+                raise
+            if self.process.poll() is None:
+                return
+            if port is not None or attempt == 2:
+                raise AssertionError(f"storescp exited with {self.process.returncode}")
+
+    def _listening_or_exited(self) -> bool:
+        return self.process.poll() is not None or self._listening()
 
     def _listening(self) -> bool:
         try:
