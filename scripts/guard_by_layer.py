@@ -6,7 +6,8 @@ a trained model (on the training split), sets each one's threshold at the highes
 score (as ``triage-node train`` does), and prints for each layer the test split's pass count and,
 for every decodable file in the shared DICOM samples, its score divided by that threshold
 (above 1: stopped). The DICOM files go through the node's own preprocessing with the model's
-manifest input. Nothing here is used at run time; the figures are in the model card.
+manifest input. With ``--save FILE.npz`` every layer's features are kept for other guards
+(``scripts/guard_knn.py``). Nothing here is used at run time; the figures are in the model card.
 
     .venv/bin/python scripts/guard_by_layer.py --model models/fracture-v4 \\
         --data ../shared/data/fracatlas --dicom ../shared/data/dicom \\
@@ -53,6 +54,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--dicom", type=Path, required=True)
     parser.add_argument("--arguments", required=True, help="the model's training arguments")
+    parser.add_argument(
+        "--save", type=Path, help="also write every layer's pooled features to this .npz"
+    )
     args = parser.parse_args()
 
     import torch
@@ -101,6 +105,22 @@ def main() -> int:
             last = net.features(torch.from_numpy(tensor[None])).mean(dim=(2, 3)).numpy()
         dicom.append((label, {**{k: v[0] for k, v in kept.items()}, TOP: last}))
 
+    if args.save:
+        names = {layer: layer.split(" (")[0].replace(" ", "_") for layer in train}
+        np.savez_compressed(
+            args.save,
+            dicom_labels=np.array([label for label, _ in dicom]),
+            **{
+                f"{part}_{names[layer]}": features[layer]
+                for part, features in (("train", train), ("validation", validation), ("test", test))
+                for layer in train
+            },
+            **{
+                f"dicom_{names[layer]}": np.concatenate([f[layer] for _, f in dicom])
+                for layer in train
+            },
+        )
+        print(f"features written to {args.save}")
     ratios: dict[str, list[float]] = {}
     for layer in train:
         whitening = fit_whitening(train[layer])
