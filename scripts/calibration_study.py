@@ -48,6 +48,14 @@ def prior_corrected(platt: Platt, logits: np.ndarray, prevalence: float) -> Plat
     return Platt(platt.scale, platt.shift + (low + high) / 2)
 
 
+def fitted(logits: np.ndarray, labels: np.ndarray) -> Platt | None:
+    """Platt fitted to these, or None where it cannot be (one class; logits that do not rank)."""
+    try:
+        return fit_platt(logits, labels)
+    except ValueError:
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -70,7 +78,7 @@ def main() -> int:
     truth = {e.image_id: e.label for e in pool}
     labels = {k: np.array([truth[i] for i in f["held_logits"]]) for k, f in done.items()}
     every = np.concatenate(list(logits.values()))
-    reference = fit_platt(every, np.concatenate(list(labels.values())))
+    reference = fitted(every, np.concatenate(list(labels.values()))) or Platt()
     half = len(every) // len(done) // 2
     for size, what in ((len(splits["test"]), "the test split's size"), (half, "half a fold")):
         drawn = [reference.apply(rng.choice(every, size)) for _ in range(2000)]
@@ -92,20 +100,22 @@ def main() -> int:
         others = [j for j in done if j != k]
         other_z = np.concatenate([logits[j] for j in others])
         other_y = np.concatenate([labels[j] for j in others])
-        pooled = fit_platt(other_z, other_y) if others else None
+        pooled = fitted(other_z, other_y) if others else None
         own, corrected, across = [], [], []
         for _ in range(args.repeats):
             order = rng.permutation(len(blocks))
             fit = np.concatenate([blocks[i] for i in order[: len(blocks) // 2]])
             measure = np.concatenate([blocks[i] for i in order[len(blocks) // 2 :]])
-            platt = fit_platt(z[fit], y[fit])
+            platt = fitted(z[fit], y[fit])
+            if platt is None:  # a half without fractures, or a network that does not rank
+                continue
             own.append(expected_calibration_error(y[measure], platt.apply(z[measure])))
             prevalence = float(np.concatenate([y[fit], other_y]).mean())
             moved = prior_corrected(platt, z[fit], prevalence)
             corrected.append(expected_calibration_error(y[measure], moved.apply(z[measure])))
             if pooled is not None:
                 across.append(expected_calibration_error(y[measure], pooled.apply(z[measure])))
-        rows.append((np.mean(own), np.mean(corrected), np.mean(across) if across else np.nan))
+        rows.append(tuple(float(np.mean(e)) if e else np.nan for e in (own, corrected, across)))
         print(
             f"{k:>4s}  {len(z):6d}  {int(y.sum()):9d}  {rows[-1][0]:15.3f}  "
             f"{rows[-1][1]:20.3f}  {rows[-1][2]:18.3f}"

@@ -142,6 +142,15 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
         assert set(in_record) == set(fold["held_logits"])
         assert all(abs(in_record[i] - v) < 1e-4 for i, v in fold["held_logits"].items())
     assert "validation split" in manifest.calibration["method"]
+    # the calibration study reads the record as written (the folds' blocks and held-out logits)
+    study_command = [sys.executable, SCRIPTS / "calibration_study.py", "--data", data]
+    study_command += ["--record", out / "cross-validation.json", "--folds", "2", "--repeats", "20"]
+    study = subprocess.run(study_command, capture_output=True, text=True, check=False)
+    assert study.returncode == 0, study.stderr
+    assert "floor, " in study.stdout
+    rows = [line.split()[:2] for line in study.stdout.splitlines()]
+    held_out = [[k, str(len(record["folds"][k]["held_logits"]))] for k in ("1", "2")]
+    assert [row for row in rows if row and row[0] in ("1", "2")] == held_out
     # each fold's held-out AUROC per epoch, and the epoch count their mean chooses
     assert all(len(f["auroc_by_epoch"]) == 1 for f in record["folds"].values())
     assert manifest.metrics["cross_validation"]["best_mean_epoch"] == 1
