@@ -98,8 +98,8 @@ def main() -> int:
         ]
         z, y = logits[k], labels[k]
         others = [j for j in done if j != k]
-        other_z = np.concatenate([logits[j] for j in others])
-        other_y = np.concatenate([labels[j] for j in others])
+        other_z = np.concatenate([np.empty(0)] + [logits[j] for j in others])
+        other_y = np.concatenate([np.empty(0, int)] + [labels[j] for j in others])
         pooled = fitted(other_z, other_y) if others else None
         own, corrected, across = [], [], []
         for _ in range(args.repeats):
