@@ -180,6 +180,31 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     high = "high_sensitivity"
     assert moved.operating_points[high].threshold >= manifest.operating_points[high].threshold
     assert "hand/wrist/fingers" in manifest.scope.regions  # labels.csv has FracAtlas's regions
+
+    # --refit: the recipe's final network trained on train + validation, nothing held out; the
+    # folds' record (not trained again) calibrates it and chooses its operating points
+    refit = tmp_path / "fa-tiny-refit"
+    refit.mkdir()
+    shutil.copy(out / "cross-validation.json", refit)
+    result = run("train", "--data", data, "--out", refit, *recipe, *provenance, "--refit")
+    assert result.returncode == 0, result.stderr
+    assert "done before" in result.stdout and "no validation" in result.stdout
+    refitted = load_manifest(refit)
+    assert "held-out logits" in refitted.calibration["method"]
+    assert refitted.training_data["trained_on"] == ["train", "validation"]
+    split = refitted.training_data["split"]
+    held_out = refitted.metrics["out_of_fold"]
+    assert held_out["images"] == split["train"]["images"] + split["validation"]["images"]
+    assert held_out["operating_points"]["high_sensitivity"]["sensitivity"] >= 0.9
+    assert "validation" not in refitted.metrics
+    guard = json.loads((refit / "manifest.json").read_text())["ood"]
+    assert guard["cross_fitted_pass_rate"] == 1.0 and guard["threshold"] > 0
+    log = [json.loads(line) for line in (refit / "train-log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and "validation_auroc" not in log[0]
+    evaluation = ["--split", "validation", "--out", tmp_path / "ev-refit"]
+    result = run("evaluate", "--model", refit, "--data", data, *evaluation)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING the model was trained on the train and validation split" in result.stdout
     assert manifest.training_data["licence"] == "CC BY 4.0"
 
     result = run(
@@ -196,6 +221,7 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
+    assert document["warning"] is None  # trained on the train split only
     assert document["images"] == manifest.training_data["split"]["validation"]["images"]
     localisation = document["cam_localisation"]
     assert localisation["images_with_boxes"] > 0

@@ -109,6 +109,14 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "last (train exactly --epochs, e.g. a count chosen by cross-validation)",
     )
     train.add_argument(
+        "--refit",
+        action="store_true",
+        default=None,
+        help="with --folds: train the final network on train + validation for exactly --epochs "
+        "(the last epoch kept); its calibration, thresholds and scope guard come from the folds' "
+        "held-out logits and the training images, as no held-out split is left",
+    )
+    train.add_argument(
         "--sensitivity-target",
         type=float,
         help="validation sensitivity of the high-sensitivity operating point (0.9)",
@@ -233,6 +241,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         ood_pass_rate=args.ood_pass_rate,
         sensitivity_target=args.sensitivity_target,
         select=args.select,
+        refit=args.refit,
         scope=args.scope,
         scope_guard=args.scope_guard,
     )

@@ -229,9 +229,16 @@ def evaluate(
         raise DatasetFolderError(f"{data_dir} ({split}): needs both fractured and normal images")
     predictions = predict(model, examples, progress=progress, flip=flip)
     thresholds = {str(n): p.threshold for n, p in manifest.operating_points.items()}
+    trained_on = manifest.training_data.get("trained_on") or ["train"]
     document = {
         "model": {"name": manifest.name, "version": manifest.version, "provider": model.provider},
         "data": {"directory": str(data_dir), "split": split},
+        "warning": (
+            f"the model was trained on the {' and '.join(map(str, trained_on))} split of its "
+            "folder: on those images these figures flatter it"
+            if split == "all" or split in trained_on
+            else None
+        ),
         "test_time_augmentation": "horizontal flip, probabilities averaged" if flip else None,
         **summarise(predictions, thresholds),
         "scope_guard": guard_summary(predictions, manifest.ood_threshold),
@@ -264,6 +271,7 @@ def format_evaluation(document: dict[str, Any]) -> str:
         f"model {document['model']['name']} {document['model']['version']} on "
         f"{document['data']['directory']} ({document['data']['split']}): "
         f"{document['images']} images, {document['fractured']} fractured",
+        *([f"WARNING {document['warning']}"] if document.get("warning") else []),
         f"AUROC {document['auroc']:.3f} (95% CI {low:.3f}-{high:.3f})",
         "",
         f"{'operating point':<18}{'threshold':>10}{'sensitivity':>13}{'specificity':>13}"

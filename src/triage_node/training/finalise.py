@@ -11,11 +11,14 @@ through ONNX Runtime; the validation and test metrics; ``manifest.json``.
 
 from __future__ import annotations
 
+import json
 import platform
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from triage_node import __version__
@@ -24,16 +27,42 @@ from triage_node.analysis.scope import FRACATLAS_SCOPE, Scope
 from triage_node.errors import DatasetFolderError, ModelError
 from triage_node.training.backbone import PACKAGED, weights_file
 from triage_node.training.calibration import Platt, fit_platt
-from triage_node.training.evaluate import operating_thresholds, predict, summarise
+from triage_node.training.evaluate import (
+    Predictions,
+    operating_thresholds,
+    predict,
+    summarise,
+)
 from triage_node.training.export import export_checked, input_section, write_manifest
-from triage_node.training.folders import Example, block_split, load_folder
+from triage_node.training.folders import Example, block_folds, block_split, load_folder
 from triage_node.training.images import CamNet, Images, load_images, normalise, score_images
 from triage_node.training.loop import STATE_FILE, cross_validate, fit
 from triage_node.training.network import ExportWrapper
-from triage_node.training.ood import fit_whitening, threshold_for_pass_rate
+from triage_node.training.ood import Whitening, fit_whitening, threshold_for_pass_rate
 from triage_node.training.settings import TrainConfig
 
 Report = Callable[[str], None]
+Calibration = tuple[Platt, str]  # the fitted scaling and how it was fitted (the manifest's words)
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """The scope guard folded into the graph: Mahalanobis statistics and a threshold chosen so
+    that *pass_rate* of the images it was chosen on (*chosen_on*) pass."""
+
+    whitening: Whitening
+    threshold: float
+    chosen_on: str  # the manifest key naming the images: validation_pass_rate, ...
+    pass_rate: float
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return {
+            "method": "Mahalanobis distance of pooled last features from the training images "
+            "(shrunk covariance), squared and divided by the feature count",
+            "threshold": self.threshold,
+            self.chosen_on: self.pass_rate,
+        }
 
 
 def _network(config: TrainConfig) -> dict[str, Any]:
@@ -67,11 +96,12 @@ def _manifest(
     metrics: dict[str, Any],
     best: dict[str, Any],
     extra: dict[str, Any],
+    chosen_on: str = "validation",
 ) -> dict[str, Any]:
     def counts(part: list[Example]) -> dict[str, int]:
         return {"images": len(part), "fractured": sum(e.label for e in part)}
 
-    validation = metrics.get("validation", {}).get("operating_points", {})
+    validation = metrics.get(chosen_on, {}).get("operating_points", {})
     return {
         "name": config.name or config.out.name,
         "version": config.version,
@@ -100,6 +130,8 @@ def _manifest(
         "training_data": {
             **config.dataset_info,
             "directory": config.data.name,
+            # the splits whose images the network learnt from (evaluate warns on them)
+            "trained_on": ["train", "validation"] if config.refit else ["train"],
             "split": {
                 "method": "shuffled blocks of consecutive image ids",
                 "block_size": config.block_size,
@@ -111,7 +143,10 @@ def _manifest(
         "training": {
             "recipe": {
                 "epochs": config.epochs,
-                "epoch_kept": config.select,  # best (validation AUROC) or last
+                # best (validation AUROC) or last; a refit trains on train + validation and
+                # keeps its last epoch
+                "epoch_kept": "last" if config.refit else config.select,
+                "operating_points_chosen_on": chosen_on,
                 "best_epoch": best["epoch"],
                 "batch_size": config.batch_size,
                 "optimiser": "AdamW",
@@ -171,6 +206,77 @@ def training_scope(config: TrainConfig, report: Report) -> Scope:
     return Scope()
 
 
+def _save_checkpoint(net: CamNet, config: TrainConfig) -> None:
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "network": asdict(config.pretrained or config.net),
+            "backbone": config.pretrained.name if config.pretrained else "scratch",
+            "pooling": asdict(config.pooling),
+        },
+        config.out / "checkpoint.pt",
+    )
+
+
+def _calibration(logits: np.ndarray, labels: np.ndarray, on: str, report: Report) -> Calibration:
+    try:
+        platt = fit_platt(logits, labels)
+        report(f"calibration (Platt, {on}): scale {platt.scale:.4f} shift {platt.shift:.4f}")
+        return platt, f"Platt scaling on {on}, folded into the graph"
+    except ValueError as exc:  # a network that does not rank the classes cannot be calibrated
+        report(f"calibration skipped: {exc}; the probabilities are NOT calibrated")
+        return Platt(), f"none: {exc}"
+
+
+def _export_and_describe(
+    net: CamNet,
+    config: TrainConfig,
+    calibration: Calibration,
+    guard: Guard | None,
+    sample: torch.Tensor,
+    choose: Callable[[ModelSession], tuple[str, Predictions]],
+    splits: dict[str, list[Example]],
+    best: dict[str, Any],
+    metrics: dict[str, Any],
+    report: Report,
+    scope: Scope | None,
+) -> dict[str, Any]:
+    """Fold calibration and guard into one ONNX graph (parity-checked), choose the operating
+    points on the predictions *choose* returns (named by the metrics key it gives), measure the
+    test split, and write the manifest; returns it."""
+    platt, method = calibration
+    scope = scope or training_scope(config, report)
+    extra: dict[str, Any] = {
+        "calibration": {"method": method, "scale": platt.scale, "shift": platt.shift},
+        "scope": scope.to_document(),
+    }
+    if guard is not None:
+        extra["ood"] = guard.document
+    matrices = (guard.whitening.mean, guard.whitening.matrix) if guard is not None else None
+    wrapper = ExportWrapper(net, config.pooling, (platt.scale, platt.shift), matrices)
+    worst = export_checked(wrapper, config.input_spec, config.out, sample.contiguous().numpy())
+    report(f"exported {config.out / 'model.onnx'}: parity torch vs ONNX Runtime {worst:.2e}")
+
+    provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
+    write_manifest(config.out, _manifest(config, splits, provisional, metrics, best, extra))
+    model = ModelSession(config.out, intra_op_threads=config.threads)
+    chosen_on, predictions = choose(model)
+    thresholds = operating_thresholds(predictions, config.sensitivity_target)
+    metrics[chosen_on] = summarise(predictions, thresholds)
+    if len({e.label for e in splits["test"]}) == 2:
+        metrics["test"] = summarise(predict(model, splits["test"]), thresholds)
+    metrics["export_parity_max_abs_diff"] = float(f"{worst:.3g}")
+    document = _manifest(config, splits, thresholds, metrics, best, extra, chosen_on)
+    write_manifest(config.out, document)
+    v = metrics[chosen_on]
+    report(
+        f"{chosen_on.replace('_', '-')} AUROC {v['auroc']:.4f} (95% CI {v['auroc_ci95'][0]:.4f}-"
+        f"{v['auroc_ci95'][1]:.4f}); thresholds {thresholds}"
+        + (f"; test AUROC {metrics['test']['auroc']:.4f}" if "test" in metrics else "")
+    )
+    return document
+
+
 def finalise(
     net: CamNet,
     best: dict[str, Any],
@@ -183,71 +289,120 @@ def finalise(
     scope: Scope | None = None,
 ) -> dict[str, Any]:
     """Calibrate, fit the guard, export, measure and describe; returns the manifest written."""
-    torch.save(
-        {
-            "state_dict": net.state_dict(),
-            "network": asdict(config.pretrained or config.net),
-            "backbone": config.pretrained.name if config.pretrained else "scratch",
-            "pooling": asdict(config.pooling),
-        },
-        config.out / "checkpoint.pt",
-    )
+    _save_checkpoint(net, config)
     validation = score_images(net, validation_images, config)
-    labels = validation_images.labels.numpy()
-    try:
-        platt = fit_platt(validation.logits, labels)
-        method = "Platt scaling on the validation split, folded into the graph"
-        report(f"calibration (Platt, validation): scale {platt.scale:.4f} shift {platt.shift:.4f}")
-    except ValueError as exc:  # a network that does not rank the classes cannot be calibrated
-        platt = Platt()
-        method = f"none: {exc}"
-        report(f"calibration skipped: {exc}; the probabilities are NOT calibrated")
-    scope = scope or training_scope(config, report)
-    extra: dict[str, Any] = {
-        "calibration": {"method": method, "scale": platt.scale, "shift": platt.shift},
-        "scope": scope.to_document(),
-    }
-    guard_matrices = None
+    calibration = _calibration(
+        validation.logits, validation_images.labels.numpy(), "the validation split", report
+    )
+    guard = None
     if config.scope_guard:
-        trained = score_images(net, train_images, config)
-        whitening = fit_whitening(trained.features)
-        ood_threshold = threshold_for_pass_rate(
+        whitening = fit_whitening(score_images(net, train_images, config).features)
+        threshold = threshold_for_pass_rate(
             whitening.score(validation.features), config.ood_pass_rate
         )
-        passes = f"{config.ood_pass_rate:.1%}"
-        report(f"scope guard: threshold {ood_threshold:.3f} passes {passes} of validation")
-        guard_matrices = (whitening.mean, whitening.matrix)
-        extra["ood"] = {
-            "method": "Mahalanobis distance of pooled last features from the training images "
-            "(shrunk covariance), squared and divided by the feature count",
-            "threshold": ood_threshold,
-            "validation_pass_rate": config.ood_pass_rate,
-        }
-    wrapper = ExportWrapper(net, config.pooling, (platt.scale, platt.shift), guard_matrices)
+        report(
+            f"scope guard: threshold {threshold:.3f} passes {config.ood_pass_rate:.1%} of "
+            "validation"
+        )
+        guard = Guard(whitening, threshold, "validation_pass_rate", config.ood_pass_rate)
     sample = normalise(
         validation_images.batch(torch.arange(min(4, len(validation_images))))[0], config
     )
-    worst = export_checked(wrapper, config.input_spec, config.out, sample.contiguous().numpy())
-    report(f"exported {config.out / 'model.onnx'}: parity torch vs ONNX Runtime {worst:.2e}")
 
-    provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
-    write_manifest(config.out, _manifest(config, splits, provisional, metrics, best, extra))
-    model = ModelSession(config.out, intra_op_threads=config.threads)
-    on_validation = predict(model, splits["validation"])
-    thresholds = operating_thresholds(on_validation, config.sensitivity_target)
-    metrics["validation"] = summarise(on_validation, thresholds)
-    if len({e.label for e in splits["test"]}) == 2:
-        metrics["test"] = summarise(predict(model, splits["test"]), thresholds)
-    metrics["export_parity_max_abs_diff"] = float(f"{worst:.3g}")
-    document = _manifest(config, splits, thresholds, metrics, best, extra)
-    write_manifest(config.out, document)
-    v = metrics["validation"]
-    report(
-        f"validation AUROC {v['auroc']:.4f} (95% CI {v['auroc_ci95'][0]:.4f}-"
-        f"{v['auroc_ci95'][1]:.4f}); thresholds {thresholds}"
-        + (f"; test AUROC {metrics['test']['auroc']:.4f}" if "test" in metrics else "")
+    def on_validation(model: ModelSession) -> tuple[str, Predictions]:
+        return "validation", predict(model, splits["validation"])
+
+    return _export_and_describe(
+        net,
+        config,
+        calibration,
+        guard,
+        sample,
+        on_validation,
+        splits,
+        best,
+        metrics,
+        report,
+        scope,
     )
-    return document
+
+
+def out_of_fold_logits(record: Path, examples: list[Example]) -> np.ndarray:
+    """Each example's logit from the cross-validation fold that held it out (the record's
+    ``held_logits``), in *examples*' order; every example must have one."""
+    try:
+        document = json.loads(record.read_text(encoding="utf-8"))
+        held: dict[str, float] = {}
+        for fold in document["folds"].values():
+            held.update(fold["held_logits"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{record}: no held-out logits of the folds to read: {exc}") from None
+    missing = [e.image_id for e in examples if e.image_id not in held]
+    if missing:
+        raise ModelError(
+            f"{record}: {len(missing)} of {len(examples)} images have no held-out logit (are all "
+            "the folds done, with this folder and these settings?)"
+        )
+    return np.array([held[e.image_id] for e in examples], dtype=np.float64)
+
+
+def cross_fitted_scores(
+    features: np.ndarray, examples: list[Example], config: TrainConfig
+) -> np.ndarray:
+    """Each image's guard score from a Mahalanobis fit without its cross-validation fold (an
+    image does not judge its own distance)."""
+    position = {e.image_id: i for i, e in enumerate(examples)}
+    scores = np.empty(len(examples))
+    for kept, held in block_folds(
+        examples, config.folds, block_size=config.block_size, seed=config.seed
+    ):
+        rows = [position[e.image_id] for e in held]
+        whitening = fit_whitening(features[[position[e.image_id] for e in kept]])
+        scores[rows] = whitening.score(features[rows])
+    return scores
+
+
+def finalise_refit(
+    net: CamNet,
+    best: dict[str, Any],
+    config: TrainConfig,
+    splits: dict[str, list[Example]],
+    pool_images: Images,
+    metrics: dict[str, Any],
+    report: Report,
+) -> dict[str, Any]:
+    """Finalise a network trained on train + validation (``--refit``): no split is held out,
+    so calibration and thresholds come from the folds' held-out logits (the same recipe on
+    four fifths of the pool, each image scored by the fold that did not see it, as scikit-learn's
+    ``CalibratedClassifierCV(ensemble=False)`` does) and the guard's threshold from
+    cross-fitted scores of the training images."""
+    _save_checkpoint(net, config)
+    pool = splits["train"] + splits["validation"]  # the order pool_images were read in
+    held = out_of_fold_logits(config.out / "cross-validation.json", pool)
+    labels = np.array([e.label for e in pool], dtype=np.int8)
+    calibration = _calibration(held, labels, "the cross-validation folds' held-out logits", report)
+    guard = None
+    if config.scope_guard:
+        features = score_images(net, pool_images, config).features
+        threshold = threshold_for_pass_rate(
+            cross_fitted_scores(features, pool, config), config.ood_pass_rate
+        )
+        report(
+            f"scope guard: threshold {threshold:.3f} passes {config.ood_pass_rate:.1%} of the "
+            "training images, each scored without its fold"
+        )
+        guard = Guard(
+            fit_whitening(features), threshold, "cross_fitted_pass_rate", config.ood_pass_rate
+        )
+    sample = normalise(pool_images.batch(torch.arange(min(4, len(pool_images))))[0], config)
+    probabilities = calibration[0].apply(held)
+
+    def out_of_fold(_: ModelSession) -> tuple[str, Predictions]:
+        return "out_of_fold", Predictions(tuple(pool), probabilities, (None,) * len(pool), 0.0)
+
+    return _export_and_describe(
+        net, config, calibration, guard, sample, out_of_fold, splits, best, metrics, report, None
+    )
 
 
 def split_folder(config: TrainConfig, report: Report) -> dict[str, list[Example]]:
@@ -303,5 +458,8 @@ def train(config: TrainConfig, report: Report = print, *, resume: bool = False) 
     if config.folds:
         metrics["cross_validation"] = cross_validate(order, images, config, report, config.out)
         report(f"cross-validation: {metrics['cross_validation']}")
+    if config.refit:  # the final network learns from the folds' whole pool
+        net, best = fit(images, None, config, report, log_path, state_path)
+        return finalise_refit(net, best, config, splits, images, metrics, report)
     net, best = fit(train_images, validation_images, config, report, log_path, state_path)
     return finalise(net, best, config, splits, train_images, validation_images, metrics, report)

@@ -44,7 +44,12 @@ from triage_node.training.images import (
     normalise,
     score_images,
 )
-from triage_node.training.settings import TrainConfig, fingerprint, same_run
+from triage_node.training.settings import (
+    TrainConfig,
+    cross_validation_settings,
+    fingerprint,
+    same_run,
+)
 from triage_node.training.statistics import auroc
 
 Report = Callable[[str], None]
@@ -105,13 +110,15 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 def fit(
     train: Images,
-    validation: Images,
+    validation: Images | None,
     config: TrainConfig,
     report: Report,
     log_path: Path | None,
     state_path: Path | None = None,
 ) -> tuple[CamNet, dict[str, Any]]:
     """Train one network; returns the best one (by validation AUROC) and its epoch record.
+    Without *validation* (``--refit``: nothing is held out) it trains exactly ``epochs`` and
+    returns the last.
 
     With *state_path*, each epoch ends by saving everything needed to go on (weights, moving
     average, optimiser, schedule, random generators, best so far); if the file exists already it
@@ -143,7 +150,6 @@ def fit(
     best: dict[str, Any] = {"auroc": -1.0, "epoch": 0}
     best_state: dict[str, torch.Tensor] = {}
     history: list[float] = []  # validation AUROC of each epoch
-    validation_labels = validation.labels.numpy()
     first = 1
     if state_path is not None and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -199,29 +205,41 @@ def fit(
             losses.append(loss.item())
             _progress(epoch, config.epochs, step + 1, steps_per_epoch, float(np.mean(losses)))
         judged = cast(CamNet, ema.module if ema is not None else net)
-        scored = score_images(judged, validation, config)
-        value = auroc(validation_labels, scored.logits).value
-        record = {
+        record: dict[str, Any] = {
             "epoch": epoch,
             "frozen_blocks": frozen,
             "train_loss": round(float(np.mean(losses)), 5),
-            "validation_auroc": round(value, 4),
-            "validation_cam_peak_in_box": _rounded(scored.peak_in_box),
-            "validation_cam_peak_within_16px": _rounded(scored.peak_near_box),
             "learning_rate": round(float(schedule.get_last_lr()[-1]), 7),
-            "seconds": round(time.perf_counter() - started, 1),
         }
-        history.append(round(value, 4))
-        if value > best["auroc"] or config.select == "last":
-            best = {"auroc": value, "epoch": epoch}
+        if validation is None:  # nothing held out: the last epoch is the one kept
+            best = {"auroc": float("nan"), "epoch": epoch}
             best_state = copy.deepcopy(judged.state_dict())
-        record["best_epoch"] = best["epoch"]
-        report(
-            f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  validation AUROC {value:.4f}  "
-            + ("" if scored.peak_in_box is None else f"CAM peak in box {scored.peak_in_box:.3f}  ")
-            + ("" if scored.peak_near_box is None else f"within 16 px {scored.peak_near_box:.3f}  ")
-            + f"(best {best['auroc']:.4f} at {best['epoch']})  {record['seconds']:.0f} s"
-        )
+            record.update(best_epoch=epoch, seconds=round(time.perf_counter() - started, 1))
+            report(
+                f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  (no validation: "
+                f"train + validation)  {record['seconds']:.0f} s"
+            )
+        else:
+            scored = score_images(judged, validation, config)
+            value = auroc(validation.labels.numpy(), scored.logits).value
+            record.update(
+                validation_auroc=round(value, 4),
+                validation_cam_peak_in_box=_rounded(scored.peak_in_box),
+                validation_cam_peak_within_16px=_rounded(scored.peak_near_box),
+                seconds=round(time.perf_counter() - started, 1),
+            )
+            history.append(round(value, 4))
+            if value > best["auroc"] or config.select == "last":
+                best = {"auroc": value, "epoch": epoch}
+                best_state = copy.deepcopy(judged.state_dict())
+            record["best_epoch"] = best["epoch"]
+            in_box, near = scored.peak_in_box, scored.peak_near_box
+            report(
+                f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  validation AUROC {value:.4f}  "
+                + ("" if in_box is None else f"CAM peak in box {in_box:.3f}  ")
+                + ("" if near is None else f"within 16 px {near:.3f}  ")
+                + f"(best {best['auroc']:.4f} at {best['epoch']})  {record['seconds']:.0f} s"
+            )
         if log_path is not None:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -299,6 +317,7 @@ def cross_validate(
     network and held-out logits in ``cv-fold-K-best.pt``) and a fold in progress checkpoints to
     ``cv-fold-K.pt``, so ``--resume`` goes on where it stopped.
     """
+    config = cross_validation_settings(config)  # --refit changes only the final network
     position = {e.image_id: i for i, e in enumerate(examples)}
     record_path = directory / "cross-validation.json" if directory else None
     done: dict[str, Any] = {}

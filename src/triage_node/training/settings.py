@@ -50,6 +50,7 @@ class TrainConfig:
     scope: str = "auto"  # body parts: auto (FracAtlas's when labels.csv has its regions), any
     sensitivity_target: float = 0.9  # for the high-sensitivity operating point (validation)
     select: str = "best"  # the epoch kept: best (validation AUROC) or last (a fixed count)
+    refit: bool = False  # after cross-validation, train the kept network on train + validation
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     init_weights: Path | None = None
     box_loss: float = 0.5  # weight of the CAM localisation loss on images with boxes; 0 = off
@@ -82,6 +83,11 @@ class TrainConfig:
             raise ValueError("--epochs and --patience must be positive, --batch-size at least 2")
         if self.folds == 1 or self.folds < 0:
             raise ValueError("--folds must be 0 (none) or at least 2")
+        if self.refit and not self.folds:
+            raise ValueError(
+                "--refit needs --folds: the folds' held-out logits calibrate the network and "
+                "choose its thresholds, as the validation split it trains on no longer can"
+            )
         if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError("--device must be cpu, cuda or cuda:N")
 
@@ -129,6 +135,12 @@ def same_run(stored: dict[str, Any], config: TrainConfig) -> bool:
         if wanted[key] == defaults[key]:
             kept[key] = wanted[key]
     return kept == wanted
+
+
+def cross_validation_settings(config: TrainConfig) -> TrainConfig:
+    """The settings that make a cross-validation: *config* less what only the final network
+    uses (``--refit`` trains it on the folds' whole pool; the folds are the same)."""
+    return replace(config, refit=False)
 
 
 def with_overrides(config: TrainConfig, **values: Any) -> TrainConfig:

@@ -309,3 +309,39 @@ def test_cross_validation_record_of_other_settings_is_refused_not_overwritten(
     with pytest.raises(ModelError, match="other settings"):
         cross_validate([], tiny_images(4, 0), config, lambda _: None, tmp_path)
     assert record.read_text() == text
+
+
+def test_refit_trains_without_validation_and_keeps_the_last_epoch(tmp_path: Path) -> None:
+    """``--refit``: nothing held out, exactly ``epochs`` trained, the last kept, resumable."""
+    config = tiny_run(tmp_path, epochs=3, patience=1, folds=2, refit=True)
+    config.check()
+    torch.set_num_threads(1)
+    messages: list[str] = []
+    log = tmp_path / "log.jsonl"
+    net, best = fit(tiny_images(32, 0), None, config, messages.append, log, tmp_path / "s.pt")
+    assert best["epoch"] == 3 and best["validation_auroc_by_epoch"] == []
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all("validation_auroc" not in r for r in records)
+    again, _ = fit(tiny_images(32, 0), None, config, messages.append, None, tmp_path / "s.pt")
+    assert any("resuming after epoch 3" in m for m in messages)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ValueError, match="--refit needs --folds"):
+        TrainConfig(data=tmp_path, out=tmp_path, refit=True).check()
+
+
+def test_a_refit_reads_the_cross_validation_record_made_without_it(tmp_path: Path) -> None:
+    """The folds are the same whether or not the final network is refitted: a record written
+    by a plain ``--folds`` run is read, not refused, by a ``--refit`` run of the same recipe."""
+    plain = TrainConfig(data=tmp_path, out=tmp_path, folds=2, size=32)
+    record = tmp_path / "cross-validation.json"
+    done = {str(k): {"auroc": a, "cam_peak_within_16px": None} for k, a in ((1, 0.9), (2, 0.8))}
+    text = json.dumps({"fingerprint": fingerprint(plain), "folds": done})
+    record.write_text(text)
+    refit = __import__("dataclasses").replace(plain, refit=True)
+    summary = cross_validate([], tiny_images(4, 0), refit, lambda _: None, tmp_path)
+    assert summary["auroc"] == [0.9, 0.8]
+    assert record.read_text() == text
