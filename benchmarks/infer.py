@@ -2,7 +2,7 @@
 
 For a 2000x2500 16-bit synthetic radiograph (the size perf-notes.md measured), on CPU with
 2 intra-op threads, batch 1 and batch 8, median of --runs; with CUDA too when onnxruntime-gpu
-and a GPU are present. Uses --model DIR, else the bundled models/fracture-v4, else a
+and a GPU are present. Uses --model DIR, else the bundled models/fracture-v5, else a
 ResNet-18-like network with random weights built here (same graph shape as a real model: conv
 features -> 1x1 conv CAM -> global average -> sigmoid), so the cost is realistic even before a
 model is trained.

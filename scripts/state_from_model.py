@@ -43,7 +43,10 @@ def rebuild(model: Path, data: Path, out: Path, arguments: str) -> dict[str, obj
     log = (model / "train-log.jsonl").read_text()
     epochs = [json.loads(line) for line in log.splitlines()]
     best_epoch = epochs[-1]["best_epoch"]
-    best_auroc = next(e["validation_auroc"] for e in epochs if e["epoch"] == best_epoch)
+    # a model refitted on train + validation (--refit) validated nothing: no AUROC per epoch
+    best_auroc = next(
+        e.get("validation_auroc", float("nan")) for e in epochs if e["epoch"] == best_epoch
+    )
     best = {"auroc": float(best_auroc), "epoch": int(best_epoch)}
     out.mkdir(parents=True, exist_ok=True)
     state = {

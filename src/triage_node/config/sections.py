@@ -240,7 +240,7 @@ class WorkerConfig:
 
     count: int = _setting(1, _between(0, 64), "worker processes; 0 = receive only")
     model_dir: Path = _setting(
-        Path("models/fracture-v4"), None, "model directory (manifest.json and model.onnx)"
+        Path("models/fracture-v5"), None, "model directory (manifest.json and model.onnx)"
     )
     unlabelled_images: str = _setting(
         "analyse",
