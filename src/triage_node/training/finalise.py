@@ -218,14 +218,27 @@ def _save_checkpoint(net: CamNet, config: TrainConfig) -> None:
     )
 
 
-def _calibration(logits: np.ndarray, labels: np.ndarray, on: str, report: Report) -> Calibration:
+def _calibration(
+    logits: np.ndarray, labels: np.ndarray, on: str, label: str, report: Report
+) -> Calibration:
+    """Platt scaling fitted on *logits* (*on* says where, in the manifest's words; *label* in
+    the progress line), or none when the logits do not rank the classes."""
     try:
         platt = fit_platt(logits, labels)
-        report(f"calibration (Platt, {on}): scale {platt.scale:.4f} shift {platt.shift:.4f}")
+        report(f"calibration (Platt, {label}): scale {platt.scale:.4f} shift {platt.shift:.4f}")
         return platt, f"Platt scaling on {on}, folded into the graph"
     except ValueError as exc:  # a network that does not rank the classes cannot be calibrated
         report(f"calibration skipped: {exc}; the probabilities are NOT calibrated")
         return Platt(), f"none: {exc}"
+
+
+def _guard(
+    whitening: Whitening, judged: np.ndarray, on: str, key: str, config: TrainConfig, report: Report
+) -> Guard:
+    """The guard whose threshold lets ``config.ood_pass_rate`` of the *judged* scores pass."""
+    threshold = threshold_for_pass_rate(judged, config.ood_pass_rate)
+    report(f"scope guard: threshold {threshold:.3f} passes {config.ood_pass_rate:.1%} of {on}")
+    return Guard(whitening, threshold, key, config.ood_pass_rate)
 
 
 def _export_and_describe(
@@ -292,19 +305,17 @@ def finalise(
     _save_checkpoint(net, config)
     validation = score_images(net, validation_images, config)
     calibration = _calibration(
-        validation.logits, validation_images.labels.numpy(), "the validation split", report
+        validation.logits,
+        validation_images.labels.numpy(),
+        "the validation split",
+        "validation",
+        report,
     )
     guard = None
     if config.scope_guard:
         whitening = fit_whitening(score_images(net, train_images, config).features)
-        threshold = threshold_for_pass_rate(
-            whitening.score(validation.features), config.ood_pass_rate
-        )
-        report(
-            f"scope guard: threshold {threshold:.3f} passes {config.ood_pass_rate:.1%} of "
-            "validation"
-        )
-        guard = Guard(whitening, threshold, "validation_pass_rate", config.ood_pass_rate)
+        judged = whitening.score(validation.features)
+        guard = _guard(whitening, judged, "validation", "validation_pass_rate", config, report)
     sample = normalise(
         validation_images.batch(torch.arange(min(4, len(validation_images))))[0], config
     )
@@ -380,19 +391,15 @@ def finalise_refit(
     pool = splits["train"] + splits["validation"]  # the order pool_images were read in
     held = out_of_fold_logits(config.out / "cross-validation.json", pool)
     labels = np.array([e.label for e in pool], dtype=np.int8)
-    calibration = _calibration(held, labels, "the cross-validation folds' held-out logits", report)
+    on = "the cross-validation folds' held-out logits"
+    calibration = _calibration(held, labels, on, "held-out folds", report)
     guard = None
     if config.scope_guard:
         features = score_images(net, pool_images, config).features
-        threshold = threshold_for_pass_rate(
-            cross_fitted_scores(features, pool, config), config.ood_pass_rate
-        )
-        report(
-            f"scope guard: threshold {threshold:.3f} passes {config.ood_pass_rate:.1%} of the "
-            "training images, each scored without its fold"
-        )
-        guard = Guard(
-            fit_whitening(features), threshold, "cross_fitted_pass_rate", config.ood_pass_rate
+        judged = cross_fitted_scores(features, pool, config)
+        on = "the training images, each scored without its fold"
+        guard = _guard(
+            fit_whitening(features), judged, on, "cross_fitted_pass_rate", config, report
         )
     sample = normalise(pool_images.batch(torch.arange(min(4, len(pool_images))))[0], config)
     probabilities = calibration[0].apply(held)
