@@ -94,8 +94,13 @@ def test_train_evaluate_infer_on_class_folders(tmp_path: Path) -> None:
     result = run("evaluate", "--model", out, "--data", data, "--out", evaluation)
     assert result.returncode == 0, result.stderr
     assert "AUROC" in result.stdout and "high_specificity" in result.stdout
+    assert "WARNING the model was trained on the train split" in result.stdout  # its own folder
     document = json.loads((evaluation / "evaluation.json").read_text())
     assert document["images"] == 60 and document["fractured"] == 30
+    site = shutil.copytree(data, tmp_path / "our-labelled-set")  # another folder: unseen
+    result = run("evaluate", "--model", out, "--data", site, "--out", tmp_path / "site-evaluation")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stdout
     low, high = document["auroc_ci95"]
     assert low <= document["auroc"] <= high
     assert set(document["operating_points"]) == {"high_sensitivity", "high_specificity", "youden"}

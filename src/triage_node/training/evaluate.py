@@ -230,13 +230,16 @@ def evaluate(
     predictions = predict(model, examples, progress=progress, flip=flip)
     thresholds = {str(n): p.threshold for n, p in manifest.operating_points.items()}
     trained_on = manifest.training_data.get("trained_on") or ["train"]
+    # --split all on another folder (a site's own labelled set) is unseen; on the training
+    # folder (recorded by name) it holds the splits the model learnt from
+    training_folder = Path(data_dir).resolve().name == manifest.training_data.get("directory")
     document = {
         "model": {"name": manifest.name, "version": manifest.version, "provider": model.provider},
         "data": {"directory": str(data_dir), "split": split},
         "warning": (
             f"the model was trained on the {' and '.join(map(str, trained_on))} split of its "
             "folder: on those images these figures flatter it"
-            if split == "all" or split in trained_on
+            if split in trained_on or (split == "all" and training_folder)
             else None
         ),
         "test_time_augmentation": "horizontal flip, probabilities averaged" if flip else None,
