@@ -246,7 +246,7 @@ def _export_and_describe(
     config: TrainConfig,
     calibration: Calibration,
     guard: Guard | None,
-    sample: torch.Tensor,
+    sample_images: Images,
     choose: Callable[[ModelSession], tuple[str, Predictions]],
     splits: dict[str, list[Example]],
     best: dict[str, Any],
@@ -256,7 +256,8 @@ def _export_and_describe(
 ) -> dict[str, Any]:
     """Fold calibration and guard into one ONNX graph (parity-checked), choose the operating
     points on the predictions *choose* returns (named by the metrics key it gives), measure the
-    test split, and write the manifest; returns it."""
+    test split, and write the manifest; returns it. The parity check runs on the first four of
+    *sample_images*."""
     platt, method = calibration
     scope = scope or training_scope(config, report)
     extra: dict[str, Any] = {
@@ -267,6 +268,7 @@ def _export_and_describe(
         extra["ood"] = guard.document
     matrices = (guard.whitening.mean, guard.whitening.matrix) if guard is not None else None
     wrapper = ExportWrapper(net, config.pooling, (platt.scale, platt.shift), matrices)
+    sample = normalise(sample_images.batch(torch.arange(min(4, len(sample_images))))[0], config)
     worst = export_checked(wrapper, config.input_spec, config.out, sample.contiguous().numpy())
     report(f"exported {config.out / 'model.onnx'}: parity torch vs ONNX Runtime {worst:.2e}")
 
@@ -316,9 +318,6 @@ def finalise(
         whitening = fit_whitening(score_images(net, train_images, config).features)
         judged = whitening.score(validation.features)
         guard = _guard(whitening, judged, "validation", "validation_pass_rate", config, report)
-    sample = normalise(
-        validation_images.batch(torch.arange(min(4, len(validation_images))))[0], config
-    )
 
     def on_validation(model: ModelSession) -> tuple[str, Predictions]:
         return "validation", predict(model, splits["validation"])
@@ -328,7 +327,7 @@ def finalise(
         config,
         calibration,
         guard,
-        sample,
+        validation_images,
         on_validation,
         splits,
         best,
@@ -401,14 +400,23 @@ def finalise_refit(
         guard = _guard(
             fit_whitening(features), judged, on, "cross_fitted_pass_rate", config, report
         )
-    sample = normalise(pool_images.batch(torch.arange(min(4, len(pool_images))))[0], config)
     probabilities = calibration[0].apply(held)
 
     def out_of_fold(_: ModelSession) -> tuple[str, Predictions]:
         return "out_of_fold", Predictions(tuple(pool), probabilities, (None,) * len(pool), 0.0)
 
     return _export_and_describe(
-        net, config, calibration, guard, sample, out_of_fold, splits, best, metrics, report, None
+        net,
+        config,
+        calibration,
+        guard,
+        pool_images,
+        out_of_fold,
+        splits,
+        best,
+        metrics,
+        report,
+        None,
     )
 
 
