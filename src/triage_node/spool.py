@@ -17,8 +17,8 @@ import errno
 import os
 import shutil
 import socket
+import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -59,7 +59,7 @@ def pid_alive(pid: int) -> bool:
 SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback, do not wait
 
 
-def _load_sync_file_range() -> Callable[[int], None] | None:
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         function = libc.sync_file_range
@@ -67,65 +67,69 @@ def _load_sync_file_range() -> Callable[[int], None] | None:
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
-    def start_writeback(fd: int) -> None:
-        function(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
     return start_writeback
 
 
-QUIET_AFTER = 1.0  # seconds with no dataset arriving before the writeback scans slow down
-QUIET_INTERVAL = 0.2
+_START_WRITEBACK = _load_sync_file_range()
+WRITEBACK_EVERY = 1 << 20  # bytes received between two requests to start writeback
 
 
-class EarlyWriteback:
-    """Starts disk writeback of files still being received, so the fsync that must precede
-    a success status only waits for the last few megabytes (large radiographs).
+class ReceivedFile:
+    """A dataset file being received, which asks the kernel to start writing it to disk every
+    :data:`WRITEBACK_EVERY` bytes, so the fsync that must precede a success status only waits
+    for the last megabyte of a large radiograph.
 
-    A daemon thread asks the kernel (Linux ``sync_file_range``) every *interval* seconds to
-    start writing the dirty pages of each file in *directory*; it never waits for the disk.
-    Without ``sync_file_range`` it does nothing and the final fsync does all the work.
+    The request (Linux ``sync_file_range``) is made by the thread that writes, at its flush,
+    and never waits for the disk; a file smaller than one step (a small instance) makes none,
+    and where ``sync_file_range`` is missing the final fsync does all the work. It stands in
+    for the ``NamedTemporaryFile`` pynetdicom streams a C-STORE's dataset to
+    (:func:`received_file`): ``name``, ``write``, ``file.flush()`` and ``close``.
     """
 
-    def __init__(self, directory: Path, interval: float = 0.01) -> None:
-        self.directory = directory
-        self.interval = interval
-        self._start_writeback = _load_sync_file_range()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="early-writeback", daemon=True)
+    def __init__(self, directory: Path, suffix: str = "") -> None:
+        fd, name = tempfile.mkstemp(suffix=suffix, dir=directory)
+        self.name = name
+        self._file = os.fdopen(fd, "wb")
+        self._written = 0
+        self._started = 0  # bytes whose writeback has been asked for
 
-    def start(self) -> None:
-        if self._start_writeback is not None:
-            self._thread.start()
+    @property
+    def file(self) -> ReceivedFile:
+        return self  # pynetdicom flushes ``file``, tempfile's underlying file object
 
-    def stop(self) -> None:
-        self._stop.set()
+    def write(self, data: bytes) -> int:
+        written = self._file.write(data)
+        self._written += written
+        return written
 
-    def _pause(self, quiet_since: float) -> float:
-        """*interval* while datasets arrive; once nothing has arrived for QUIET_AFTER seconds,
-        QUIET_INTERVAL (an idle receiver scans five times a second, not a hundred)."""
-        if time.monotonic() - quiet_since > QUIET_AFTER:
-            return max(self.interval, QUIET_INTERVAL)
-        return self.interval
+    def flush(self) -> None:
+        self._file.flush()
+        pending = self._written - self._started
+        if pending >= WRITEBACK_EVERY and _START_WRITEBACK is not None:
+            _START_WRITEBACK(self._file.fileno(), self._started, pending)
+            self._started = self._written
 
-    def _run(self) -> None:
-        assert self._start_writeback is not None
-        quiet_since = time.monotonic()
-        while not self._stop.wait(self._pause(quiet_since)):
-            try:
-                paths = list(self.directory.iterdir())
-            except OSError:
-                continue
-            if paths:
-                quiet_since = time.monotonic()
-            for path in paths:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    continue  # already renamed into the spool
-                try:
-                    self._start_writeback(fd)
-                finally:
-                    os.close(fd)
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+
+def received_file(directory: Path) -> Callable[..., ReceivedFile]:
+    """What pynetdicom calls instead of ``NamedTemporaryFile(delete=False, mode="wb",
+    suffix=".dcm")``: a :class:`ReceivedFile` in *directory*."""
+
+    def make(*, delete: bool = False, mode: str = "wb", suffix: str = "") -> ReceivedFile:
+        if delete or mode != "wb":
+            raise ValueError(f"a received dataset is written once (mode {mode!r}, delete {delete})")
+        return ReceivedFile(directory, suffix)
+
+    return make
 
 
 class Spool:
@@ -201,6 +205,22 @@ class Spool:
             with contextlib.suppress(FileExistsError):  # another process made it meanwhile
                 path.mkdir(mode=0o700)
             _fsync_dir(path.parent)
+
+    @staticmethod
+    def start_writeback(partial: Path) -> None:
+        """Ask the kernel to start writing *partial*'s dirty pages to disk, without waiting
+        (the fsync of :meth:`commit_and_record` then waits for less); nothing where Linux's
+        ``sync_file_range`` is missing or the file cannot be opened."""
+        if _START_WRITEBACK is None:
+            return
+        try:
+            fd = os.open(partial, os.O_RDONLY)
+        except OSError:
+            return  # the placing that follows reports what is wrong
+        try:
+            _START_WRITEBACK(fd, 0, 0)
+        finally:
+            os.close(fd)
 
     def commit(self, partial: Path, header: InstanceHeader) -> SpooledFile:
         """Make *partial* durable and move it to the instance's place in the spool.

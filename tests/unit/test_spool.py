@@ -5,12 +5,17 @@ import threading
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom.dsutils import create_file_meta, encode
 
 from tests.support.records import header
 from triage_node import spool as spool_module
 from triage_node.domain import SpooledFile
 from triage_node.errors import NotPlaced, OutOfResources
-from triage_node.spool import EarlyWriteback, Spool
+from triage_node.spool import Spool
 
 
 def partial_file(spool: Spool, content: bytes) -> Path:
@@ -155,19 +160,105 @@ def test_purge_stale_incoming_only_touches_dead_processes(tmp_path: Path) -> Non
     assert not dead.exists() and other_host.exists() and (mine / "live.dcm").exists()
 
 
-def test_early_writeback_runs_beside_a_growing_file_and_stops(tmp_path: Path) -> None:
+def recorded_writeback(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (offset, length) ranges a ReceivedFile asks the kernel to start writing."""
+    requests: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        spool_module,
+        "_START_WRITEBACK",
+        lambda fd, offset, length: requests.append((offset, length)),
+    )
+    return requests
+
+
+def received(directory: Path) -> spool_module.ReceivedFile:
+    """A file made as pynetdicom makes the one it streams a C-STORE's dataset to."""
+    return spool_module.received_file(directory)(delete=False, mode="wb", suffix=".dcm")
+
+
+def test_a_received_file_starts_writeback_every_megabyte_as_it_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = recorded_writeback(monkeypatch)
+    file = received(tmp_path)
+    chunk = bytes(range(256)) * 256  # 64 KiB, as pynetdicom writes a PDU's fragment
+    for _ in range(56):  # 3.5 MiB
+        file.write(chunk)
+        file.file.flush()  # what pynetdicom calls after each fragment
+    file.close()
+    megabyte = spool_module.WRITEBACK_EVERY
+    assert requests == [(0, megabyte), (megabyte, megabyte), (2 * megabyte, megabyte)]
+    path = Path(file.name)
+    assert path.parent == tmp_path and path.suffix == ".dcm" and file.closed
+    assert path.read_bytes() == chunk * 56
+
+
+def test_a_small_received_file_asks_for_no_writeback_while_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = recorded_writeback(monkeypatch)
+    file = received(tmp_path)
+    for _ in range(8):  # 0.5 MiB: Storer.store starts its writeback once it is whole
+        file.write(b"\0" * 65536)
+        file.file.flush()
+    file.close()
+    assert requests == []
+
+
+def test_pynetdicom_can_stream_a_dataset_into_a_received_file(tmp_path: Path) -> None:
+    """pynetdicom's calls on the file it streams a C-STORE's dataset to (dimse_messages):
+    the preamble, pydicom's File Meta writer, the fragments, flushes, close."""
+    file = received(tmp_path)
+    file.write(b"\x00" * 128)
+    file.write(b"DICM")
+    write_file_meta_info(
+        file,  # type: ignore[arg-type]
+        create_file_meta(
+            sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.1"),
+            sop_instance_uid=UID("1.2.3.4"),
+            transfer_syntax=UID("1.2.840.10008.1.2.1"),
+        ),
+    )
+    body = Dataset()
+    body.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    body.SOPInstanceUID = "1.2.3.4"
+    body.PatientID = "x"
+    encoded = encode(body, False, True)
+    assert encoded is not None
+    file.write(encoded)
+    file.file.flush()
+    file.close()
+    assert dcmread(file.name).SOPInstanceUID == "1.2.3.4"
+
+
+def test_received_files_are_never_deleted_on_close_nor_read(tmp_path: Path) -> None:
+    make = spool_module.received_file(tmp_path)
+    with pytest.raises(ValueError, match="written once"):
+        make(delete=True, mode="wb", suffix=".dcm")
+    with pytest.raises(ValueError, match="written once"):
+        make(delete=False, mode="w+b", suffix=".dcm")
+
+
+def test_start_writeback_asks_for_the_whole_file_and_ignores_a_missing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = recorded_writeback(monkeypatch)
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    incoming = spool.incoming_dir()
-    writeback = EarlyWriteback(incoming, interval=0.001)
-    writeback.start()
-    try:
-        with open(incoming / "growing.dcm", "wb") as handle:
-            for _ in range(50):
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        stored = spool.commit(incoming / "growing.dcm", header(sop="1.2.3.4"))
-        assert stored.size == 50 * 65536
-    finally:
-        writeback.stop()
+    partial = partial_file(spool, b"x" * 1000)
+    spool.start_writeback(partial)
+    spool.start_writeback(partial.with_name("gone.dcm"))
+    assert requests == [(0, 0)]  # offset 0, length 0: to the end of the file
+
+
+def test_a_received_file_with_real_writeback_is_stored_whole(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    file = received(spool.incoming_dir())
+    for _ in range(50):
+        file.write(b"\0" * 65536)
+        file.file.flush()
+    file.close()
+    spool.start_writeback(Path(file.name))
+    stored = spool.commit(Path(file.name), header(sop="1.2.3.4"))
     assert spool.path_of(stored.relpath).stat().st_size == 50 * 65536

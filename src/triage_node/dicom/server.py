@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pynetdicom.dimse_messages
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -41,6 +42,7 @@ from triage_node.dicom.storage_scp import (
 from triage_node.errors import TriageError
 from triage_node.logs import get_logger, log_event
 from triage_node.networks import AllowedNetworks, parse_networks
+from triage_node.spool import received_file
 
 LOG = get_logger(__name__)
 
@@ -304,7 +306,8 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     """Process-wide pynetdicom settings for a receiver process.
 
     Datasets are streamed to files in *incoming_dir* (same file system as the spool, so
-    storing is a rename); identifiers of requests are never logged.
+    storing is a rename) that start their own writeback as they grow (``spool.ReceivedFile``);
+    identifiers of requests are never logged.
     """
     quiet_idle_associations()  # idle associations cost no CPU (dicom.reactor)
     stamp_received_files()  # their File Meta names the node (dicom.identity)
@@ -312,6 +315,9 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     tempfile.tempdir = str(incoming_dir)
+    pynetdicom.dimse_messages.NamedTemporaryFile = received_file(  # type: ignore[attr-defined,assignment]
+        incoming_dir
+    )
 
 
 def build_ae(config: DicomConfig) -> AE:

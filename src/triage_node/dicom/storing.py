@@ -139,6 +139,7 @@ class Storer:
             self.spool.ensure_free(self.min_free_bytes)
         except OutOfResources as exc:
             return Stored(OUT_OF_RESOURCES, str(exc))
+        self.spool.start_writeback(partial)  # the disk works while the header is read
         try:
             header = read_header(partial, whole=whole)
         except DatasetError as exc:

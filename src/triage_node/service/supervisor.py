@@ -55,7 +55,7 @@ from triage_node.service.listeners import (
 from triage_node.service.relay import Announcer, Relay
 from triage_node.service.scheduler import ServiceScheduler
 from triage_node.service.worker import Worker
-from triage_node.spool import EarlyWriteback, Spool, pid_alive
+from triage_node.spool import Spool, pid_alive
 
 LOG = get_logger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -130,8 +130,6 @@ def run_receiver(
     spool = Spool(config.storage.spool_path)
     incoming = spool.incoming_dir()
     configure_pynetdicom(incoming)
-    writeback = EarlyWriteback(incoming)
-    writeback.start()
     engine = make_engine(config.database_url, busy_timeout=config.database.busy_timeout)
     doorbells = run_dir(config.storage.data_dir)
     handlers = StorageHandlers(
@@ -177,7 +175,6 @@ def run_receiver(
         receiver=index,
         aborted_associations=len(remaining),
     )
-    writeback.stop()
     engine.dispose()
 
 
