@@ -213,6 +213,15 @@ def main() -> int:
     return 0
 
 
+def settled(measure: Callable[..., float], *args: Any) -> float:
+    """*measure* once the disk has written what earlier runs left in the page cache: storescp
+    and the keep-nothing SCP write without fsync, and their hundreds of dirty megabytes,
+    written back while the next receiver runs, would slow its every fsync (the node's runs
+    came after theirs)."""
+    os.sync()
+    return measure(*args)
+
+
 def measure_matrix(
     sets: dict[str, list[Path]],
     receivers: Sequence[tuple[str, Callable[..., float]]],
@@ -227,7 +236,7 @@ def measure_matrix(
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         for senders in (1, PARALLEL):
             for receiver, measure in receivers:
-                times = [measure(files, senders, work, *extra) for _ in range(repeat)]
+                times = [settled(measure, files, senders, work, *extra) for _ in range(repeat)]
                 run = Run(receiver, name, senders, statistics.median(times), len(files), megabytes)
                 runs.append(run)
                 print(

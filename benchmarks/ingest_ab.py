@@ -1,0 +1,89 @@
+"""Paired ingest comparison of two versions of the node: the one in this checkout against the
+one in another (a commit checked out with ``git worktree add ../base <commit>``).
+
+Receiving speed on these 2-core virtual machines drifts by up to 2x within minutes (the disk's
+fsync time and the host's load change), so a change worth 5-15% cannot be seen by measuring
+before and after. Here the two versions take turns, alternating which goes first in each
+round: a fresh node (receive only, as in ingest.py), once the disk has written what the last
+run left, takes the same set from the same ``storescu``; the median of the paired ratios
+(this / other) is what the change is worth. The other version runs from its own source tree
+with this checkout's virtual environment (``PYTHONPATH``), so it must need no other packages.
+
+    .venv/bin/python benchmarks/ingest_ab.py ../base/src [--set small|large] [--senders 1]
+        [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from tests.support.node import Node  # noqa: E402
+from tests.support.peers import wait_for  # noqa: E402
+
+from ingest import CACHE, dataset, send  # noqa: E402
+from triage_node.config import DicomConfig  # noqa: E402
+from triage_node.service.supervisor import receiver_count  # noqa: E402
+
+SETS = {"small": ("small", 500, 512, 512), "large": ("large", 30, 2000, 2500)}
+
+
+def measure(files: list[Path], senders: int, work: Path, source: Path) -> float:
+    """Instances per second into a fresh node running the code in *source*."""
+    node = Node(work, dicom={"receivers": 0}, log={"level": "INFO", "format": "json"})
+    node.env["PYTHONPATH"] = str(source)
+    node.start()
+    try:
+        receivers = receiver_count(DicomConfig(receivers=0))
+        wait_for(
+            lambda: node.log().count('"receiver_started"') >= receivers,
+            60,
+            what=f"the node from {source} to start its receivers",
+        )
+        os.sync()
+        return len(files) / send(node.port, files, senders, "TRIAGE_NODE")
+    finally:
+        node.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("other", type=Path, help="the other version's src/ directory")
+    parser.add_argument("--set", choices=sorted(SETS), default="small")
+    parser.add_argument("--senders", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+    other = args.other.resolve()
+    if not (other / "triage_node" / "__init__.py").is_file():
+        parser.error(f"{other} holds no triage_node package")
+    files = dataset(*SETS[args.set])
+    sources = {"other": other, "this": REPO / "src"}
+    rates: dict[str, list[float]] = {"this": [], "other": []}
+    with tempfile.TemporaryDirectory(prefix="ingest-ab-", dir=CACHE) as tmp:
+        for round_ in range(args.rounds):
+            for name in ("other", "this") if round_ % 2 == 0 else ("this", "other"):
+                work = Path(tmp) / f"{name}-{round_}"
+                rates[name].append(measure(files, args.senders, work, sources[name]))
+    ratios = [this / other for this, other in zip(rates["this"], rates["other"], strict=True)]
+    print(f"{args.set} set, {args.senders} sender(s), {args.rounds} rounds (instances/s):")
+    for name in ("other", "this"):
+        print(f"  {name:<5} {' '.join(f'{r:6.1f}' for r in rates[name])}")
+    print(
+        f"this / other: median of paired ratios {statistics.median(ratios):.3f}"
+        f" (each: {' '.join(f'{r:.2f}' for r in ratios)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
