@@ -162,13 +162,19 @@ def port_open(port: int) -> bool:
     return True
 
 
-def measure_triage_node(files: list[Path], senders: int, work: Path) -> float:
+def measure_triage_node(
+    files: list[Path], senders: int, work: Path, source: Path | None = None
+) -> float:
+    """Seconds for *files* into a fresh node (receive only); *source*: run the code in that
+    ``src/`` directory instead of the installed one (ingest_ab.py)."""
     node = Node(
         work / "triage-node",
         dicom={"receivers": 0},
         log={"level": "INFO", "format": "json"},
         study={"settle_seconds": 2.0},
     )
+    if source is not None:
+        node.env["PYTHONPATH"] = str(source)
     node.start()
     try:
         # Measured once it is ready, as Orthanc is: C-ECHO answers as soon as one receiver

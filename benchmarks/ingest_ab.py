@@ -16,8 +16,6 @@ with this checkout's virtual environment (``PYTHONPATH``), so it must need no ot
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -27,33 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from tests.support.node import Node  # noqa: E402
-from tests.support.peers import wait_for  # noqa: E402
-
-from ingest import CACHE, dataset, send  # noqa: E402
-from triage_node.config import DicomConfig  # noqa: E402
-from triage_node.service.supervisor import receiver_count  # noqa: E402
+from ingest import CACHE, dataset, measure_triage_node, settled  # noqa: E402
 
 SETS = {"small": ("small", 500, 512, 512), "large": ("large", 30, 2000, 2500)}
-
-
-def measure(files: list[Path], senders: int, work: Path, source: Path) -> float:
-    """Instances per second into a fresh node running the code in *source*."""
-    node = Node(work, dicom={"receivers": 0}, log={"level": "INFO", "format": "json"})
-    node.env["PYTHONPATH"] = str(source)
-    node.start()
-    try:
-        receivers = receiver_count(DicomConfig(receivers=0))
-        wait_for(
-            lambda: node.log().count('"receiver_started"') >= receivers,
-            60,
-            what=f"the node from {source} to start its receivers",
-        )
-        os.sync()
-        return len(files) / send(node.port, files, senders, "TRIAGE_NODE")
-    finally:
-        node.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
@@ -73,7 +47,8 @@ def main() -> int:
         for round_ in range(args.rounds):
             for name in ("other", "this") if round_ % 2 == 0 else ("this", "other"):
                 work = Path(tmp) / f"{name}-{round_}"
-                rates[name].append(measure(files, args.senders, work, sources[name]))
+                seconds = settled(measure_triage_node, files, args.senders, work, sources[name])
+                rates[name].append(len(files) / seconds)
     ratios = [this / other for this, other in zip(rates["this"], rates["other"], strict=True)]
     print(f"{args.set} set, {args.senders} sender(s), {args.rounds} rounds (instances/s):")
     for name in ("other", "this"):

@@ -390,15 +390,20 @@ def finalise_refit(
     pool = splits["train"] + splits["validation"]  # the order pool_images were read in
     held = out_of_fold_logits(config.out / "cross-validation.json", pool)
     labels = np.array([e.label for e in pool], dtype=np.int8)
-    on = "the cross-validation folds' held-out logits"
-    calibration = _calibration(held, labels, on, "held-out folds", report)
+    calibration = _calibration(
+        held, labels, "the cross-validation folds' held-out logits", "held-out folds", report
+    )
     guard = None
     if config.scope_guard:
         features = score_images(net, pool_images, config).features
         judged = cross_fitted_scores(features, pool, config)
-        on = "the training images, each scored without its fold"
         guard = _guard(
-            fit_whitening(features), judged, on, "cross_fitted_pass_rate", config, report
+            fit_whitening(features),
+            judged,
+            "the training images, each scored without its fold",
+            "cross_fitted_pass_rate",
+            config,
+            report,
         )
     probabilities = calibration[0].apply(held)
 
