@@ -162,11 +162,37 @@ def port_open(port: int) -> bool:
     return True
 
 
+def process_tree(pid: int) -> list[int]:
+    """*pid* and its descendants, as they are now."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(p for child in children for p in process_tree(int(child)))]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes *pids* have used so far (those still alive)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def measure_triage_node(
-    files: list[Path], senders: int, work: Path, source: Path | None = None
+    files: list[Path],
+    senders: int,
+    work: Path,
+    source: Path | None = None,
+    cpu: list[float] | None = None,
 ) -> float:
     """Seconds for *files* into a fresh node (receive only); *source*: run the code in that
-    ``src/`` directory instead of the installed one (ingest_ab.py)."""
+    ``src/`` directory instead of the installed one (ingest_ab.py); *cpu*: append the CPU
+    seconds the node's processes used meanwhile."""
     node = Node(
         work / "triage-node",
         dicom={"receivers": 0},
@@ -186,7 +212,12 @@ def measure_triage_node(
             60,
             what=f"the node's {receivers} receivers to start",
         )
+        assert node.process is not None
+        pids = process_tree(node.process.pid)
+        used = cpu_seconds(pids)
         seconds = send(node.port, files, senders, "TRIAGE_NODE")
+        if cpu is not None:
+            cpu.append(cpu_seconds(pids) - used)
     finally:
         node.stop()
         shutil.rmtree(work / "triage-node", ignore_errors=True)

@@ -43,21 +43,32 @@ def main() -> int:
     files = dataset(*SETS[args.set])
     sources = {"other": other, "this": REPO / "src"}
     rates: dict[str, list[float]] = {"this": [], "other": []}
+    cpu: dict[str, list[float]] = {"this": [], "other": []}
     with tempfile.TemporaryDirectory(prefix="ingest-ab-", dir=CACHE) as tmp:
         for round_ in range(args.rounds):
             for name in ("other", "this") if round_ % 2 == 0 else ("this", "other"):
                 work = Path(tmp) / f"{name}-{round_}"
-                seconds = settled(measure_triage_node, files, args.senders, work, sources[name])
+                seconds = settled(
+                    measure_triage_node, files, args.senders, work, sources[name], cpu[name]
+                )
                 rates[name].append(len(files) / seconds)
-    ratios = [this / other for this, other in zip(rates["this"], rates["other"], strict=True)]
-    print(f"{args.set} set, {args.senders} sender(s), {args.rounds} rounds (instances/s):")
+    milliseconds = {name: [1000 * c / len(files) for c in cpu[name]] for name in cpu}
+    print(f"{args.set} set, {args.senders} sender(s), {args.rounds} rounds:")
+    report("instances/s", rates)
+    report("the node's CPU ms per instance", milliseconds)
+    return 0
+
+
+def report(what: str, values: dict[str, list[float]]) -> None:
+    """Both versions' figures and the median of their paired ratios (this / other)."""
+    ratios = [this / other for this, other in zip(values["this"], values["other"], strict=True)]
+    print(f"  {what}:")
     for name in ("other", "this"):
-        print(f"  {name:<5} {' '.join(f'{r:6.1f}' for r in rates[name])}")
+        print(f"    {name:<5} {' '.join(f'{v:6.2f}' for v in values[name])}")
     print(
-        f"this / other: median of paired ratios {statistics.median(ratios):.3f}"
+        f"    this / other: median of paired ratios {statistics.median(ratios):.3f}"
         f" (each: {' '.join(f'{r:.2f}' for r in ratios)})"
     )
-    return 0
 
 
 if __name__ == "__main__":

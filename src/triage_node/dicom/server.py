@@ -33,6 +33,7 @@ from triage_node.dicom.admission import (
 )
 from triage_node.dicom.balance import AcceptBalance
 from triage_node.dicom.identity import node_ae, stamp_received_files
+from triage_node.dicom.pdu_reads import read_pdus_whole
 from triage_node.dicom.reactor import close_doorbells, quiet_idle_associations, ring_on_traffic
 from triage_node.dicom.storage_scp import (
     StorageHandlers,
@@ -310,6 +311,7 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     identifiers of requests are never logged.
     """
     quiet_idle_associations()  # idle associations cost no CPU (dicom.reactor)
+    read_pdus_whole()  # a PDU in as few reads as it arrives in (dicom.pdu_reads)
     stamp_received_files()  # their File Meta names the node (dicom.identity)
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
