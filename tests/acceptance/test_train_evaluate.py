@@ -286,6 +286,13 @@ def test_pretrained_backbone_resume_calibration_and_guard(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert 0 <= report["expected_calibration_error"] <= 1
+    chance = report["ece_if_calibrated"]
+    assert 0 < chance["mean"] <= chance["p95"] < 1
+    for point in report["operating_points"].values():
+        for rate in ("sensitivity", "specificity"):
+            low, high = point[f"{rate}_ci95"]
+            assert low <= point[rate] <= high
+    assert "sensitivity (95% CI)" in run("evaluate", "--model", out, "--data", data).stdout
     assert report["scope_guard"]["images"] == 60
     assert (evaluation / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

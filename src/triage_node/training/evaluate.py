@@ -3,11 +3,12 @@
 Everything runs through the run-time path (ONNX Runtime via
 :class:`triage_node.analysis.runtime.ModelSession`, the runtime's resize and normalisation), so the
 figures describe the model as the node runs it:
-AUROC with its DeLong 95% CI, sensitivity and specificity at each operating point of the manifest
-and at the Youden threshold, the ROC curve, calibration (a table, the expected calibration error
-and a reliability diagram), CAM localisation (the share of fractured images with boxes whose CAM
-peak lies inside a fracture box, and within 16 model-input pixels of one), and how many images
-the model's scope guard would let through.
+AUROC with its DeLong 95% CI, sensitivity and specificity (Wilson 95% intervals) at each
+operating point of the manifest and at the Youden threshold, the ROC curve, calibration (a table,
+the expected calibration error beside the error sampling alone would give exactly calibrated
+probabilities on the same images, and a reliability diagram), CAM localisation (the share of
+fractured images with boxes whose CAM peak lies inside a fracture box, and within 16
+model-input pixels of one), and how many images the model's scope guard would let through.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from triage_node.analysis.preprocess import Geometry, model_input
 from triage_node.analysis.runtime import ModelSession, cam_peak
 from triage_node.errors import DatasetFolderError
-from triage_node.training.calibration import expected_calibration_error
+from triage_node.training.calibration import ece_if_calibrated, expected_calibration_error
 from triage_node.training.folders import NEAR_BOX_PIXELS, Box, Example, block_split, load_folder
 from triage_node.training.imagefile import read_display
 from triage_node.training.plots import reliability_png, roc_png
@@ -35,6 +36,7 @@ from triage_node.training.statistics import (
     roc_points,
     threshold_for_sensitivity,
     threshold_for_specificity,
+    wilson_interval,
     youden_threshold,
 )
 
@@ -124,10 +126,14 @@ def _distance(box: Box, row: float, column: float, geometry: Geometry) -> float:
 
 def _rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
     c = confusion(labels, scores, threshold)
+    sensitivity = wilson_interval(c.true_positive, c.true_positive + c.false_negative)
+    specificity = wilson_interval(c.true_negative, c.true_negative + c.false_positive)
     return {
         "threshold": round(c.threshold, 6),
         "sensitivity": round(c.sensitivity, 4),
+        "sensitivity_ci95": [round(bound, 4) for bound in sensitivity],
         "specificity": round(c.specificity, 4),
+        "specificity_ci95": [round(bound, 4) for bound in specificity],
         "tp": c.true_positive,
         "fn": c.false_negative,
         "tn": c.true_negative,
@@ -155,6 +161,9 @@ def summarise(predictions: Predictions, thresholds: dict[str, float]) -> dict[st
             f"peak_within_{NEAR_BOX_PIXELS}px": round(sum(near) / len(near), 4) if near else None,
         },
         "expected_calibration_error": round(expected_calibration_error(y, s), 4),
+        "ece_if_calibrated": dict(
+            zip(("mean", "p95"), (round(v, 4) for v in ece_if_calibrated(s)), strict=True)
+        ),
         "calibration": [
             {
                 "low": lo,
@@ -268,6 +277,14 @@ def evaluate(
     return document
 
 
+def _with_interval(point: dict[str, Any], rate: str) -> str:
+    """ "0.865 (0.785-0.918)"; the bare rate for a document written without intervals."""
+    interval = point.get(f"{rate}_ci95")
+    if not interval:
+        return f"{point[rate]:.3f}"
+    return f"{point[rate]:.3f} ({interval[0]:.3f}-{interval[1]:.3f})"
+
+
 def format_evaluation(document: dict[str, Any]) -> str:
     low, high = document["auroc_ci95"]
     lines = [
@@ -277,12 +294,13 @@ def format_evaluation(document: dict[str, Any]) -> str:
         *([f"WARNING {document['warning']}"] if document.get("warning") else []),
         f"AUROC {document['auroc']:.3f} (95% CI {low:.3f}-{high:.3f})",
         "",
-        f"{'operating point':<18}{'threshold':>10}{'sensitivity':>13}{'specificity':>13}"
-        f"{'TP':>6}{'FN':>6}{'TN':>6}{'FP':>6}",
+        f"{'operating point':<18}{'threshold':>10}{'sensitivity (95% CI)':>23}"
+        f"{'specificity (95% CI)':>23}{'TP':>6}{'FN':>6}{'TN':>6}{'FP':>6}",
     ]
     for name, p in document["operating_points"].items():
         lines.append(
-            f"{name:<18}{p['threshold']:>10.4f}{p['sensitivity']:>13.3f}{p['specificity']:>13.3f}"
+            f"{name:<18}{p['threshold']:>10.4f}{_with_interval(p, 'sensitivity'):>23}"
+            f"{_with_interval(p, 'specificity'):>23}"
             f"{p['tp']:>6}{p['fn']:>6}{p['tn']:>6}{p['fp']:>6}"
         )
     loc = document["cam_localisation"]
@@ -301,6 +319,12 @@ def format_evaluation(document: dict[str, Any]) -> str:
         "",
         f"expected calibration error (10 bins): {document['expected_calibration_error']:.4f}",
     ]
+    chance = document.get("ece_if_calibrated")
+    if chance:  # documents written before it have none
+        lines += [
+            f"  from sampling alone (exactly calibrated probabilities, these images): mean "
+            f"{chance['mean']:.4f}, 95th percentile {chance['p95']:.4f}"
+        ]
     lines += ["calibration: probability bin, images, mean probability, fraction fractured"]
     for row in document["calibration"]:
         lines.append(

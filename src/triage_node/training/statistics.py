@@ -2,8 +2,9 @@
 
 AUROC as the Mann-Whitney statistic (ties count one half) with a DeLong 95% confidence interval
 (DeLong, DeLong and Clarke-Pearson 1988, in the fast form of Sun and Xu 2014); sensitivity and
-specificity at a threshold; thresholds for a wanted sensitivity or specificity; the Youden
-threshold; a calibration table.
+specificity at a threshold, with Wilson score 95% intervals (Wilson 1927: a proportion near 0
+or 1 of a hundred cases is not as sure as its normal approximation says); thresholds for a
+wanted sensitivity or specificity; the Youden threshold; a calibration table.
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confu
     return Confusion(float(threshold), tp / (tp + fn), tn / (tn + fp), tp, fn, tn, fp)
 
 
+def wilson_interval(successes: int, total: int) -> tuple[float, float]:
+    """The Wilson score 95% interval of the proportion *successes* / *total* (a
+    sensitivity: true positives of all positives; a specificity: true negatives of all
+    negatives)."""
+    if total <= 0 or not 0 <= successes <= total:
+        raise ValueError(f"{successes} of {total} is not a proportion")
+    share = successes / total
+    z2 = Z_95 * Z_95
+    centre = (share + z2 / (2 * total)) / (1 + z2 / total)
+    half = Z_95 * math.sqrt(share * (1 - share) / total + z2 / (4 * total * total))
+    half /= 1 + z2 / total
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, wanted: float) -> float:
     """The highest threshold whose sensitivity is at least *wanted*."""
     y, s = _check(labels, scores)
@@ -141,12 +156,11 @@ def calibration_table(
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape or not len(y):
         raise ValueError("labels and scores must be non-empty and of one length")
-    if not np.isfinite(s).all():
-        raise ValueError("scores must be finite")
+    index = calibration_bins(s, bins)
     edges = np.linspace(0, 1, bins + 1)
     rows = []
-    for low, high in itertools.pairwise(edges):
-        inside = (s >= low) & ((s < high) if high < 1 else (s <= high))
+    for number, (low, high) in enumerate(itertools.pairwise(edges)):
+        inside = index == number
         if inside.any():
             rows.append(
                 (
@@ -158,3 +172,15 @@ def calibration_table(
                 )
             )
     return rows
+
+
+def calibration_bins(scores: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Each score's bin of :func:`calibration_table`: equal-width bins over [0, 1], each
+    closed below and open above, the last one closed (-1 for a score outside [0, 1])."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    index = np.full(s.shape, -1, dtype=np.int64)
+    for number, (low, high) in enumerate(itertools.pairwise(np.linspace(0, 1, bins + 1))):
+        index[(s >= low) & ((s < high) if high < 1 else (s <= high))] = number
+    return index

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from triage_node.training.calibration import Platt, expected_calibration_error, fit_platt, logit
+from triage_node.training.calibration import (
+    Platt,
+    ece_if_calibrated,
+    expected_calibration_error,
+    fit_platt,
+    logit,
+)
 from triage_node.training.ood import fit_whitening, threshold_for_pass_rate
 from triage_node.training.statistics import calibration_table
 
@@ -61,3 +67,34 @@ def test_expected_calibration_error_of_one_class_and_its_table() -> None:
     y = np.zeros(10, dtype=int)
     assert expected_calibration_error(y, p) == pytest.approx(0.2)
     assert [(n, round(f, 3)) for _, _, n, _, f in calibration_table(y, p)] == [(5, 0.0), (5, 0.0)]
+
+
+def test_ece_from_sampling_alone_is_the_table_ece_of_labels_drawn_from_the_probabilities() -> None:
+    rng = np.random.default_rng(3)
+    p = rng.beta(0.5, 2.0, 400)
+    mean, p95 = ece_if_calibrated(p, draws=1, seed=11)
+    labels = np.random.default_rng(11).random((1, p.size)) < p  # the same draw
+    assert mean == p95 == pytest.approx(expected_calibration_error(labels[0], p))
+    assert ece_if_calibrated(p, draws=300, seed=5) == ece_if_calibrated(p, draws=300, seed=5)
+
+
+def test_ece_from_sampling_alone_shrinks_with_more_images_and_is_zero_for_certainties() -> None:
+    rng = np.random.default_rng(4)
+    few, many = (
+        ece_if_calibrated(rng.beta(0.5, 2.0, 100)),
+        ece_if_calibrated(rng.beta(0.5, 2.0, 10000)),
+    )
+    assert many[0] < few[0] / 3
+    assert few[0] < few[1]
+    assert ece_if_calibrated(np.array([0.0, 1.0, 1.0, 0.0])) == (0.0, 0.0)
+
+
+def test_a_miscalibration_stands_out_from_what_sampling_gives() -> None:
+    """Half of these images are fractured though every probability says one in five."""
+    p = np.full(520, 0.2)
+    labels = np.arange(520) % 2 == 0
+    assert expected_calibration_error(labels, p) == pytest.approx(0.3)
+    _, p95 = ece_if_calibrated(p)
+    assert p95 < 0.06
+    with pytest.raises(ValueError, match="lie in"):
+        ece_if_calibrated(np.array([0.5, 1.5]))

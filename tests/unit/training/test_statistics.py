@@ -12,6 +12,7 @@ from triage_node.training.statistics import (
     roc_points,
     threshold_for_sensitivity,
     threshold_for_specificity,
+    wilson_interval,
     youden_threshold,
 )
 
@@ -83,3 +84,26 @@ def test_roc_and_calibration_shapes() -> None:
     assert area == pytest.approx(auroc(y, s).value, abs=1e-9)
     table = calibration_table(y, s)
     assert sum(row[2] for row in table) == len(y)
+
+
+def test_wilson_interval_against_closed_forms() -> None:
+    """0 of n: the upper bound is z^2 / (n + z^2); n of n mirrors it; k of n mirrors n-k of n."""
+    z2 = 1.959963984540054**2
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(z2 / (10 + z2))
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    low, high = wilson_interval(90, 104)
+    mirror_low, mirror_high = wilson_interval(14, 104)
+    assert (low, high) == pytest.approx((1 - mirror_high, 1 - mirror_low))
+    assert low < 90 / 104 < high
+    # The score interval solves |p - share| = z * sqrt(p (1 - p) / n) at both bounds.
+    for bound in (low, high):
+        assert abs(bound - 90 / 104) == pytest.approx((z2 * bound * (1 - bound) / 104) ** 0.5)
+
+
+def test_wilson_interval_narrows_with_more_cases_and_refuses_non_proportions() -> None:
+    small, large = wilson_interval(9, 10), wilson_interval(900, 1000)
+    assert large[1] - large[0] < small[1] - small[0]
+    for successes, total in ((1, 0), (-1, 5), (6, 5)):
+        with pytest.raises(ValueError, match="not a proportion"):
+            wilson_interval(successes, total)
