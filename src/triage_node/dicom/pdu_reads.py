@@ -8,9 +8,11 @@ time as the kernel holds: one call per arrival instead of one per 4 KiB.
 
 What is returned and raised is what pynetdicom's own method returns and raises — a bytearray of
 *nr_bytes*, or of fewer when the peer closed the connection; a socket error or timeout
-propagates — so its callers (the DUL's PDU reader) are unchanged. The buffer never runs ahead
-of the data: a PDU length in a header is only a claim of the peer's (up to 4 GiB), so the buffer
-starts at :data:`FIRST_BUFFER` at most and doubles only as that much has arrived.
+propagates — so its callers (the DUL's PDU reader) are unchanged. The buffer never runs far
+ahead of the data: a PDU length in a header is only a claim of the peer's (up to 4 GiB), so the
+buffer starts at :data:`FIRST_BUFFER` at most — a P-DATA-TF PDU from DCMTK (16 or 128 KiB) fits
+at once, while six bytes on each of the 64 association slots of a node on its defaults claim
+16 MiB in all — and doubles only as that much has arrived.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, cast
 import pynetdicom.transport
 from pynetdicom.transport import AssociationSocket
 
-FIRST_BUFFER = 1 << 22  # bytes allocated before any of a PDU has arrived (4 MiB)
+FIRST_BUFFER = 1 << 18  # bytes allocated before any of a PDU has arrived (256 KiB)
 
 
 def receive_exactly(sock: socket.socket | ssl.SSLSocket, nr_bytes: int) -> bytearray:
