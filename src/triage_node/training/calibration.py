@@ -97,8 +97,9 @@ def ece_if_calibrated(
     expected = p @ members  # per bin: the sum of the probabilities
     rng = np.random.default_rng(seed)
     errors = np.empty(draws)
-    for start in range(0, draws, 250):  # 250 label sets at a time
-        labels = rng.random((min(250, draws - start), len(p))) < p
+    step = max(1, min(250, 2_000_000 // len(p)))  # label sets at a time: ~16 MB of temporaries
+    for start in range(0, draws, step):
+        labels = rng.random((min(step, draws - start), len(p))) < p
         errors[start : start + len(labels)] = np.abs(labels @ members - expected).sum(axis=1)
     errors /= len(p)
     return float(errors.mean()), float(np.quantile(errors, 0.95))
