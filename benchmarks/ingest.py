@@ -47,6 +47,7 @@ from tests.support.peers import (  # noqa: E402
 )
 from tests.support.synth import write_study_set  # noqa: E402
 
+from idle import tree_cpu_seconds  # noqa: E402
 from triage_node.config import DicomConfig  # noqa: E402
 from triage_node.service.supervisor import receiver_count  # noqa: E402
 
@@ -162,27 +163,6 @@ def port_open(port: int) -> bool:
     return True
 
 
-def process_tree(pid: int) -> list[int]:
-    """*pid* and its descendants, as they are now."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return [pid]
-    return [pid, *(p for child in children for p in process_tree(int(child)))]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds the processes *pids* have used so far (those still alive)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def measure_triage_node(
     files: list[Path],
     senders: int,
@@ -213,11 +193,10 @@ def measure_triage_node(
             what=f"the node's {receivers} receivers to start",
         )
         assert node.process is not None
-        pids = process_tree(node.process.pid)
-        used = cpu_seconds(pids)
+        used = tree_cpu_seconds(node.process.pid)
         seconds = send(node.port, files, senders, "TRIAGE_NODE")
         if cpu is not None:
-            cpu.append(cpu_seconds(pids) - used)
+            cpu.append(tree_cpu_seconds(node.process.pid) - used)
     finally:
         node.stop()
         shutil.rmtree(work / "triage-node", ignore_errors=True)

@@ -149,6 +149,7 @@ def summarise(predictions: Predictions, thresholds: dict[str, float]) -> dict[st
     near = [d <= NEAR_BOX_PIXELS for d in predictions.peak_box_distance if d is not None]
     points = {name: _rates(y, s, t) for name, t in thresholds.items()}
     points["youden"] = _rates(y, s, youden_threshold(y, s))
+    chance = ece_if_calibrated(s)
     return {
         "images": len(y),
         "fractured": int(y.sum()),
@@ -161,9 +162,7 @@ def summarise(predictions: Predictions, thresholds: dict[str, float]) -> dict[st
             f"peak_within_{NEAR_BOX_PIXELS}px": round(sum(near) / len(near), 4) if near else None,
         },
         "expected_calibration_error": round(expected_calibration_error(y, s), 4),
-        "ece_if_calibrated": dict(
-            zip(("mean", "p95"), (round(v, 4) for v in ece_if_calibrated(s)), strict=True)
-        ),
+        "ece_if_calibrated": {"mean": round(chance[0], 4), "p95": round(chance[1], 4)},
         "calibration": [
             {
                 "low": lo,
