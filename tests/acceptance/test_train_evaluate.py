@@ -262,7 +262,11 @@ def test_pretrained_backbone_resume_calibration_and_guard(tmp_path: Path) -> Non
     assert document["network"]["initial_weights"]["licence"].startswith("Apache-2.0")
     assert document["input"]["std"] == 0.5  # EfficientNet-Lite's (x - 127) / 128
 
+    assert document["training"]["recipe"]["precision"] == "fp32"
+
     mismatch = run("train", *common, *lite, "--epochs", "3", "--resume", "--pooling", "avg")
+    assert mismatch.returncode == 1 and "other settings" in mismatch.stderr
+    mismatch = run("train", *common, *lite, "--epochs", "3", "--resume", "--precision", "bf16")
     assert mismatch.returncode == 1 and "other settings" in mismatch.stderr
 
     # A finished run compacted to its best network (as scripts/train_sweep.py does on a GPU

@@ -150,6 +150,8 @@ def _manifest(
                 "best_epoch": best["epoch"],
                 "batch_size": config.batch_size,
                 "optimiser": "AdamW",
+                # the training steps' arithmetic (bf16: autocast; export is float32 either way)
+                "precision": config.precision,
                 "learning_rate": config.learning_rate,
                 "weight_decay": config.weight_decay,
                 "warmup_epochs": config.warmup_epochs,

@@ -44,6 +44,7 @@ from triage_node.training.images import (
     normalise,
     score_images,
 )
+from triage_node.training.precision import native_bf16, step_precision
 from triage_node.training.settings import (
     TrainConfig,
     cross_validation_settings,
@@ -80,7 +81,7 @@ def _load_init_weights(net: CamNet, path: Path, report: Report) -> None:
     report(f"initial weights: {len(usable)} of {len(own)} tensors from {path}")
 
 
-def _optimiser(net: CamNet, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimiser(net: CamNet, config: TrainConfig) -> torch.optim.Optimizer:
     if isinstance(net, PretrainedNet):
         lower, upper, head = net.parameter_groups(config.frozen_blocks)
         low, high = config.lr_ratios
@@ -100,6 +101,36 @@ def _frozen_blocks(net: CamNet, config: TrainConfig, epoch: int) -> int:
     if not isinstance(net, PretrainedNet):
         return 0
     return len(net.blocks) if epoch <= config.freeze_epochs else config.frozen_blocks
+
+
+def train_step(
+    net: CamNet,
+    train: Images,
+    index: torch.Tensor,
+    config: TrainConfig,
+    frozen: int,
+    generator: torch.Generator,
+    pos_weight: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+) -> float:
+    """One optimiser step on the images *index* (augmented with *generator*); returns the loss.
+    The forward pass runs in ``config.precision``, the loss in float32."""
+    device = pos_weight.device
+    pixels, masks, labels = (t.to(device) for t in train.batch(index))
+    targets = train.box_masks(index).to(device) if config.box_loss > 0 else None
+    warped = augment(pixels, masks, config.augment, generator, targets=targets)
+    with step_precision(device, config.precision):
+        cam = net.cam(normalise(warped[:, :1], config), frozen)
+    cam = cam.float()  # the loss in float32 whatever the step's arithmetic
+    loss = F.binary_cross_entropy_with_logits(
+        pool_logits(cam, config.pooling), labels, pos_weight=pos_weight
+    )
+    if targets is not None:
+        loss = loss + config.box_loss * localisation_loss(cam, warped[:, 1:])
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimiser.step()
+    return float(loss.item())
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -135,7 +166,7 @@ def fit(
     if config.ema_decay > 0:
         average = get_ema_multi_avg_fn(config.ema_decay)  # type: ignore[no-untyped-call]
         ema = AveragedModel(net, multi_avg_fn=average, use_buffers=True)
-    optimiser = _optimiser(net, config)
+    optimiser = make_optimiser(net, config)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
 
@@ -175,6 +206,11 @@ def fit(
             torch.set_rng_state(state["torch_rng"])
             if device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if config.precision == "bf16" and first <= config.epochs and not native_bf16(device):
+        report(
+            f"warning: {device.type} has no native bfloat16 (AVX512-BF16, AMX or a recent GPU); "
+            "--precision bf16 will train more slowly than fp32 here"
+        )
     for epoch in range(first, config.epochs + 1):
         started = time.perf_counter()
         frozen = _frozen_blocks(net, config, epoch)
@@ -187,22 +223,11 @@ def fit(
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             if len(index) < 2:
                 continue
-            pixels, masks, labels = (t.to(device) for t in train.batch(index))
-            targets = train.box_masks(index).to(device) if config.box_loss > 0 else None
-            warped = augment(pixels, masks, config.augment, generator, targets=targets)
-            cam = net.cam(normalise(warped[:, :1], config), frozen)
-            loss = F.binary_cross_entropy_with_logits(
-                pool_logits(cam, config.pooling), labels, pos_weight=pos_weight
-            )
-            if targets is not None:
-                loss = loss + config.box_loss * localisation_loss(cam, warped[:, 1:])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
+            loss = train_step(net, train, index, config, frozen, generator, pos_weight, optimiser)
             schedule.step()
             if ema is not None:
                 ema.update_parameters(net)
-            losses.append(loss.item())
+            losses.append(loss)
             _progress(epoch, config.epochs, step + 1, steps_per_epoch, float(np.mean(losses)))
         judged = cast(CamNet, ema.module if ema is not None else net)
         record: dict[str, Any] = {

@@ -16,6 +16,7 @@ from triage_node.training.network import NetSpec
 
 SCOPES = ("auto", "fracatlas", "any")
 SELECTIONS = ("best", "last")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class TrainConfig:
     folds: int = 0  # >= 2: k-fold cross-validation on train + validation first
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "cpu"  # where the network trains: cpu, cuda or cuda:N (export is on the CPU)
+    precision: str = "fp32"  # the training steps' arithmetic: fp32, or bf16 (autocast)
     net: NetSpec = field(default_factory=NetSpec)
     pretrained: BackboneSpec | None = None  # None: FractureNet from scratch
     pooling: Pooling = field(default_factory=Pooling)
@@ -90,6 +92,8 @@ class TrainConfig:
             )
         if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError("--device must be cpu, cuda or cuda:N")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
 
 
 # Settings a resumed run may change: finalise-only, cosmetic, or not the main run's.

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the 'train' extra) is not installed")
 
+from tests.support.tiny_training import tiny_images, tiny_run  # noqa: E402
 from triage_node.analysis.preprocess import InputSpec  # noqa: E402
 from triage_node.analysis.runtime import ModelSession  # noqa: E402
 from triage_node.errors import ModelError  # noqa: E402
@@ -27,7 +27,6 @@ from triage_node.training.export import (  # noqa: E402
     relative_gap,
     write_manifest,
 )
-from triage_node.training.images import Images  # noqa: E402
 from triage_node.training.loop import _load_init_weights, cross_validate, fit  # noqa: E402
 from triage_node.training.network import ExportWrapper, FractureNet, NetSpec, spec_from_dict  # noqa: E402
 from triage_node.training.settings import TrainConfig, fingerprint, same_run  # noqa: E402
@@ -210,34 +209,6 @@ def test_train_config_checks_its_values(tmp_path: Path) -> None:
         TrainConfig(data=tmp_path, out=tmp_path, size=100).check()
     with pytest.raises(ValueError, match="folds"):
         TrainConfig(data=tmp_path, out=tmp_path, folds=1).check()
-
-
-def tiny_images(count: int, seed: int) -> Images:
-    g = torch.Generator().manual_seed(seed)
-    labels = (torch.arange(count) % 2).float()
-    pixels = torch.rand(count, 1, 32, 32, generator=g) * 0.3
-    pixels[labels == 1, :, 10:14, 8:24] += 0.6  # a bright bar: something to learn
-    boxes = torch.zeros(count, 1, 32, 32, dtype=torch.bool)
-    boxes[labels == 1, :, 8:16, 8:24] = True
-    areas = torch.tensor([[0, 0, 32, 32]] * count)
-    return Images(pixels.half(), areas, labels, boxes)
-
-
-def tiny_run(tmp_path: Path, **settings: Any) -> TrainConfig:
-    """A two-stage network on 32 px images, one thread: seconds per epoch."""
-    tiny = NetSpec(widths=(16, 16), blocks=(1, 1), stem=16)
-    return TrainConfig(
-        **{
-            "data": tmp_path,
-            "out": tmp_path,
-            "size": 32,
-            "net": tiny,
-            "min_epochs": 1,
-            "batch_size": 8,
-            "threads": 1,
-            **settings,
-        }
-    )
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
