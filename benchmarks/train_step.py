@@ -31,9 +31,7 @@ from triage_node.training.backbone import BackboneSpec, Pooling  # noqa: E402
 from triage_node.training.images import Images, build_net, memory_format  # noqa: E402
 from triage_node.training.loop import make_optimiser, train_step  # noqa: E402
 from triage_node.training.precision import native_bf16  # noqa: E402
-from triage_node.training.settings import TrainConfig  # noqa: E402
-
-PRECISIONS = ("fp32", "bf16")
+from triage_node.training.settings import PRECISIONS, TrainConfig  # noqa: E402
 
 
 def random_images(count: int, size: int) -> Images:
