@@ -1,5 +1,5 @@
-"""Ingest benchmark: triage-node against Orthanc, DCMTK storescp and a keep-nothing pynetdicom
-SCP, same files, same sender, one run.
+"""Ingest benchmark: triage-node against Orthanc, DCMTK storescp, a keep-nothing pynetdicom
+SCP and a durable DCMTK SCP, same files, same sender, one run.
 
 Sends a set of large synthetic radiographs (about 2000x2500, 16-bit, ~10 MB) and a set of small
 ones with DCMTK ``storescu`` to DCMTK ``storescp`` and to ``triage-node serve`` (durability on:
@@ -11,6 +11,9 @@ TCP_NODELAY=1 is set for the DCMTK tools (DCMTK leaves Nagle on otherwise, see
 and uses --fork for the parallel runs; it runs with DCMTK's defaults (16 KiB PDU, as measured in
 perf-notes.md) and again with a 128 KiB PDU like the node's. "pynetdicom-null" is a pynetdicom
 SCP that keeps nothing (benchmarks/null_scp.py): the ceiling of any pynetdicom-based receiver.
+"dcmtk-durable" (benchmarks/durable_scp.cpp, built here with g++ against Debian's libdcmtk-dev)
+keeps the node's promise without Python -- file fsynced, renamed, its directory fsynced and
+its rows committed to SQLite before Success: what a native receive path could reach.
 Orthanc (Debian's package) runs with ``SyncStorageArea`` on, its default: the durable peer, the
 one the node's targets are set against (at least 1.0x its instances/s and MB/s).
 
@@ -146,6 +149,79 @@ def measure_null_pynetdicom(files: list[Path], senders: int, work: Path) -> floa
         process.wait(10)
 
 
+DURABLE_SOURCE = REPO / "benchmarks" / "durable_scp.cpp"
+DURABLE_LIBRARIES = ("-ldcmnet", "-ldcmdata", "-loflog", "-lofstd", "-lsqlite3", "-lpthread")
+
+
+def durable_scp_binary() -> Path | None:
+    """benchmarks/durable_scp.cpp compiled into the cache (again when the source changed);
+    None, said once, where g++ or DCMTK's headers are missing."""
+    binary = CACHE / "durable_scp"
+    if binary.exists() and binary.stat().st_mtime >= DURABLE_SOURCE.stat().st_mtime:
+        return binary
+    compiler = shutil.which("g++")
+    if compiler is None or not Path("/usr/include/dcmtk/dcmnet/scppool.h").exists():
+        print(
+            "dcmtk-durable and dcmtk+recorder left out: they need g++ and DCMTK's headers"
+            " (apt-get install g++ libdcmtk-dev)",
+            flush=True,
+        )
+        return None
+    CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [compiler, "-O2", "-std=c++17", str(DURABLE_SOURCE), "-o", str(binary), *DURABLE_LIBRARIES],
+        check=True,
+    )
+    return binary
+
+
+def measure_durable_dcmtk(
+    files: list[Path], senders: int, work: Path, recorder: bool = False
+) -> float:
+    """durable_scp.cpp; with *recorder* its rows go to the node's Python ``Intake`` through
+    benchmarks/recorder.py instead of its own SQLite statements."""
+    port, out = free_port(), work / "durable-scp"
+    out.mkdir()
+    processes = []
+    binary = durable_scp_binary()
+    assert binary is not None, "main() leaves the native peers out without a binary"
+    arguments = [str(binary), str(port), str(out)]
+    if recorder:
+        sock = out / "recorder.sock"
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "benchmarks" / "recorder.py"),
+                    f"sqlite:///{out / 'node.sqlite'}",
+                    str(sock),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_for(sock.exists, 60, what="the recorder to listen")
+        arguments.append(str(sock))
+    # TCP_NODELAY, as for storescp
+    processes.append(
+        subprocess.Popen(
+            arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env()
+        )
+    )
+    try:
+        wait_for(lambda: port_open(port), 30, what="durable DCMTK SCP to listen")
+        return send(port, files, senders, "DURABLE_SCP")
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def measure_durable_recorder(files: list[Path], senders: int, work: Path) -> float:
+    return measure_durable_dcmtk(files, senders, work, recorder=True)
+
+
 def measure_orthanc(files: list[Path], senders: int, work: Path) -> float:
     orthanc = Orthanc(work / "orthanc", {}).start()
     try:
@@ -208,8 +284,11 @@ RECEIVERS = (
     ("storescp", measure_storescp),
     ("storescp-128k", measure_storescp_128k),
     ("pynetdicom-null", measure_null_pynetdicom),
+    ("dcmtk-durable", measure_durable_dcmtk),
+    ("dcmtk+recorder", measure_durable_recorder),
     ("triage-node", measure_triage_node),
 )
+NATIVE = ("dcmtk-durable", "dcmtk+recorder")
 
 
 def main() -> int:
@@ -223,9 +302,12 @@ def main() -> int:
         "large": dataset("large", args.large, 2000, 2500),
         "small": dataset("small", args.small, 512, 512),
     }
+    receivers = RECEIVERS
+    if durable_scp_binary() is None:
+        receivers = tuple(r for r in RECEIVERS if r[0] not in NATIVE)
     with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=CACHE) as tmp:
-        runs = measure_matrix(sets, RECEIVERS, args.repeat, Path(tmp))
-    report(runs)
+        runs = measure_matrix(sets, receivers, args.repeat, Path(tmp))
+    report(runs, [name for name, _ in receivers])
     return 0
 
 
@@ -264,7 +346,7 @@ def measure_matrix(
     return runs
 
 
-def report(runs: list[Run]) -> None:
+def report(runs: list[Run], receivers: list[str]) -> None:
     def get(receiver: str, name: str, senders: int) -> Run:
         return next(
             r for r in runs if (r.receiver, r.dataset, r.senders) == (receiver, name, senders)
@@ -272,13 +354,13 @@ def report(runs: list[Run]) -> None:
 
     print()
     header = f"{'set':<6} {'senders':>7}"
-    for receiver, _ in RECEIVERS:
+    for receiver in receivers:
         header += f" {receiver + ' inst/s':>22} {'MB/s':>7}"
     print(header + f" {'node/orthanc':>12}")
     for name in ("large", "small"):
         for senders in (1, PARALLEL):
             line = f"{name:<6} {senders:>7}"
-            for receiver, _ in RECEIVERS:
+            for receiver in receivers:
                 run = get(receiver, name, senders)
                 line += f" {run.per_second:>22.1f} {run.mb_per_second:>7.1f}"
             ratio = (
@@ -314,6 +396,20 @@ def report(runs: list[Run]) -> None:
             f"   small {ratio('pynetdicom-null', peer, 'small'):.2f}  (ceiling of any pynetdicom"
             " receiver)"
         )
+    print(
+        "native receivers keeping the node's promise / Orthanc (dcmtk-durable: rows by its own"
+        " SQLite statements; dcmtk+recorder: by the node's Intake over a Unix socket):"
+    )
+    for native in (name for name in NATIVE if name in receivers):
+        for name in ("large", "small"):
+            print(
+                f"  {native:<15} {name:<6} "
+                + "  ".join(
+                    f"senders={n} "
+                    f"{get(native, name, n).per_second / get('orthanc', name, n).per_second:.2f}"
+                    for n in (1, PARALLEL)
+                )
+            )
     print(f"triage-node {PARALLEL} senders / 1 sender (min over sets): {parallel:.2f} (target 1.0)")
     print(
         f"machine: {os.cpu_count()} cores; triage-node and Orthanc fsync every instance,"
