@@ -157,6 +157,36 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     rows = [line.split()[:2] for line in study.stdout.splitlines()]
     held_out = [[k, str(len(record["folds"][k]["held_logits"]))] for k in ("1", "2")]
     assert [row for row in rows if row and row[0] in ("1", "2")] == held_out
+    # two recipes' records compared fold by fold, paired on the same held-out images: here the
+    # record against a copy with other settings and noisier logits
+    other = json.loads(json.dumps(record))
+    other["fingerprint"]["size"] = 448
+    noise = np.random.default_rng(0)
+    for fold in other["folds"].values():
+        fold["held_logits"] = {i: z + noise.normal(0, 2) for i, z in fold["held_logits"].items()}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    compare = [sys.executable, SCRIPTS / "compare_cv.py", "--data", data, "--names", "a,b"]
+    compared = subprocess.run(
+        [*compare, out / "cross-validation.json", tmp_path / "other.json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert "  size: a=64, b=448" in compared.stdout
+    pooled = compared.stdout.split("pooled over those folds")[1].splitlines()
+    assert pooled[0].startswith(f" ({sum(len(f['held_logits']) for f in folds)} images")
+    assert [line.split()[0] for line in pooled[1:4]] == ["a", "b", "average"]
+    assert "difference" not in pooled[1] and "difference" in pooled[2]
+    other["folds"]["1"]["held_logits"] = dict(list(record["folds"]["2"]["held_logits"].items()))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    unpaired = subprocess.run(
+        [*compare, out / "cross-validation.json", tmp_path / "other.json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert unpaired.returncode != 0 and "not paired" in unpaired.stderr
     # each fold's held-out AUROC per epoch, and the epoch count their mean chooses
     assert all(len(f["auroc_by_epoch"]) == 1 for f in record["folds"].values())
     assert manifest.metrics["cross_validation"]["best_mean_epoch"] == 1

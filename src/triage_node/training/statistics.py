@@ -1,7 +1,8 @@
 """Evaluation metrics for a binary finding, in plain numpy (no framework needed).
 
 AUROC as the Mann-Whitney statistic (ties count one half) with a DeLong 95% confidence interval
-(DeLong, DeLong and Clarke-Pearson 1988, in the fast form of Sun and Xu 2014); sensitivity and
+(DeLong, DeLong and Clarke-Pearson 1988, in the fast form of Sun and Xu 2014), and the paired
+difference of two AUROCs on the same cases; sensitivity and
 specificity at a threshold, with Wilson score 95% intervals (Wilson 1927: a proportion near 0
 or 1 of a hundred cases is not as sure as its normal approximation says); thresholds for a
 wanted sensitivity or specificity; the Youden threshold; a calibration table.
@@ -63,20 +64,58 @@ def _midranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def auroc(labels: np.ndarray, scores: np.ndarray) -> Auroc:
-    """Area under the ROC curve with its DeLong 95% confidence interval (clipped to [0, 1])."""
-    y, s = _check(labels, scores)
+def _structural(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUROC and DeLong's structural components: one per positive case (the share of negatives
+    it outscores) and one per negative (the share of positives that outscore it)."""
     pos, neg = s[y], s[~y]
     m, n = len(pos), len(neg)
     all_ranks = _midranks(np.concatenate([pos, neg]))
     pos_ranks, neg_ranks = _midranks(pos), _midranks(neg)
     value = (all_ranks[:m].sum() - m * (m + 1) / 2) / (m * n)
-    v10 = (all_ranks[:m] - pos_ranks) / n  # structural components (Sun and Xu 2014)
+    v10 = (all_ranks[:m] - pos_ranks) / n  # (Sun and Xu 2014)
     v01 = 1 - (all_ranks[m:] - neg_ranks) / m
+    return float(value), v10, v01
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> Auroc:
+    """Area under the ROC curve with its DeLong 95% confidence interval (clipped to [0, 1])."""
+    y, s = _check(labels, scores)
+    value, v10, v01 = _structural(y, s)
+    m, n = len(v10), len(v01)
     s10 = v10.var(ddof=1) if m > 1 else 0.0
     s01 = v01.var(ddof=1) if n > 1 else 0.0
     se = math.sqrt(s10 / m + s01 / n)
-    return Auroc(float(value), max(0.0, value - Z_95 * se), min(1.0, value + Z_95 * se))
+    return Auroc(value, max(0.0, value - Z_95 * se), min(1.0, value + Z_95 * se))
+
+
+@dataclass(frozen=True, slots=True)
+class AurocDifference:
+    difference: float  # AUROC of the first scores minus the second's
+    low: float  # 95% confidence interval (DeLong, paired)
+    high: float
+    p_value: float  # two-sided, for no difference
+
+
+def paired_auroc_difference(
+    labels: np.ndarray, first: np.ndarray, second: np.ndarray
+) -> AurocDifference:
+    """The difference of two AUROCs measured on the same cases, with DeLong's paired 95%
+    interval and two-sided p-value (DeLong et al. 1988): two models scored on the same images
+    are correlated, and their difference is surer than either interval says."""
+    y, a = _check(labels, first)
+    _, b = _check(labels, second)
+    value_a, v10_a, v01_a = _structural(y, a)
+    value_b, v10_b, v01_b = _structural(y, b)
+    m, n = len(v10_a), len(v01_a)
+    if m < 2 or n < 2:
+        raise ValueError("a paired AUROC comparison needs at least two cases of each class")
+    variance = np.cov(v10_a - v10_b, ddof=1) / m + np.cov(v01_a - v01_b, ddof=1) / n
+    difference = value_a - value_b
+    se = math.sqrt(max(float(variance), 0.0))
+    p_value = 1.0 if se == 0 else math.erfc(abs(difference) / se / math.sqrt(2))
+    return AurocDifference(
+        float(difference), difference - Z_95 * se, difference + Z_95 * se, p_value
+    )
 
 
 def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confusion:

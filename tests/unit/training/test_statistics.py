@@ -9,6 +9,7 @@ from triage_node.training.statistics import (
     auroc,
     calibration_table,
     confusion,
+    paired_auroc_difference,
     roc_points,
     threshold_for_sensitivity,
     threshold_for_specificity,
@@ -47,6 +48,52 @@ def test_auroc_and_delong_interval_match_the_definitions(seed: int, ties: bool) 
     assert result.value == pytest.approx(value, abs=1e-12)
     assert result.low == pytest.approx(value - 1.959963984540054 * se, abs=1e-9)
     assert result.high == pytest.approx(min(1.0, value + 1.959963984540054 * se), abs=1e-9)
+
+
+def brute_paired_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """DeLong et al. 1988's paired variance from the O(m*n) components: the 2x2 covariance of
+    each model's positive and negative components, Var(A - B) = S11 + S22 - 2 S12."""
+
+    def components(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        matrix = np.array([[psi(p, q) for q in s[~y]] for p in s[y]])
+        return matrix.mean(axis=1), matrix.mean(axis=0)
+
+    (a10, a01), (b10, b01) = components(a), components(b)
+    s10, s01 = np.cov(np.vstack([a10, b10])), np.cov(np.vstack([a01, b01]))
+    m, n = len(a10), len(a01)
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (
+        s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]
+    ) / n
+    return float(a10.mean() - b10.mean()), float(np.sqrt(variance))
+
+
+@pytest.mark.parametrize(("seed", "ties"), [(3, False), (4, True)])
+def test_paired_auroc_difference_matches_the_definitions(seed: int, ties: bool) -> None:
+    y, a = cases(seed, ties=ties)
+    rng = np.random.default_rng(seed + 10)
+    b = a + rng.normal(0, 0.15, a.shape)  # a correlated second model, as two folds' networks
+    if ties:
+        b = np.round(b, 1)
+    difference, se = brute_paired_difference(y, a, b)
+    result = paired_auroc_difference(y, a, b)
+    assert result.difference == pytest.approx(auroc(y, a).value - auroc(y, b).value, abs=1e-12)
+    assert result.difference == pytest.approx(difference, abs=1e-12)
+    assert result.low == pytest.approx(difference - 1.959963984540054 * se, abs=1e-9)
+    assert result.high == pytest.approx(difference + 1.959963984540054 * se, abs=1e-9)
+    assert 0 < result.p_value < 1
+
+
+def test_paired_difference_is_surer_than_either_interval_and_zero_for_one_model() -> None:
+    y, a = cases(5, n=400)
+    b = a + np.random.default_rng(6).normal(0, 0.05, a.shape)
+    paired = paired_auroc_difference(y, a, b)
+    assert paired.high - paired.low < (auroc(y, a).high - auroc(y, a).low) / 2
+    same = paired_auroc_difference(y, a, a)
+    assert (same.difference, same.low, same.high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+    strong = paired_auroc_difference(y, a, np.random.default_rng(7).random(a.shape))
+    assert strong.low > 0 and strong.p_value < 1e-6  # a model against noise
+    with pytest.raises(ValueError, match="two cases of each class"):
+        paired_auroc_difference(np.array([0, 0, 1]), np.array([1, 2, 3]), np.array([3, 2, 1]))
 
 
 def test_auroc_edge_values() -> None:
