@@ -36,10 +36,10 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <string>
 
 namespace {
@@ -86,8 +86,10 @@ class DurableSCP : public DcmThreadSCP {
             sockaddr_un address{};
             address.sun_family = AF_UNIX;
             std::snprintf(address.sun_path, sizeof(address.sun_path), "%s", g_recorder.c_str());
-            if (connect(recorder_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0)
-                std::abort();
+            if (connect(recorder_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+                close(recorder_);  // no recorder: every store of this worker fails
+                recorder_ = -1;
+            }
             return;
         }
         std::string db = g_root + "/index.sqlite";
@@ -137,6 +139,7 @@ class DurableSCP : public DcmThreadSCP {
     }
 
   private:
+    const bool remote_ = !g_recorder.empty();
     int recorder_ = -1;
     sqlite3* db_ = nullptr;
     sqlite3_stmt* study_ = nullptr;
@@ -165,22 +168,61 @@ class DurableSCP : public DcmThreadSCP {
         sqlite3_bind_text(statement, index, text.c_str(), -1, SQLITE_TRANSIENT);
     }
 
+    // The header fields kept in the rows, as the node's InstanceHeader.
+    struct Header {
+        OFString study, series, sop, sop_class, syntax, modality, body_part, description,
+            accession, date;
+    };
+
     // Fields NUL-separated after a 4-byte length; the recorder answers one byte, 0 = committed.
-    bool record_remotely(std::initializer_list<OFString> fields) {
+    bool record_remotely(const Header& h, const std::string& relpath, off_t size) {
         std::string message(4, '\0');
-        for (const OFString& field : fields) {
+        for (const OFString& field :
+             {h.study, h.series, h.sop, h.sop_class, h.syntax, h.modality, h.body_part,
+              h.description, h.accession, h.date, OFString(relpath.c_str()),
+              OFString(std::to_string(size).c_str())}) {
             message.append(field.c_str());
             message.push_back('\0');
         }
         uint32_t length = static_cast<uint32_t>(message.size() - 4);
         std::memcpy(&message[0], &length, 4);
-        if (write(recorder_, message.data(), message.size()) != static_cast<ssize_t>(message.size()))
-            return false;
+        if (send(recorder_, message.data(), message.size(), MSG_NOSIGNAL) !=
+            static_cast<ssize_t>(message.size()))
+            return false;  // the recorder gone: a failure status, not SIGPIPE
         char answer = 1;
         return read(recorder_, &answer, 1) == 1 && answer == 0;
     }
 
-    // The file durable, then its header read, placed, and its rows committed.
+    // Study, series and instance rows in one committed transaction.
+    bool record_here(const Header& h, const std::string& relpath, off_t size) {
+        if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK)
+            return false;
+        bind(study_, 1, h.study);
+        bind(study_, 2, h.accession);
+        bind(study_, 3, h.date);
+        long long study_id = step_id(study_);
+        sqlite3_bind_int64(series_, 1, study_id);
+        bind(series_, 2, h.series);
+        bind(series_, 3, h.modality);
+        bind(series_, 4, h.body_part);
+        bind(series_, 5, h.description);
+        long long series_id = step_id(series_);
+        bind(instance_, 1, h.sop);
+        sqlite3_bind_int64(instance_, 2, study_id);
+        sqlite3_bind_int64(instance_, 3, series_id);
+        bind(instance_, 4, h.sop_class);
+        bind(instance_, 5, h.syntax);
+        sqlite3_bind_text(instance_, 6, relpath.c_str(), -1, SQLITE_TRANSIENT);
+        sqlite3_bind_int64(instance_, 7, static_cast<long long>(size));
+        long long instance_id = step_id(instance_);
+        bool ok = study_id >= 0 && series_id >= 0 && instance_id >= 0;
+        return sqlite3_exec(db_, ok ? "COMMIT" : "ROLLBACK", nullptr, nullptr, nullptr) ==
+                   SQLITE_OK &&
+               ok;
+    }
+
+    // The file durable, then its header read, placed, and its rows committed; a row that is
+    // not committed takes its file back, so nothing unrecorded stays placed.
     bool store(const std::string& part) {
         if (!fsync_path(part, O_RDONLY)) return false;
         DcmFileFormat file;
@@ -189,58 +231,35 @@ class DurableSCP : public DcmThreadSCP {
                 .bad())
             return false;
         DcmDataset* data = file.getDataset();
-        OFString study, series, sop, sop_class, modality, body_part, description, accession,
-            date, syntax;
-        data->findAndGetOFString(DCM_StudyInstanceUID, study);
-        data->findAndGetOFString(DCM_SeriesInstanceUID, series);
-        data->findAndGetOFString(DCM_SOPInstanceUID, sop);
-        data->findAndGetOFString(DCM_SOPClassUID, sop_class);
-        data->findAndGetOFString(DCM_Modality, modality);
-        data->findAndGetOFString(DCM_BodyPartExamined, body_part);
-        data->findAndGetOFString(DCM_SeriesDescription, description);
-        data->findAndGetOFString(DCM_AccessionNumber, accession);
-        data->findAndGetOFString(DCM_StudyDate, date);
-        file.getMetaInfo()->findAndGetOFString(DCM_TransferSyntaxUID, syntax);
-        if (!valid_uid(study.c_str()) || !valid_uid(series.c_str()) || !valid_uid(sop.c_str()))
+        Header h;
+        data->findAndGetOFString(DCM_StudyInstanceUID, h.study);
+        data->findAndGetOFString(DCM_SeriesInstanceUID, h.series);
+        data->findAndGetOFString(DCM_SOPInstanceUID, h.sop);
+        data->findAndGetOFString(DCM_SOPClassUID, h.sop_class);
+        data->findAndGetOFString(DCM_Modality, h.modality);
+        data->findAndGetOFString(DCM_BodyPartExamined, h.body_part);
+        data->findAndGetOFString(DCM_SeriesDescription, h.description);
+        data->findAndGetOFString(DCM_AccessionNumber, h.accession);
+        data->findAndGetOFString(DCM_StudyDate, h.date);
+        file.getMetaInfo()->findAndGetOFString(DCM_TransferSyntaxUID, h.syntax);
+        if (!valid_uid(h.study.c_str()) || !valid_uid(h.series.c_str()) ||
+            !valid_uid(h.sop.c_str()))
             return false;
-        std::string study_dir = g_root + "/spool/" + study.c_str();
-        std::string series_dir = study_dir + "/" + series.c_str();
-        std::string target = series_dir + "/" + sop.c_str() + ".dcm";
-        if (!make_dir(g_root + "/spool", study_dir) || !make_dir(study_dir, series_dir)) return false;
+        std::string relpath = std::string(h.study.c_str()) + "/" + h.series.c_str() + "/" +
+                              h.sop.c_str() + ".dcm";
+        std::string study_dir = g_root + "/spool/" + h.study.c_str();
+        std::string series_dir = study_dir + "/" + h.series.c_str();
+        std::string target = g_root + "/spool/" + relpath;
+        if (!make_dir(g_root + "/spool", study_dir) || !make_dir(study_dir, series_dir))
+            return false;
         if (rename(part.c_str(), target.c_str()) != 0) return false;
-        if (!fsync_path(series_dir, O_RDONLY | O_DIRECTORY)) return false;
         struct stat info {};
-        stat(target.c_str(), &info);
-        if (recorder_ >= 0)
-            return record_remotely({study, series, sop, sop_class, syntax, modality, body_part,
-                                    description, accession, date,
-                                    OFString(target.substr(g_root.size() + 7).c_str()),
-                                    OFString(std::to_string(info.st_size).c_str())});
-
-        if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK)
-            return false;
-        bind(study_, 1, study);
-        bind(study_, 2, accession);
-        bind(study_, 3, date);
-        long long study_id = step_id(study_);
-        sqlite3_bind_int64(series_, 1, study_id);
-        bind(series_, 2, series);
-        bind(series_, 3, modality);
-        bind(series_, 4, body_part);
-        bind(series_, 5, description);
-        long long series_id = step_id(series_);
-        bind(instance_, 1, sop);
-        sqlite3_bind_int64(instance_, 2, study_id);
-        sqlite3_bind_int64(instance_, 3, series_id);
-        bind(instance_, 4, sop_class);
-        bind(instance_, 5, syntax);
-        sqlite3_bind_text(instance_, 6, target.c_str(), -1, SQLITE_TRANSIENT);
-        sqlite3_bind_int64(instance_, 7, static_cast<long long>(info.st_size));
-        long long instance_id = step_id(instance_);
-        bool ok = study_id >= 0 && series_id >= 0 && instance_id >= 0;
-        return sqlite3_exec(db_, ok ? "COMMIT" : "ROLLBACK", nullptr, nullptr, nullptr) ==
-                   SQLITE_OK &&
-               ok;
+        bool recorded = fsync_path(series_dir, O_RDONLY | O_DIRECTORY) &&
+                        stat(target.c_str(), &info) == 0 &&
+                        (remote_ ? recorder_ >= 0 && record_remotely(h, relpath, info.st_size)
+                                 : record_here(h, relpath, info.st_size));
+        if (!recorded) unlink(target.c_str());
+        return recorded;
     }
 };
 

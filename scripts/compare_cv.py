@@ -45,12 +45,17 @@ def flattened(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+NOT_RECORDED = "(not recorded)"  # a setting older records were written without
+
+
 def differences(fingerprints: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """The settings whose values are not the same in every fingerprint."""
     flat = [flattened(f) for f in fingerprints]
     keys = sorted(set().union(*flat))
     return {
-        k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1
+        k: [f.get(k, NOT_RECORDED) for f in flat]
+        for k in keys
+        if len({json.dumps(f.get(k, NOT_RECORDED)) for f in flat}) > 1
     }
 
 
@@ -135,10 +140,10 @@ def main() -> int:
         if index < len(records):
             line += f"  folds' mean {per_fold[index].mean():.4f}"
         if index > 0:
-            paired = paired_auroc_difference(labels, scores, logits[0])
+            against = paired_auroc_difference(labels, scores, logits[0])
             line += (
-                f"  difference {paired.difference:+.4f} ({paired.low:+.3f} to"
-                f" {paired.high:+.3f}, p {paired.p_value:.3f})"
+                f"  difference {against.difference:+.4f} ({against.low:+.3f} to"
+                f" {against.high:+.3f}, p {against.p_value:.3f})"
             )
         print(line)
     return 0
