@@ -91,7 +91,7 @@ def dataset(name: str, count: int, rows: int, columns: int) -> list[Path]:
 def send(port: int, files: list[Path], senders: int, called: str) -> float:
     """Wall time for *senders* storescu processes to send *files* (split evenly)."""
     storescu = require_tool("storescu", "dcmtk")
-    groups = [files[i::senders] for i in range(senders)]
+    groups = [group for i in range(senders) if (group := files[i::senders])]  # none empty
     started = time.perf_counter()
     processes = [
         subprocess.Popen(
