@@ -134,19 +134,25 @@ def measure_storescp_128k(files: list[Path], senders: int, work: Path) -> float:
     return measure_storescp(files, senders, work, pdu=True)
 
 
-def measure_null_pynetdicom(files: list[Path], senders: int, work: Path) -> float:
-    port = free_port()
+def send_to_process(
+    command: list[str], port: int, files: list[Path], senders: int, called: str, **popen: Any
+) -> float:
+    """``send`` to an SCP that *command* starts listening on *port*, stopped afterwards."""
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "benchmarks" / "null_scp.py"), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen
     )
     try:
-        wait_for(lambda: port_open(port), 30, what="null SCP to listen")
-        return send(port, files, senders, "NULL_SCP")
+        wait_for(lambda: port_open(port), 30, what=f"{called} to listen")
+        return send(port, files, senders, called)
     finally:
         process.terminate()
         process.wait(10)
+
+
+def measure_null_pynetdicom(files: list[Path], senders: int, work: Path) -> float:
+    port = free_port()
+    command = [sys.executable, str(REPO / "benchmarks" / "null_scp.py"), str(port)]
+    return send_to_process(command, port, files, senders, "NULL_SCP")
 
 
 DURABLE_SOURCE = REPO / "benchmarks" / "durable_scp.cpp"
@@ -182,14 +188,14 @@ def measure_durable_dcmtk(
     benchmarks/recorder.py instead of its own SQLite statements."""
     port, out = free_port(), work / "durable-scp"
     out.mkdir()
-    processes = []
     binary = durable_scp_binary()
     assert binary is not None, "main() leaves the native peers out without a binary"
-    arguments = [str(binary), str(port), str(out)]
-    if recorder:
-        sock = out / "recorder.sock"
-        processes.append(
-            subprocess.Popen(
+    command = [str(binary), str(port), str(out)]
+    helper = None
+    try:
+        if recorder:
+            sock = out / "recorder.sock"
+            helper = subprocess.Popen(
                 [
                     sys.executable,
                     str(REPO / "benchmarks" / "recorder.py"),
@@ -199,22 +205,14 @@ def measure_durable_dcmtk(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        )
-        wait_for(sock.exists, 60, what="the recorder to listen")
-        arguments.append(str(sock))
-    # TCP_NODELAY, as for storescp
-    processes.append(
-        subprocess.Popen(
-            arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env()
-        )
-    )
-    try:
-        wait_for(lambda: port_open(port), 30, what="durable DCMTK SCP to listen")
-        return send(port, files, senders, "DURABLE_SCP")
+            wait_for(sock.exists, 60, what="the recorder to listen")
+            command.append(str(sock))
+        # TCP_NODELAY, as for storescp
+        return send_to_process(command, port, files, senders, "DURABLE_SCP", env=dcmtk_env())
     finally:
-        for process in reversed(processes):
-            process.terminate()
-            process.wait(10)
+        if helper is not None:
+            helper.terminate()
+            helper.wait(10)
         shutil.rmtree(out, ignore_errors=True)
 
 

@@ -178,7 +178,7 @@ def test_train_with_folds_and_evaluate_localisation_on_fracatlas(tmp_path: Path)
     assert pooled[0].startswith(f" ({sum(len(f['held_logits']) for f in folds)} images")
     assert [line.split()[0] for line in pooled[1:4]] == ["a", "b", "average"]
     assert "difference" not in pooled[1] and "difference" in pooled[2]
-    other["folds"]["1"]["held_logits"] = dict(list(record["folds"]["2"]["held_logits"].items()))
+    other["folds"]["1"]["held_logits"] = dict(record["folds"]["2"]["held_logits"])
     (tmp_path / "other.json").write_text(json.dumps(other))
     unpaired = subprocess.run(
         [*compare, out / "cross-validation.json", tmp_path / "other.json"],

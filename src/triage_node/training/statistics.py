@@ -2,10 +2,10 @@
 
 AUROC as the Mann-Whitney statistic (ties count one half) with a DeLong 95% confidence interval
 (DeLong, DeLong and Clarke-Pearson 1988, in the fast form of Sun and Xu 2014), and the paired
-difference of two AUROCs on the same cases; sensitivity and
-specificity at a threshold, with Wilson score 95% intervals (Wilson 1927: a proportion near 0
-or 1 of a hundred cases is not as sure as its normal approximation says); thresholds for a
-wanted sensitivity or specificity; the Youden threshold; a calibration table.
+difference of two AUROCs on the same cases; sensitivity and specificity at a threshold, with
+Wilson score 95% intervals (Wilson 1927: a proportion near 0 or 1 of a hundred cases is not as
+sure as its normal approximation says); thresholds for a wanted sensitivity or specificity; the
+Youden threshold; a calibration table.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ def paired_auroc_difference(
     m, n = len(v10_a), len(v01_a)
     if m < 2 or n < 2:
         raise ValueError("a paired AUROC comparison needs at least two cases of each class")
-    variance = np.cov(v10_a - v10_b, ddof=1) / m + np.cov(v01_a - v01_b, ddof=1) / n
+    variance = (v10_a - v10_b).var(ddof=1) / m + (v01_a - v01_b).var(ddof=1) / n
     difference = value_a - value_b
-    se = math.sqrt(max(float(variance), 0.0))
+    se = math.sqrt(float(variance))
     p_value = 1.0 if se == 0 else math.erfc(abs(difference) / se / math.sqrt(2))
     return AurocDifference(
         float(difference), difference - Z_95 * se, difference + Z_95 * se, p_value
