@@ -18,6 +18,19 @@
 //
 // One worker thread per association (DcmSCPPool, up to 32), each with its own SQLite
 // connection or recorder connection.
+//
+// With --adopt, it listens on no port: benchmarks/front.py accepts the connections, admits
+// them with the node's admission code (dicom.admission) and passes each one, with one end of a
+// socket pair, over CONTROL_SOCKET (SCM_RIGHTS). The association is taken over from the
+// accepted socket (dcmExternalSocketHandle, as DCMTK's inetd mode) and served by a worker
+// thread that receives each instance into INCOMING_DIR and asks the front, over its socket
+// pair, for the status to answer: the front stores it with the node's own Storer (header read,
+// checks, fsync, placement, rows) -- everything the node does except the DICOM transport.
+//
+// With --adopt-header, the worker also reads the instance's header fields (DCMTK, up to Pixel
+// Data) and sends them along, so that the front does not parse the file again.
+//
+//     durable_scp --adopt|--adopt-header CONTROL_SOCKET INCOMING_DIR
 
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dcdeftag.h>
@@ -36,6 +49,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <thread>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -46,6 +60,8 @@ namespace {
 
 std::string g_root;
 std::string g_recorder;  // empty: rows written here
+bool g_adopt = false;    // --adopt: the front stores each instance (store_by_front)
+bool g_header = false;   // --adopt-header: ... with the header fields read here
 std::atomic<unsigned long> g_counter{0};
 
 const char* SCHEMA =
@@ -81,6 +97,7 @@ bool make_dir(const std::string& parent, const std::string& path) {
 class DurableSCP : public DcmThreadSCP {
   public:
     DurableSCP() {
+        if (g_adopt) return;  // the channel comes with the connection (setChannel)
         if (!g_recorder.empty()) {
             recorder_ = socket(AF_UNIX, SOCK_STREAM, 0);
             sockaddr_un address{};
@@ -114,6 +131,7 @@ class DurableSCP : public DcmThreadSCP {
     }
     ~DurableSCP() override {
         if (recorder_ >= 0) close(recorder_);
+        if (channel_ >= 0) close(channel_);
         sqlite3_finalize(study_);
         sqlite3_finalize(series_);
         sqlite3_finalize(instance_);
@@ -126,19 +144,59 @@ class DurableSCP : public DcmThreadSCP {
         if (message->CommandField != DIMSE_C_STORE_RQ)
             return DcmThreadSCP::handleIncomingCommand(message, info);
         T_DIMSE_C_StoreRQ& request = message->msg.CStoreRQ;
-        std::string part = g_root + "/incoming/" + std::to_string(getpid()) + "-" +
-                           std::to_string(g_counter++) + ".part";
+        std::string part = (g_adopt ? g_root : g_root + "/incoming") + "/" +
+                           std::to_string(getpid()) + "-" + std::to_string(g_counter++) + ".part";
         OFCondition received = receiveSTORERequest(request, info.presentationContextID, part.c_str());
         if (received.bad()) {
             unlink(part.c_str());
             return received;
         }
-        Uint16 status = store(part) ? STATUS_Success : STATUS_STORE_Refused_OutOfResources;
-        if (status != STATUS_Success) unlink(part.c_str());
+        Uint16 status;
+        if (g_adopt) {
+            status = store_by_front(part, request);  // the front removes what it does not place
+        } else {
+            status = store(part) ? STATUS_Success : STATUS_STORE_Refused_OutOfResources;
+            if (status != STATUS_Success) unlink(part.c_str());
+        }
         return sendSTOREResponse(info.presentationContextID, request, status);
     }
 
+  public:
+    void setChannel(int channel) { channel_ = channel; }
+
   private:
+    int channel_ = -1;  // --adopt: this association's socket pair end to the front
+
+    // The received file's path, the request's UIDs and, with g_header, the file's header
+    // fields (NUL-separated after a 4-byte length); the front answers the status code (2
+    // bytes, little-endian) once it stored -- or refused.
+    Uint16 store_by_front(const std::string& part, const T_DIMSE_C_StoreRQ& request) {
+        std::string message(4, '\0');
+        auto add = [&message](const char* field) {
+            message.append(field);
+            message.push_back('\0');
+        };
+        add(part.c_str());
+        add(request.AffectedSOPClassUID);
+        add(request.AffectedSOPInstanceUID);
+        Header h;
+        if (g_header && read_header(part, h))  // else the front reads the file itself
+            for (const OFString& field : {h.study, h.series, h.sop, h.sop_class, h.syntax,
+                                          h.modality, h.body_part, h.description, h.accession,
+                                          h.date})
+                add(field.c_str());
+        uint32_t length = static_cast<uint32_t>(message.size() - 4);
+        std::memcpy(&message[0], &length, 4);
+        uint16_t status = 0;
+        if (send(channel_, message.data(), message.size(), MSG_NOSIGNAL) !=
+                static_cast<ssize_t>(message.size()) ||
+            read(channel_, &status, 2) != 2) {
+            unlink(part.c_str());  // the front gone: nothing was placed
+            return STATUS_STORE_Refused_OutOfResources;
+        }
+        return status;
+    }
+
     const bool remote_ = !g_recorder.empty();
     int recorder_ = -1;
     sqlite3* db_ = nullptr;
@@ -223,15 +281,14 @@ class DurableSCP : public DcmThreadSCP {
 
     // The file durable, then its header read, placed, and its rows committed; a row that is
     // not committed takes its file back, so nothing unrecorded stays placed.
-    bool store(const std::string& part) {
-        if (!fsync_path(part, O_RDONLY)) return false;
+    // The header fields, read up to Pixel Data.
+    static bool read_header(const std::string& part, Header& h) {
         DcmFileFormat file;
         if (file.loadFileUntilTag(part.c_str(), EXS_Unknown, EGL_noChange, DCM_MaxReadLength,
                                   ERM_autoDetect, DCM_PixelData)
                 .bad())
             return false;
         DcmDataset* data = file.getDataset();
-        Header h;
         data->findAndGetOFString(DCM_StudyInstanceUID, h.study);
         data->findAndGetOFString(DCM_SeriesInstanceUID, h.series);
         data->findAndGetOFString(DCM_SOPInstanceUID, h.sop);
@@ -242,6 +299,13 @@ class DurableSCP : public DcmThreadSCP {
         data->findAndGetOFString(DCM_AccessionNumber, h.accession);
         data->findAndGetOFString(DCM_StudyDate, h.date);
         file.getMetaInfo()->findAndGetOFString(DCM_TransferSyntaxUID, h.syntax);
+        return true;
+    }
+
+    bool store(const std::string& part) {
+        if (!fsync_path(part, O_RDONLY)) return false;
+        Header h;
+        if (!read_header(part, h)) return false;
         if (!valid_uid(h.study.c_str()) || !valid_uid(h.series.c_str()) ||
             !valid_uid(h.sop.c_str()))
             return false;
@@ -263,29 +327,7 @@ class DurableSCP : public DcmThreadSCP {
     }
 };
 
-}  // namespace
-
-int main(int argc, char* argv[]) {
-    if (argc != 3 && argc != 4) {
-        std::fprintf(stderr, "usage: durable_scp PORT DIRECTORY [RECORDER_SOCKET]\n");
-        return 2;
-    }
-    OFLog::configure(OFLogger::ERROR_LOG_LEVEL);  // not the header read's stop at Pixel Data
-    g_root = argv[2];
-    if (argc == 4) g_recorder = argv[3];
-    mkdir((g_root + "/incoming").c_str(), 0700);
-    mkdir((g_root + "/spool").c_str(), 0700);
-    sqlite3* db = nullptr;
-    if (sqlite3_open((g_root + "/index.sqlite").c_str(), &db) != SQLITE_OK ||
-        sqlite3_exec(db, "PRAGMA journal_mode=WAL;", nullptr, nullptr, nullptr) != SQLITE_OK ||
-        sqlite3_exec(db, SCHEMA, nullptr, nullptr, nullptr) != SQLITE_OK)
-        return 1;
-    sqlite3_close(db);
-
-    DcmSCPPool<DurableSCP> pool;
-    pool.setMaxThreads(32);
-    DcmSCPConfig& config = pool.getConfig();
-    config.setPort(static_cast<Uint16>(std::atoi(argv[1])));
+void configure(DcmSCPConfig& config) {
     config.setAETitle("DURABLE_SCP");
     config.setMaxReceivePDULength(ASC_MAXIMUMPDUSIZE);
     config.setConnectionBlockingMode(DUL_NOBLOCK);
@@ -301,6 +343,106 @@ int main(int argc, char* argv[]) {
     config.addPresentationContext(UID_VerificationSOPClass, verification);
     for (int i = 0; i < numberOfDcmAllStorageSOPClassUIDs; ++i)
         config.addPresentationContext(dcmAllStorageSOPClassUIDs[i], syntaxes);
+}
+
+// One accepted connection and its socket pair end, passed by the front (SCM_RIGHTS).
+bool receive_connection(int control, int fds[2]) {
+    char byte = 0;
+    iovec data{&byte, 1};
+    alignas(cmsghdr) char space[CMSG_SPACE(2 * sizeof(int))];
+    msghdr message{};
+    message.msg_iov = &data;
+    message.msg_iovlen = 1;
+    message.msg_control = space;
+    message.msg_controllen = sizeof(space);
+    if (recvmsg(control, &message, MSG_CMSG_CLOEXEC) != 1) return false;
+    cmsghdr* header = CMSG_FIRSTHDR(&message);
+    if (header == nullptr || header->cmsg_type != SCM_RIGHTS ||
+        header->cmsg_len != CMSG_LEN(2 * sizeof(int)))
+        return false;
+    std::memcpy(fds, CMSG_DATA(header), 2 * sizeof(int));
+    return true;
+}
+
+// --adopt: take over each connection the front passes, one worker thread per association.
+int adopt(const char* control_path) {
+    int control = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::snprintf(address.sun_path, sizeof(address.sun_path), "%s", control_path);
+    if (connect(control, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) return 1;
+    DcmSCPConfig config;
+    configure(config);
+    DcmSharedSCPConfig shared(config);
+    // An acceptor network without a listening socket of its own: DCMTK makes none while an
+    // external socket is set (its inetd mode); each connection's socket is set in turn below.
+    T_ASC_Network* network = nullptr;
+    dcmExternalSocketHandle.set(control);
+    OFCondition made = ASC_initializeNetwork(NET_ACCEPTOR, 0, 30, &network);
+    dcmExternalSocketHandle.set(-1);
+    if (made.bad()) return 1;
+    int fds[2];
+    while (receive_connection(control, fds)) {  // until the front goes
+        T_ASC_Association* association = nullptr;
+        dcmExternalSocketHandle.set(fds[0]);  // only this thread receives associations
+        OFCondition received = ASC_receiveAssociation(
+            network, &association, ASC_MAXIMUMPDUSIZE, nullptr, nullptr, OFFalse, DUL_NOBLOCK, 30);
+        dcmExternalSocketHandle.set(-1);
+        if (received.bad()) {  // the connection is the association's: dropping it closes it
+            if (association != nullptr) {
+                ASC_dropAssociation(association);
+                ASC_destroyAssociation(&association);
+            } else {
+                close(fds[0]);
+            }
+            close(fds[1]);
+            continue;
+        }
+        int channel = fds[1];
+        std::thread([association, channel, shared] {
+            DurableSCP worker;
+            worker.setChannel(channel);
+            worker.setSharedConfig(shared);
+            worker.run(association);  // negotiates, serves, drops and frees the association
+        }).detach();
+    }
+    ASC_dropNetwork(&network);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char* argv[]) {
+    OFLog::configure(OFLogger::ERROR_LOG_LEVEL);  // not the header read's stop at Pixel Data
+    if (argc == 4 && (std::strcmp(argv[1], "--adopt") == 0 ||
+                      std::strcmp(argv[1], "--adopt-header") == 0)) {
+        g_adopt = true;
+        g_header = std::strcmp(argv[1], "--adopt-header") == 0;
+        g_root = argv[3];
+        return adopt(argv[2]);
+    }
+    if (argc != 3 && argc != 4) {
+        std::fprintf(stderr,
+                     "usage: durable_scp PORT DIRECTORY [RECORDER_SOCKET]\n"
+                     "       durable_scp --adopt|--adopt-header CONTROL_SOCKET INCOMING_DIR\n");
+        return 2;
+    }
+    g_root = argv[2];
+    if (argc == 4) g_recorder = argv[3];
+    mkdir((g_root + "/incoming").c_str(), 0700);
+    mkdir((g_root + "/spool").c_str(), 0700);
+    sqlite3* db = nullptr;
+    if (sqlite3_open((g_root + "/index.sqlite").c_str(), &db) != SQLITE_OK ||
+        sqlite3_exec(db, "PRAGMA journal_mode=WAL;", nullptr, nullptr, nullptr) != SQLITE_OK ||
+        sqlite3_exec(db, SCHEMA, nullptr, nullptr, nullptr) != SQLITE_OK)
+        return 1;
+    sqlite3_close(db);
+
+    DcmSCPPool<DurableSCP> pool;
+    pool.setMaxThreads(32);
+    DcmSCPConfig& config = pool.getConfig();
+    config.setPort(static_cast<Uint16>(std::atoi(argv[1])));
+    configure(config);
     OFCondition result = pool.listen();
     std::fprintf(stderr, "durable_scp: %s\n", result.text());
     return result.good() ? 0 : 1;

@@ -14,6 +14,10 @@ SCP that keeps nothing (benchmarks/null_scp.py): the ceiling of any pynetdicom-b
 "dcmtk-durable" (benchmarks/durable_scp.cpp, built here with g++ against Debian's libdcmtk-dev)
 keeps the node's promise without Python -- file fsynced, renamed, its directory fsynced and
 its rows committed to SQLite before Success: what a native receive path could reach.
+"dcmtk+recorder" has the node's Python ``Intake`` record the rows (benchmarks/recorder.py);
+"dcmtk+front" has the node's admission pass each connection to DCMTK and the node's Python
+``StorageHandlers`` store each instance (benchmarks/front.py), "dcmtk+front+header" the same
+with the header fields read by DCMTK.
 Orthanc (Debian's package) runs with ``SyncStorageArea`` on, its default: the durable peer, the
 one the node's targets are set against (at least 1.0x its instances/s and MB/s).
 
@@ -220,6 +224,36 @@ def measure_durable_recorder(files: list[Path], senders: int, work: Path) -> flo
     return measure_durable_dcmtk(files, senders, work, recorder=True)
 
 
+def measure_durable_front(
+    files: list[Path], senders: int, work: Path, header: bool = False
+) -> float:
+    """durable_scp.cpp --adopt behind benchmarks/front.py: the node's admission passes each
+    connection to DCMTK, the node's StorageHandlers store each instance; with *header*, with
+    the header fields DCMTK read instead of pydicom's reading of the file."""
+    port, out = free_port(), work / "front"
+    out.mkdir()
+    binary = durable_scp_binary()
+    assert binary is not None, "main() leaves the native peers out without a binary"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "front.py"),
+        f"sqlite:///{out / 'node.sqlite'}",
+        str(out / "spool"),
+        str(port),
+        str(binary),
+        *(["--header"] if header else []),
+        *("--processes", str(receiver_count(DicomConfig(receivers=0)))),  # as the node
+    ]
+    try:  # TCP_NODELAY for DCMTK's side of the passed sockets too
+        return send_to_process(command, port, files, senders, "DURABLE_SCP", env=dcmtk_env())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def measure_durable_front_header(files: list[Path], senders: int, work: Path) -> float:
+    return measure_durable_front(files, senders, work, header=True)
+
+
 def measure_orthanc(files: list[Path], senders: int, work: Path) -> float:
     orthanc = Orthanc(work / "orthanc", {}).start()
     try:
@@ -284,9 +318,11 @@ RECEIVERS = (
     ("pynetdicom-null", measure_null_pynetdicom),
     ("dcmtk-durable", measure_durable_dcmtk),
     ("dcmtk+recorder", measure_durable_recorder),
+    ("dcmtk+front", measure_durable_front),
+    ("dcmtk+front+header", measure_durable_front_header),
     ("triage-node", measure_triage_node),
 )
-NATIVE = ("dcmtk-durable", "dcmtk+recorder")
+NATIVE = ("dcmtk-durable", "dcmtk+recorder", "dcmtk+front", "dcmtk+front+header")
 
 
 def main() -> int:
@@ -396,7 +432,9 @@ def report(runs: list[Run], receivers: list[str]) -> None:
         )
     print(
         "native receivers keeping the node's promise / Orthanc (dcmtk-durable: rows by its own"
-        " SQLite statements; dcmtk+recorder: by the node's Intake over a Unix socket):"
+        " SQLite statements; dcmtk+recorder: by the node's Intake over a Unix socket;"
+        " dcmtk+front: connections passed by the node's admission, instances stored by the"
+        " node's StorageHandlers; +header: with the header DCMTK read):"
     )
     for native in (name for name in NATIVE if name in receivers):
         for name in ("large", "small"):

@@ -120,3 +120,21 @@ def test_a_failed_directory_fsync_after_the_rename_keeps_both_for_the_resend(
     again = storer.store(arrive(spool, received[1]), association, None)
     assert again.code == SUCCESS and rows(store) == (2, 3)
     assert read_header(spool.path_of(Spool.relpath_for(stored.header))) == stored.header
+
+
+def test_a_header_the_receiver_read_is_not_read_again(
+    store: Database, tmp_path: Path, received: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that parsed the header itself (a native transport) passes the fields in: the
+    file is stored under them and not parsed again."""
+    spool, storer, association = setup(store, tmp_path)
+    header = read_header(received[0])
+
+    def no_second_read(path: Path, *, whole: bool = False) -> None:
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr("triage_node.dicom.storing.read_header", no_second_read)
+    stored = storer.store(arrive(spool, received[0]), association, None, header=header)
+    assert (stored.code, stored.header) == (SUCCESS, header)
+    assert spool.path_of(Spool.relpath_for(header)).read_bytes() == received[0].read_bytes()
+    assert rows(store) == (1, 1)

@@ -225,7 +225,7 @@ class StorageHandlers:
         with self._lock:
             association_id = self._association_ids.get(event.assoc)
         try:
-            code, comment = self._store(partial, request, association_id)
+            code, comment = self.store_as_requested(partial, request, association_id)
         except Exception:  # a bug must not take the receiver down; the PACS will resend
             LOG.exception(
                 "unexpected failure storing an instance",
@@ -249,7 +249,17 @@ class StorageHandlers:
         )
         return _status(code, comment)
 
-    def _store(self, partial: Path, request: Any, association_id: int | None) -> tuple[int, str]:
+    def store_as_requested(
+        self,
+        partial: Path,
+        request: Any,
+        association_id: int | None,
+        header: InstanceHeader | None = None,
+    ) -> tuple[int, str]:
+        """Store *partial* if it holds what *request* (a C-STORE-RQ: its Affected SOP Class
+        and Instance UIDs) announced; the status code and comment to answer. *header*: the
+        file's header fields where the receiver read them already."""
+
         def as_requested(header: InstanceHeader) -> tuple[int, str] | None:
             if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
                 return CANNOT_UNDERSTAND, "SOP Instance UID differs from the C-STORE request"
@@ -257,7 +267,7 @@ class StorageHandlers:
                 return DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request"
             return None
 
-        stored = self.storer.store(partial, association_id, as_requested)
+        stored = self.storer.store(partial, association_id, as_requested, header=header)
         return stored.code, stored.comment
 
 

@@ -140,18 +140,21 @@ class Storer:
         check: Check | None,
         *,
         whole: bool = False,
+        header: InstanceHeader | None = None,
     ) -> Stored:
         """Store *partial* (consumed: renamed into the spool, or left for the caller to remove);
-        *whole*: check that the file is a complete dataset first (``read_header``)."""
+        *whole*: check that the file is a complete dataset first (``read_header``); *header*:
+        its fields as the receiver already read them (not read again)."""
         try:
             self.spool.ensure_free(self.min_free_bytes)
         except OutOfResources as exc:
             return Stored(OUT_OF_RESOURCES, str(exc))
         self.spool.start_writeback(partial)  # the disk works while the header is read
-        try:
-            header = read_header(partial, whole=whole)
-        except DatasetError as exc:
-            return Stored(CANNOT_UNDERSTAND, str(exc))
+        if header is None:
+            try:
+                header = read_header(partial, whole=whole)
+            except DatasetError as exc:
+                return Stored(CANNOT_UNDERSTAND, str(exc))
         refusal = check(header) if check is not None else None
         if refusal is not None:
             return Stored(*refusal, header=header)
