@@ -49,12 +49,12 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <thread>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 
 namespace {
 
@@ -190,7 +190,7 @@ class DurableSCP : public DcmThreadSCP {
         uint16_t status = 0;
         if (send(channel_, message.data(), message.size(), MSG_NOSIGNAL) !=
                 static_cast<ssize_t>(message.size()) ||
-            read(channel_, &status, 2) != 2) {
+            recv(channel_, &status, 2, MSG_WAITALL) != 2) {
             unlink(part.c_str());  // the front gone: nothing was placed
             return STATUS_STORE_Refused_OutOfResources;
         }
@@ -279,8 +279,6 @@ class DurableSCP : public DcmThreadSCP {
                ok;
     }
 
-    // The file durable, then its header read, placed, and its rows committed; a row that is
-    // not committed takes its file back, so nothing unrecorded stays placed.
     // The header fields, read up to Pixel Data.
     static bool read_header(const std::string& part, Header& h) {
         DcmFileFormat file;
@@ -302,6 +300,8 @@ class DurableSCP : public DcmThreadSCP {
         return true;
     }
 
+    // The file durable, then its header read, placed, and its rows committed; a row that is
+    // not committed takes its file back, so nothing unrecorded stays placed.
     bool store(const std::string& part) {
         if (!fsync_path(part, O_RDONLY)) return false;
         Header h;

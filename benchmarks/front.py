@@ -49,9 +49,9 @@ def serve_channel(channel: socket.socket, handlers: StorageHandlers) -> None:
         try:
             (length,) = struct.unpack("<I", receive_exactly(channel, 4))
             fields = receive_exactly(channel, length).decode(errors="replace").split("\0")[:-1]
+            part, sop_class, sop_instance, *read = fields
         except (EOFError, OSError, ValueError):
-            return  # the association ended
-        part, sop_class, sop_instance, *read = fields
+            return  # the association ended (or the worker is broken: it gets no answer)
         request = SimpleNamespace(
             AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop_instance
         )
