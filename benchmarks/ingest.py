@@ -245,7 +245,7 @@ def measure_durable_front(
         *("--processes", str(receiver_count(DicomConfig(receivers=0)))),  # as the node
     ]
     try:  # TCP_NODELAY for DCMTK's side of the passed sockets too
-        return send_to_process(command, port, files, senders, "DURABLE_SCP", env=dcmtk_env())
+        return send_to_process(command, port, files, senders, "TRIAGE_NODE", env=dcmtk_env())
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -134,12 +134,16 @@ class StorageHandlers:
 
     def on_established(self, event: Any) -> None:
         requestor = event.assoc.requestor
+        self.opened(
+            event.assoc, requestor.ae_title, event.assoc.acceptor.ae_title, str(requestor.address)
+        )
+
+    def opened(self, key: object, calling_ae: str, called_ae: str, peer: str) -> int | None:
+        """Record an accepted association under *key* (whatever identifies it to the
+        transport); its id, or None when the database could not record it."""
         try:
             association_id = self.intake.open_association(
-                calling_ae=requestor.ae_title,
-                called_ae=event.assoc.acceptor.ae_title,
-                peer_address=str(requestor.address),
-                now=self.clock(),
+                calling_ae=calling_ae, called_ae=called_ae, peer_address=peer, now=self.clock()
             )
         except DatabaseUnavailable as exc:
             log_event(
@@ -149,18 +153,19 @@ class StorageHandlers:
                 "could not record the association",
                 error=exc.cause,
             )
-            return
+            return None
         with self._lock:
-            self._association_ids[event.assoc] = association_id
+            self._association_ids[key] = association_id
         log_event(
             LOG,
             logging.INFO,
             "association_accepted",
             "association accepted",
             association=association_id,
-            calling_ae=requestor.ae_title,
-            peer=str(requestor.address),
+            calling_ae=calling_ae,
+            peer=peer,
         )
+        return association_id
 
     def on_closed(self, event: Any) -> None:
         stop_waiting_for_request(event.assoc)
@@ -172,11 +177,15 @@ class StorageHandlers:
         self._record_end(assoc)
 
     def _record_end(self, assoc: Any) -> None:
+        self.ended(assoc, AssociationEnd.RELEASED if assoc.is_released else AssociationEnd.ABORTED)
+
+    def ended(self, key: object, how: AssociationEnd) -> None:
+        """Record the end of the association opened under *key* (once; later calls do
+        nothing) and ring the settle doorbell."""
         with self._lock:
-            association_id = self._association_ids.pop(assoc, None)
+            association_id = self._association_ids.pop(key, None)
         if association_id is None:
             return
-        how = AssociationEnd.RELEASED if assoc.is_released else AssociationEnd.ABORTED
         try:
             self.intake.close_association(association_id, how, self.clock())
         except DatabaseUnavailable as exc:
@@ -218,14 +227,29 @@ class StorageHandlers:
 
     def on_c_store(self, event: Any) -> Dataset:
         """Store one instance durably, then answer (PS3.4 Annex B.2.3)."""
+        code, comment = self.stored(
+            event.assoc, Path(event.dataset_path), event.request, event.assoc.requestor.ae_title
+        )
+        return _status(code, comment)
+
+    def stored(
+        self,
+        key: object,
+        partial: Path,
+        request: Any,
+        calling_ae: str,
+        header: InstanceHeader | None = None,
+    ) -> tuple[int, str]:
+        """Store the dataset a transport received into *partial* (removed afterwards, whatever
+        happened) for the association opened under *key*, and log it; the status code and
+        comment to answer. *request*: the C-STORE-RQ (its Affected SOP Class and Instance
+        UIDs); *header*: the file's header fields where the transport read them already."""
         started = time.perf_counter()
-        partial = Path(event.dataset_path)
-        request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID)
         with self._lock:
-            association_id = self._association_ids.get(event.assoc)
+            association_id = self._association_ids.get(key)
         try:
-            code, comment = self.store_as_requested(partial, request, association_id)
+            code, comment = self.store_as_requested(partial, request, association_id, header)
         except Exception:  # a bug must not take the receiver down; the PACS will resend
             LOG.exception(
                 "unexpected failure storing an instance",
@@ -243,11 +267,11 @@ class StorageHandlers:
             "instance stored" if code == SUCCESS else f"instance refused: {comment}",
             sop_instance_uid=sop_uid,
             status=f"0x{code:04X}",
-            calling_ae=event.assoc.requestor.ae_title,
+            calling_ae=calling_ae,
             association=association_id,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        return _status(code, comment)
+        return code, comment
 
     def store_as_requested(
         self,
