@@ -16,6 +16,7 @@ its own DCMTK process), accepting from one listening socket.
 
     python benchmarks/front.py DATABASE_URL SPOOL PORT DURABLE_SCP_BINARY [--header]
         [--processes N] [--ae-title TITLE] [--allowed-calling TITLE ...]
+        [--network-timeout SECONDS]
 
 With ``--header`` DCMTK also reads each instance's header fields and sends them along, and the
 front stores with those instead of parsing the file again (``Storer.store(header=...)``).
@@ -175,8 +176,13 @@ def main() -> int:
     )
     parser.add_argument("--ae-title", default="TRIAGE_NODE")
     parser.add_argument("--allowed-calling", nargs="*", default=[], help="calling AE titles")
+    parser.add_argument("--network-timeout", type=float, default=DicomConfig().network_timeout)
     args = parser.parse_args()
-    config = DicomConfig(ae_title=args.ae_title, allowed_calling_aes=args.allowed_calling)
+    config = DicomConfig(
+        ae_title=args.ae_title,
+        allowed_calling_aes=args.allowed_calling,
+        network_timeout=args.network_timeout,
+    )
     command = [
         args.binary,
         "--adopt-header" if args.header else "--adopt",
