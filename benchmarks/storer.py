@@ -1,7 +1,8 @@
-"""What storing one received instance costs the node in Python: ``Storer.store`` (header read,
-checks, fsync and placement, committed rows) per small instance, with the file's header read by
-pydicom as the C-STORE handler does, and with the header fields passed in as a native transport
-that read them itself would (``benchmarks/front.py --header``).
+"""What storing one received instance costs the node in Python: ``StorageHandlers.stored``
+(header read, checks, fsync and placement, committed rows, the log line) per small instance,
+with the file's header read by pydicom as the C-STORE handler does, and with the header fields
+passed in as a native transport that read them itself would (``benchmarks/front.py
+--header``).
 
 Synthetic 512x512 16-bit instances of one study are written to the spool's incoming directory
 first, as a transport leaves them (in the page cache, not yet on disk: the fsync writes them),
@@ -68,7 +69,7 @@ def store_all(
             AffectedSOPInstanceUID=header.sop_instance_uid,
         )
         given = header if header_given else None
-        code, comment = handlers.store_as_requested(path, request, None, given)
+        code, comment = handlers.stored("bench", path, request, "BENCH", given)
         assert code == 0, comment
     count = len(files)
     return (

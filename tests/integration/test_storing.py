@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
@@ -14,9 +15,10 @@ from sqlalchemy import func, select
 from tests.support.synth import write_study_set
 from triage_node.db.database import Database
 from triage_node.db.schema import associations, instances
-from triage_node.dicom.status import OUT_OF_RESOURCES, SUCCESS
+from triage_node.dicom.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from triage_node.dicom.storage_scp import StorageHandlers
 from triage_node.dicom.storing import Storer, read_header
-from triage_node.domain import utcnow
+from triage_node.domain import AssociationEnd, utcnow
 from triage_node.spool import Spool
 
 
@@ -138,3 +140,38 @@ def test_a_header_the_receiver_read_is_not_read_again(
     assert (stored.code, stored.header) == (SUCCESS, header)
     assert spool.path_of(Spool.relpath_for(header)).read_bytes() == received[0].read_bytes()
     assert rows(store) == (1, 1)
+
+
+def test_a_transport_other_than_pynetdicom_keeps_the_same_records(
+    store: Database, tmp_path: Path, received: list[Path]
+) -> None:
+    """StorageHandlers' transport-neutral calls (a native receiver's front uses them): the
+    association is recorded under the transport's own key, its instance is stored and counted
+    with it, its end is recorded once and rings the settle doorbell."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    ended: list[bool] = []
+    handlers = StorageHandlers(
+        spool, store.intake, 0, utcnow, on_association_end=lambda: ended.append(True)
+    )
+    key = object()
+    association = handlers.opened(key, "PACS", "TRIAGE_NODE", "127.0.0.1")
+    header = read_header(received[0])
+    request = SimpleNamespace(
+        AffectedSOPClassUID=header.sop_class_uid, AffectedSOPInstanceUID=header.sop_instance_uid
+    )
+    partial = arrive(spool, received[0])
+    assert handlers.stored(key, partial, request, "PACS") == (SUCCESS, "")
+    assert not partial.exists() and rows(store) == (1, 1)
+    with store.engine.connect() as conn:
+        assert conn.execute(select(instances.c.association_id)).scalar_one() == association
+    wrong = SimpleNamespace(AffectedSOPClassUID=header.sop_class_uid, AffectedSOPInstanceUID="1.2")
+    partial = arrive(spool, received[1])
+    code, comment = handlers.stored(key, partial, wrong, "PACS")
+    assert code == CANNOT_UNDERSTAND and comment.startswith("SOP Instance UID differs")
+    assert not partial.exists() and rows(store) == (1, 1)
+    handlers.ended(key, AssociationEnd.RELEASED)
+    handlers.ended(key, AssociationEnd.ABORTED)  # once only
+    with store.engine.connect() as conn:
+        assert conn.execute(select(associations.c.end_reason)).scalar_one() == "RELEASED"
+    assert ended == [True]

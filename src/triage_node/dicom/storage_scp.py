@@ -249,7 +249,7 @@ class StorageHandlers:
         with self._lock:
             association_id = self._association_ids.get(key)
         try:
-            code, comment = self.store_as_requested(partial, request, association_id, header)
+            code, comment = self._store(partial, request, association_id, header)
         except Exception:  # a bug must not take the receiver down; the PACS will resend
             LOG.exception(
                 "unexpected failure storing an instance",
@@ -273,7 +273,7 @@ class StorageHandlers:
         )
         return code, comment
 
-    def store_as_requested(
+    def _store(
         self,
         partial: Path,
         request: Any,
