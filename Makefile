@@ -26,19 +26,21 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/triage-node $(if $(CONFIG),--config $(CONFIG)) serve
 
-# Real peers the tests talk to. In CI (CI=true, root) they are installed and started;
-# elsewhere the tests that need a missing one skip and name it.
+# Real peers the tests talk to, and what the DCMTK transport (dicom.transport = "dcmtk") is
+# built with. In CI (CI=true, root) they are installed and started; elsewhere the tests that
+# need a missing one skip and name it.
 test-tools:
 ifeq ($(CI),true)
 	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && \
 		test -x /usr/sbin/Orthanc && test -f /usr/share/java/pixelmed.jar && \
 		test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v curl >/dev/null && \
-		command -v systemd-analyze >/dev/null && \
+		command -v systemd-analyze >/dev/null && command -v g++ >/dev/null && \
+		test -f /usr/include/dcmtk/dcmnet/scpthrd.h && \
 		command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
 		{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; } || { \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			--no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb pixelmed-apps curl systemd \
-			docker-compose chromium chromium-driver; }
+			docker-compose chromium chromium-driver g++ libdcmtk-dev; }
 	@pg_isready -q -h 127.0.0.1 -p 5432 || \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
 endif

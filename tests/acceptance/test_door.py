@@ -25,7 +25,13 @@ from sqlalchemy import create_engine, text
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
 from tests.support.pdus import association_request
-from tests.support.peers import require_tool, storescu_process, wait_for
+from tests.support.peers import (
+    TRANSPORTS,
+    require_tool,
+    storescu_process,
+    transport_settings,
+    wait_for,
+)
 from tests.support.synth import write_study_set
 
 ATTACKER = "127.0.0.2"
@@ -191,8 +197,9 @@ def count(node: Node, sql: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_flood_of_half_requests_and_idle_associations_does_not_lock_the_pacs_out(
-    tmp_path: Path,
+    tmp_path: Path, transport: str
 ) -> None:
     require_tool("storescu", "dcmtk")
     try:
@@ -205,7 +212,11 @@ def test_a_flood_of_half_requests_and_idle_associations_does_not_lock_the_pacs_o
     node = Node(
         tmp_path / "node",
         # As the admin guide says to set it up: the PACS's address may use the reserved slots.
-        dicom={"receivers": 2, "reserved_networks": ["127.0.0.1/32"]},
+        dicom={
+            **transport_settings(transport),
+            "receivers": 2,
+            "reserved_networks": ["127.0.0.1/32"],
+        },
         worker={"count": 1, "model_dir": str(model)},
     ).start()
     # The idle associations come from the attacker and from as many more loopback hosts as

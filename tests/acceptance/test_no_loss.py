@@ -1,4 +1,5 @@
-"""No loss: SIGKILL the whole service mid-send; everything storescu saw acknowledged survives."""
+"""No loss: SIGKILL the whole service mid-send; everything storescu saw acknowledged survives
+(on both databases, and on both DICOM transports)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
 from tests.support.node import Node
-from tests.support.peers import acknowledged, dataset_bytes, storescu_process, wait_for
+from tests.support.peers import (
+    acknowledged,
+    dataset_bytes,
+    storescu_process,
+    transport_settings,
+    wait_for,
+)
 from tests.support.synth import write_study_set
 
 
@@ -44,13 +51,17 @@ def _read_lines(stream: IO[str], lines: list[str], count: int) -> None:
             return
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("backend", "transport"),
+    [("sqlite", "pynetdicom"), ("postgresql", "pynetdicom"), ("sqlite", "dcmtk")],
+)
 def test_sigkill_during_send_loses_nothing_acknowledged(
-    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+    tmp_path: Path, backend: str, transport: str, request: pytest.FixtureRequest
 ) -> None:
     url = "" if backend == "sqlite" else str(request.getfixturevalue("postgres_url"))
     files = write_study_set(tmp_path / "set", 200, 256, 256, per_study=4)
-    node = Node(tmp_path / "node", database_url=url).start()
+    dicom = transport_settings(transport)
+    node = Node(tmp_path / "node", database_url=url, dicom=dicom).start()
     sender = storescu_process(node.port, files)
     # Kill on an observed event, not after a time: once storescu has printed its 60th Success
     # response (the node's own count can run ahead of what reached the sender).

@@ -1,10 +1,12 @@
-"""DCMTK against the installed ``triage-node serve``: C-ECHO, C-STORE, refusals, durability."""
+"""DCMTK against the installed ``triage-node serve``: C-ECHO, C-STORE, refusals, durability;
+each test on both DICOM transports (``dicom.transport``: pynetdicom and DCMTK)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from tests.support.node import Node
 from tests.support.pdus import CONTEXT_ID_OFFSET, association_request
 from tests.support.peers import (
     STORESCU_PROPOSE,
+    TRANSPORTS,
     StoreSCP,
     dataset_bytes,
     dcmtk_env,
@@ -24,6 +27,7 @@ from tests.support.peers import (
     require_tool,
     storescu,
     transfer_syntax_of,
+    transport_settings,
     wait_for,
 )
 from tests.support.synth import write_study_set
@@ -32,6 +36,20 @@ from triage_node.domain import (
     IMPLEMENTATION_VERSION_NAME,
     is_valid_uid,
 )
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def node(tmp_path: Path, transport: str) -> Iterator[Node]:
+    """A running triage-node on *transport*, stopped with SIGTERM (and checked) afterwards."""
+    running = Node(tmp_path, dicom=transport_settings(transport)).start()
+    yield running
+    if running.process is not None:
+        assert running.stop() == 0, running.log()
 
 
 def sendable_shared_files() -> list[Path]:
@@ -213,8 +231,9 @@ def test_resend_is_idempotent_and_study_is_queued_once(node: Node, tmp_path: Pat
     assert query(node, "select count(*) from instances") == [(4,)]
 
 
-def test_not_allowed_calling_ae_is_rejected(tmp_path: Path) -> None:
-    node = Node(tmp_path, dicom={"allowed_calling_aes": ["PACS1"]}).start(expect_echo=False)
+def test_not_allowed_calling_ae_is_rejected(tmp_path: Path, transport: str) -> None:
+    dicom = {**transport_settings(transport), "allowed_calling_aes": ["PACS1"]}
+    node = Node(tmp_path, dicom=dicom).start(expect_echo=False)
     try:
         refused = echoscu(node.port, "-aet", "INTRUDER", "-aec", "TRIAGE_NODE")
         assert refused.returncode != 0
@@ -231,8 +250,9 @@ def test_not_allowed_calling_ae_is_rejected(tmp_path: Path) -> None:
     assert reasons["PACS1"].endswith("called AE title is not this node's")
 
 
-def test_source_address_allow_list(tmp_path: Path) -> None:
-    node = Node(tmp_path, dicom={"allowed_networks": ["10.99.0.0/16"]}).start(expect_echo=False)
+def test_source_address_allow_list(tmp_path: Path, transport: str) -> None:
+    dicom = {**transport_settings(transport), "allowed_networks": ["10.99.0.0/16"]}
+    node = Node(tmp_path, dicom=dicom).start(expect_echo=False)
     try:
         refused = echoscu(node.port, "-aec", "TRIAGE_NODE")
         assert refused.returncode != 0
@@ -244,8 +264,9 @@ def test_source_address_allow_list(tmp_path: Path) -> None:
     assert "source address not allowed" in rejected[0]["message"]
 
 
-def test_disk_guard_answers_a700_and_leaves_nothing(tmp_path: Path) -> None:
-    node = Node(tmp_path, storage={"min_free_mb": 2**30}).start()  # 1 PiB: never available
+def test_disk_guard_answers_a700_and_leaves_nothing(tmp_path: Path, transport: str) -> None:
+    dicom = transport_settings(transport)
+    node = Node(tmp_path, dicom=dicom, storage={"min_free_mb": 2**30}).start()  # 1 PiB: never
     try:
         files = write_study_set(tmp_path / "set", 2, 64, 64)
         result = storescu(node.port, files)
@@ -263,9 +284,10 @@ def test_unreadable_dataset_gets_c000_and_service_keeps_running(node: Node, tmp_
     [good] = write_study_set(tmp_path / "set", 1, 32, 32)
     data = bytearray(good.read_bytes())
     broken = tmp_path / "broken.dcm"
-    # Keep the File Meta, then replace the dataset with an element whose length runs past the end.
+    # Keep the File Meta, then replace the dataset with an element whose length runs past the
+    # end (the dataset of even length, as DICOM's are: DCMTK aborts on an odd fragment).
     meta_end = 144 + int.from_bytes(data[140:144], "little")
-    broken.write_bytes(bytes(data[:meta_end]) + b"\x08\x00\x16\x00UI\xff\x7f1.2.3")
+    broken.write_bytes(bytes(data[:meta_end]) + b"\x08\x00\x16\x00UI\xff\x7f1.2.34")
     ae = AE(ae_title="FUZZ")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -284,8 +306,8 @@ def test_unreadable_dataset_gets_c000_and_service_keeps_running(node: Node, tmp_
 
 
 @pytest.mark.parametrize("receivers", [1])
-def test_sigterm_finishes_and_exits_cleanly(tmp_path: Path, receivers: int) -> None:
-    node = Node(tmp_path, dicom={"receivers": receivers}).start()
+def test_sigterm_finishes_and_exits_cleanly(tmp_path: Path, receivers: int, transport: str) -> None:
+    node = Node(tmp_path, dicom={**transport_settings(transport), "receivers": receivers}).start()
     files = write_study_set(tmp_path / "set", 8, 256, 256)
     assert storescu(node.port, files).returncode == 0
     assert node.stop() == 0
@@ -294,10 +316,15 @@ def test_sigterm_finishes_and_exits_cleanly(tmp_path: Path, receivers: int) -> N
     assert query(node, "select count(*) from instances") == [(8,)]
 
 
-def test_bare_tcp_connections_do_not_hold_association_slots(tmp_path: Path) -> None:
+def test_bare_tcp_connections_do_not_hold_association_slots(tmp_path: Path, transport: str) -> None:
     """Load-balancer checks and port scans open and close TCP without a request. (A slot kept
     until the request deadline, set to a minute here, would fail the test.)"""
-    dicom = {"max_associations": 2, "receivers": 1, "request_timeout": 60.0}
+    dicom = {
+        **transport_settings(transport),
+        "max_associations": 2,
+        "receivers": 1,
+        "request_timeout": 60.0,
+    }
     node = Node(tmp_path, dicom=dicom).start()
     try:
         for _ in range(10):
@@ -321,12 +348,15 @@ def test_bare_tcp_connections_do_not_hold_association_slots(tmp_path: Path) -> N
     ],
     ids=["wrong-pdu", "cut-short", "too-short", "context-id-0"],
 )
-def test_broken_requests_do_not_hold_association_slots(tmp_path: Path, payload: bytes) -> None:
+def test_broken_requests_do_not_hold_association_slots(
+    tmp_path: Path, payload: bytes, transport: str
+) -> None:
     """pynetdicom answers A-ABORT (or its state machine dies) and would then wait the whole
     ACSE timeout for a request that never comes, holding a slot: ten such connections must not
     lock the PACS out. (The timeouts are set to minutes here, so a slot held until one of them
     fails the test.)"""
     dicom = {
+        **transport_settings(transport),
         "max_associations": 2,
         "receivers": 1,
         "request_timeout": 60.0,

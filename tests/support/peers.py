@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +52,30 @@ def require_tool(name: str, package: str) -> str:
     if path is None:
         missing(name, f"apt-get install {package}")
     return str(path)
+
+
+def require_dcmtk_transport() -> Path:
+    """The DCMTK transport's program (``dicom.transport = "dcmtk"``), built once into this
+    virtual environment where the node under test finds it; skips (fails in CI) when it
+    cannot be built here."""
+    from triage_node.dicom.native.build import ensure_program
+    from triage_node.errors import TriageError
+
+    try:
+        return ensure_program(Path(tempfile.gettempdir()) / "triage-node-tests")
+    except TriageError as exc:
+        missing(f"the DCMTK transport ({exc})", "apt-get install g++ libdcmtk-dev")
+    raise AssertionError("unreachable")
+
+
+TRANSPORTS = ("pynetdicom", "dcmtk")  # dicom.transport
+
+
+def transport_settings(transport: str) -> dict[str, str]:
+    """The ``[dicom]`` settings of a node on *transport* (the DCMTK one built first)."""
+    if transport == "dcmtk":
+        require_dcmtk_transport()
+    return {"transport": transport}
 
 
 def require_shared_dicom() -> Path:

@@ -82,6 +82,10 @@ def _log_format(value: Any) -> str | None:
     return None if value in ("text", "json") else "must be 'text' or 'json'"
 
 
+def _transport(value: Any) -> str | None:
+    return None if value in ("pynetdicom", "dcmtk") else "must be 'pynetdicom' or 'dcmtk'"
+
+
 def _unlabelled(value: Any) -> str | None:
     return None if value in ("analyse", "skip") else "must be 'analyse' or 'skip'"
 

@@ -22,6 +22,7 @@ from triage_node.config.checks import (
     _networks,
     _one_destination,
     _setting,
+    _transport,
     _unlabelled,
     _users,
 )
@@ -41,6 +42,13 @@ class DicomConfig:
     )
     allowed_networks: list[str] = _list_setting(
         _networks, "source addresses/networks allowed to connect; empty allows any"
+    )
+    transport: str = _setting(
+        "pynetdicom",
+        _transport,
+        "DICOM transport of the plain port: pynetdicom, or dcmtk (DCMTK's, faster for many "
+        "small instances; built at start, needs g++ and libdcmtk-dev; the TLS port stays on "
+        "pynetdicom)",
     )
     receivers: int = _setting(0, _between(0, 64), "receiver processes; 0 = one per CPU core")
     max_associations: int = _setting(32, _between(1, 1000), "concurrent associations per receiver")

@@ -33,6 +33,7 @@ from triage_node.dicom.admission import (
 )
 from triage_node.dicom.balance import AcceptBalance
 from triage_node.dicom.identity import node_ae, stamp_received_files
+from triage_node.dicom.native.handover import DcmtkTransport
 from triage_node.dicom.pdu_reads import read_pdus_whole
 from triage_node.dicom.reactor import close_doorbells, quiet_idle_associations, ring_on_traffic
 from triage_node.dicom.storage_scp import (
@@ -130,6 +131,9 @@ class _RequestHandler(RequestHandler):
             )
             _reject_connection(sock)
             return
+        if self.server.transport is not None:  # DCMTK serves it; this thread answers it
+            self.server.transport.serve(sock, address, self.server.handlers)
+            return
         # pynetdicom's handle(), then this connection's thread waits for its association to
         # end, to tidy up after it however it ended (an exception inside pynetdicom's state
         # machine, such as a full disk while a dataset arrives, ends it without any event).
@@ -202,6 +206,8 @@ class ReceiverServer(ThreadedAssociationServer):
 
     The service binds the port once; every receiver process accepts from the same socket,
     which is non-blocking so a process that loses the race for a connection returns at once.
+    With *transport*, admitted connections are served by DCMTK (``dicom.native``) instead of
+    pynetdicom.
     """
 
     def __init__(
@@ -212,8 +218,10 @@ class ReceiverServer(ThreadedAssociationServer):
         handlers: StorageHandlers,
         tls_context: ssl.SSLContext | None = None,
         balance: AcceptBalance | None = None,
+        transport: DcmtkTransport | None = None,
     ) -> None:
         self._listen_socket = listen_socket
+        self.transport = transport
         self.balance = balance or AcceptBalance.alone()
         self.tls_context = tls_context  # applied per connection by _RequestHandler
         self.handlers = handlers

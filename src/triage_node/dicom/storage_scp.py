@@ -210,17 +210,12 @@ class StorageHandlers:
     def on_rejected(self, event: Any) -> None:
         requestor = event.assoc.requestor
         sent = event.assoc.acceptor.primitive
-        key = (getattr(sent, "result_source", None), getattr(sent, "diagnostic", None))
-        log_event(
-            LOG,
-            logging.WARNING,
-            "association_rejected",
-            f"association rejected: {REJECT_REASONS.get(key, 'see PS3.8 Table 9-21')}",
-            calling_ae=requestor.ae_title,
-            called_ae=event.assoc.acceptor.ae_title,
-            peer=str(requestor.address),
-            source=key[0],
-            diagnostic=key[1],
+        log_rejection(
+            requestor.ae_title,
+            event.assoc.acceptor.ae_title,
+            str(requestor.address),
+            getattr(sent, "result_source", None),
+            getattr(sent, "diagnostic", None),
         )
 
     # -- C-STORE -----------------------------------------------------------------------------
@@ -293,6 +288,24 @@ class StorageHandlers:
 
         stored = self.storer.store(partial, association_id, as_requested, header=header)
         return stored.code, stored.comment
+
+
+def log_rejection(
+    calling_ae: str, called_ae: str, peer: str, source: int | None, diagnostic: int | None
+) -> None:
+    """Log an A-ASSOCIATE-RJ the node sent: its reason, who asked and from where."""
+    reason = REJECT_REASONS.get((source, diagnostic), "see PS3.8 Table 9-21")
+    log_event(
+        LOG,
+        logging.WARNING,
+        "association_rejected",
+        f"association rejected: {reason}",
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        peer=peer,
+        source=source,
+        diagnostic=diagnostic,
+    )
 
 
 def stop_waiting_for_request(assoc: Any) -> None:

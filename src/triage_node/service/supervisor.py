@@ -33,6 +33,8 @@ from triage_node.db.engine import make_engine, redact_url, require_current_schem
 from triage_node.db.intake import Intake
 from triage_node.db.notify import Notifier
 from triage_node.dicom.balance import AcceptBalance, Counts
+from triage_node.dicom.native.build import ensure_program, find_program
+from triage_node.dicom.native.handover import DcmtkTransport
 from triage_node.dicom.server import (
     ReceiverServer,
     build_ae,
@@ -41,7 +43,7 @@ from triage_node.dicom.server import (
 )
 from triage_node.dicom.storage_scp import StorageHandlers
 from triage_node.domain import utcnow
-from triage_node.errors import AlreadyRunning, ModelError
+from triage_node.errors import AlreadyRunning, ModelError, TriageError
 from triage_node.logs import configure_logging, get_logger, log_event
 from triage_node.service.doorbell import JOBS, OUTBOX, STUDIES, Doorbell, ring, run_dir
 from triage_node.service.listeners import (
@@ -140,7 +142,13 @@ def run_receiver(
     )
     ae = build_ae(config.dicom)
     balance = AcceptBalance(loads, index)
-    servers = [ReceiverServer(ae, listen_socket, config.dicom, handlers, balance=balance)]
+    died = threading.Event()
+    transport = _dcmtk_transport(config, incoming, died, stop)
+    servers = [
+        ReceiverServer(
+            ae, listen_socket, config.dicom, handlers, balance=balance, transport=transport
+        )
+    ]
     if tls_socket is not None:
         context = server_tls_context(config.dicom)
         servers.append(
@@ -158,24 +166,53 @@ def run_receiver(
     def active() -> list[Any]:
         return [assoc for server in servers for assoc in server.active_associations]
 
+    def busy() -> bool:
+        return bool(active()) or (transport is not None and transport.active > 0)
+
     stop.wait()
     for server in servers:
         server.shutdown()
-    deadline = time.monotonic() + config.service.shutdown_grace_seconds
-    while active() and time.monotonic() < deadline:
+    grace = 0.0 if died.is_set() else config.service.shutdown_grace_seconds
+    deadline = time.monotonic() + grace
+    while busy() and time.monotonic() < deadline:
         time.sleep(0.05)
     remaining = active()
+    cut_off = len(remaining) + (transport.active if transport is not None else 0)
     for assoc in remaining:
         assoc.abort()
+    if transport is not None:
+        transport.stop(0.0)  # whatever DCMTK still serves is cut off with it
     log_event(
         LOG,
         logging.INFO,
         "receiver_stopped",
         "receiver stopped",
         receiver=index,
-        aborted_associations=len(remaining),
+        aborted_associations=cut_off,
     )
     engine.dispose()
+    if died.is_set():
+        raise SystemExit(1)  # the supervisor restarts the receiver, and DCMTK with it
+
+
+def _dcmtk_transport(
+    config: Config, incoming: Path, died: threading.Event, stop: threading.Event
+) -> DcmtkTransport | None:
+    """The receiver's DCMTK program (``dicom.transport = "dcmtk"``; the supervisor built it),
+    started; its death sets *died* and stops the receiver."""
+    if config.dicom.transport != "dcmtk":
+        return None
+    program = find_program(config.storage.data_dir)
+    if program is None:
+        raise TriageError("the DCMTK receiver program is missing (the supervisor builds it)")
+
+    def on_death() -> None:
+        died.set()
+        stop.set()
+
+    transport = DcmtkTransport(program, config.dicom, incoming, on_death)
+    transport.start()
+    return transport
 
 
 def run_worker(config: Config, index: int) -> None:
@@ -349,6 +386,9 @@ def serve(config: Config) -> int:
     shutil.rmtree(run_dir(config.storage.data_dir), ignore_errors=True)  # doorbells of the dead
     lost = store.intake.close_lost_associations(pid_alive, utcnow())
     interrupted = store.queue.recover_interrupted(pid_alive, utcnow())
+    if config.dicom.transport == "dcmtk":
+        program = ensure_program(config.storage.data_dir)  # built once, before any receiver
+        log_event(LOG, logging.INFO, "dcmtk_transport", "DCMTK transport", program=str(program))
     listen_socket = open_listener(config.dicom)
     tls_socket = open_tls_listener(config.dicom)
     count = receiver_count(config.dicom)
