@@ -18,35 +18,14 @@
 //
 // One worker thread per association (DcmSCPPool, up to 32), each with its own SQLite
 // connection or recorder connection.
-//
-// With --adopt, it listens on no port: benchmarks/front.py accepts the connections, admits
-// them with the node's admission code (dicom.admission) and passes each one, with one end of a
-// socket pair, over CONTROL_SOCKET (SCM_RIGHTS). The association is taken over from the
-// accepted socket (dcmExternalSocketHandle, as DCMTK's inetd mode) and served by a worker
-// thread (AdoptedSCP) that asks the front, over its socket pair, whether to accept it (the
-// node's AE title rules), tells it when it was accepted and how it ended (the node's
-// association records), receives each instance into INCOMING_DIR behind a File Meta naming
-// the node, and answers the status the front gives once it stored it with the node's
-// StorageHandlers (checks, fsync, placement, rows): everything the node does except the DICOM
-// transport. The A-ASSOCIATE-AC carries the node's Implementation Class UID and Version Name;
-// an association idle for IDLE_SECONDS is ended.
-//
-// With --adopt-header, the worker also reads the instance's header fields (DCMTK, up to Pixel
-// Data) and sends them along, so that the front does not parse the file again.
-//
-//     durable_scp --adopt|--adopt-header CONTROL_SOCKET INCOMING_DIR
-//         [AE_TITLE IMPLEMENTATION_CLASS_UID VERSION_NAME IDLE_SECONDS]
 
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dcdeftag.h>
 #include <dcmtk/dcmdata/dcfilefo.h>
-#include <dcmtk/dcmdata/dcmetinf.h>
-#include <dcmtk/dcmdata/dcostrmf.h>
 #include <dcmtk/dcmdata/dcuid.h>
 #include <dcmtk/dcmnet/dimse.h>
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/scppool.h>
-#include <dcmtk/dcmnet/scpthrd.h>
 #include <dcmtk/oflog/oflog.h>
 
 #include <fcntl.h>
@@ -62,14 +41,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <thread>
-#include <vector>
 
 namespace {
 
 std::string g_root;
 std::string g_recorder;  // empty: rows written here
-bool g_header = false;   // --adopt-header: the header fields read here go to the front
 std::atomic<unsigned long> g_counter{0};
 
 const char* SCHEMA =
@@ -294,138 +270,6 @@ class DurableSCP : public DcmThreadSCP {
     }
 };
 
-// The node's identity, announced in the A-ASSOCIATE-AC and written into the File Meta.
-std::string g_implementation_uid = "1.2.276.0.7230010.3.0.3.6.7";  // DCMTK's until told
-std::string g_implementation_version = "DURABLE_SCP";
-
-// One message to the front: a type byte and NUL-terminated fields, after a 4-byte
-// little-endian length. False when the front is gone.
-bool send_message(int channel, char type, std::initializer_list<const char*> fields,
-                  const std::vector<std::string>& more = {}) {
-    std::string message(4, '\0');
-    message.push_back(type);
-    for (const char* field : fields) {
-        message.append(field);
-        message.push_back('\0');
-    }
-    for (const std::string& field : more) {
-        message.append(field.c_str());  // up to an embedded NUL, as DICOM strings have none
-        message.push_back('\0');
-    }
-    uint32_t length = static_cast<uint32_t>(message.size() - 4);
-    std::memcpy(&message[0], &length, 4);
-    return send(channel, message.data(), message.size(), MSG_NOSIGNAL) ==
-           static_cast<ssize_t>(message.size());
-}
-
-// A worker serving one association taken over from the front (--adopt). The front decides and
-// records, over this association's socket pair, in order:
-//   'Q' calling AE, called AE, peer address -> 1 byte: 0 accept, 1 called AE not recognised,
-//       2 calling AE not recognised (the association is refused with that reason)
-//   'O' the association was accepted -> no answer (the front records it)
-//   'S' received file, Affected SOP Class and Instance UIDs [, header fields] -> 2-byte status
-//   'E' how it ended: RELEASED or ABORTED -> no answer
-// The socket pair closes when the worker ends.
-class AdoptedSCP : public DcmThreadSCP {
-  public:
-    AdoptedSCP(T_ASC_Association* association, int channel)
-        : association_(association), channel_(channel) {}
-    ~AdoptedSCP() override { close(channel_); }
-
-  protected:
-    void notifyAssociationRequest(const T_ASC_Parameters& params,
-                                  DcmSCPActionType& action) override {
-        DcmThreadSCP::notifyAssociationRequest(params, action);
-        verdict_ = 3;  // no answer: refused (the front is gone)
-        char answer = 3;
-        if (send_message(channel_, 'Q',
-                         {params.DULparams.callingAPTitle, params.DULparams.calledAPTitle,
-                          params.DULparams.callingPresentationAddress}) &&
-            recv(channel_, &answer, 1, MSG_WAITALL) == 1)
-            verdict_ = answer;
-        if (verdict_ == 3) action = DCMSCP_ACTION_REFUSE_ASSOCIATION;
-    }
-    OFBool checkCalledAETitleAccepted(const OFString&) override { return verdict_ != 1; }
-    OFBool checkCallingAETitleAccepted(const OFString&) override { return verdict_ != 2; }
-    void notifyAssociationAcknowledge() override { send_message(channel_, 'O', {}); }
-    void notifyReleaseRequest() override { end_ = "RELEASED"; }
-    void notifyAssociationTermination() override { send_message(channel_, 'E', {end_}); }
-
-    OFCondition handleIncomingCommand(T_DIMSE_Message* message,
-                                      const DcmPresentationContextInfo& info) override {
-        if (message->CommandField != DIMSE_C_STORE_RQ)
-            return DcmThreadSCP::handleIncomingCommand(message, info);
-        T_DIMSE_C_StoreRQ& request = message->msg.CStoreRQ;
-        std::string part = g_root + "/" + std::to_string(getpid()) + "-" +
-                           std::to_string(g_counter++) + ".part";
-        T_ASC_PresentationContextID id = info.presentationContextID;
-        OFCondition received = receive_into(part, request, info);
-        if (received.bad()) {
-            unlink(part.c_str());
-            return received;
-        }
-        return sendSTOREResponse(id, request, store_by_front(part, request));
-    }
-
-  private:
-    T_ASC_Association* association_;
-    int channel_;
-    char verdict_ = 3;
-    const char* end_ = "ABORTED";  // unless released
-
-    // The dataset as it arrives, after a File Meta naming the node (not DCMTK), into *part*.
-    OFCondition receive_into(const std::string& part, const T_DIMSE_C_StoreRQ& request,
-                             const DcmPresentationContextInfo& info) {
-        DcmOutputFileStream* stream = nullptr;
-        T_ASC_PresentationContextID id = info.presentationContextID;
-        OFCondition made =
-            DIMSE_createFilestream(part.c_str(), &request, association_, id, OFFalse, &stream);
-        if (made.bad()) return made;
-        DcmMetaInfo meta;
-        const Uint8 version[] = {0, 1};
-        meta.putAndInsertUint8Array(DCM_FileMetaInformationVersion, version, 2);
-        meta.putAndInsertString(DCM_MediaStorageSOPClassUID, request.AffectedSOPClassUID);
-        meta.putAndInsertString(DCM_MediaStorageSOPInstanceUID, request.AffectedSOPInstanceUID);
-        meta.putAndInsertString(DCM_TransferSyntaxUID, info.acceptedTransferSyntax.c_str());
-        meta.putAndInsertString(DCM_ImplementationClassUID, g_implementation_uid.c_str());
-        meta.putAndInsertString(DCM_ImplementationVersionName, g_implementation_version.c_str());
-        meta.computeGroupLengthAndPadding(EGL_withGL, EPD_noChange, META_HEADER_DEFAULT_TRANSFERSYNTAX,
-                                          EET_ExplicitLength);
-        meta.transferInit();
-        OFCondition written = meta.write(*stream, META_HEADER_DEFAULT_TRANSFERSYNTAX,
-                                         EET_ExplicitLength, nullptr);
-        meta.transferEnd();
-        if (written.good())
-            written = DIMSE_receiveDataSetInFile(association_, DIMSE_NONBLOCKING,
-                                                 getConfig().getDIMSETimeout(), &id, stream,
-                                                 nullptr, nullptr);
-        delete stream;
-        return written;
-    }
-
-    // The front stores the file (or refuses it, and removes it either way) and says what to
-    // answer; with --adopt-header DCMTK's reading of the header goes along.
-    Uint16 store_by_front(const std::string& part, const T_DIMSE_C_StoreRQ& request) {
-        std::vector<std::string> read;
-        Header h;
-        if (g_header && read_header(part, h))  // else the front reads the file itself
-            for (const OFString& field : {h.study, h.series, h.sop, h.sop_class, h.syntax,
-                                          h.modality, h.body_part, h.description, h.accession,
-                                          h.date})
-                read.emplace_back(field.c_str());
-        uint16_t status = 0;
-        if (!send_message(channel_, 'S',
-                          {part.c_str(), request.AffectedSOPClassUID,
-                           request.AffectedSOPInstanceUID},
-                          read) ||
-            recv(channel_, &status, 2, MSG_WAITALL) != 2) {
-            unlink(part.c_str());  // the front gone: nothing was placed
-            return STATUS_STORE_Refused_OutOfResources;
-        }
-        return status;
-    }
-};
-
 void configure(DcmSCPConfig& config) {
     config.setAETitle("DURABLE_SCP");
     config.setMaxReceivePDULength(ASC_MAXIMUMPDUSIZE);
@@ -444,97 +288,13 @@ void configure(DcmSCPConfig& config) {
         config.addPresentationContext(dcmAllStorageSOPClassUIDs[i], syntaxes);
 }
 
-// One accepted connection and its socket pair end, passed by the front (SCM_RIGHTS).
-bool receive_connection(int control, int fds[2]) {
-    char byte = 0;
-    iovec data{&byte, 1};
-    alignas(cmsghdr) char space[CMSG_SPACE(2 * sizeof(int))];
-    msghdr message{};
-    message.msg_iov = &data;
-    message.msg_iovlen = 1;
-    message.msg_control = space;
-    message.msg_controllen = sizeof(space);
-    if (recvmsg(control, &message, MSG_CMSG_CLOEXEC) != 1) return false;
-    cmsghdr* header = CMSG_FIRSTHDR(&message);
-    if (header == nullptr || header->cmsg_type != SCM_RIGHTS ||
-        header->cmsg_len != CMSG_LEN(2 * sizeof(int)))
-        return false;
-    std::memcpy(fds, CMSG_DATA(header), 2 * sizeof(int));
-    return true;
-}
-
-// --adopt: take over each connection the front passes, one worker thread per association.
-int adopt(const char* control_path, const DcmSCPConfig& config) {
-    int control = socket(AF_UNIX, SOCK_STREAM, 0);
-    sockaddr_un address{};
-    address.sun_family = AF_UNIX;
-    std::snprintf(address.sun_path, sizeof(address.sun_path), "%s", control_path);
-    if (connect(control, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) return 1;
-    DcmSharedSCPConfig shared(config);
-    // An acceptor network without a listening socket of its own: DCMTK makes none while an
-    // external socket is set (its inetd mode); each connection's socket is set in turn below.
-    T_ASC_Network* network = nullptr;
-    dcmExternalSocketHandle.set(control);
-    OFCondition made = ASC_initializeNetwork(NET_ACCEPTOR, 0, 30, &network);
-    dcmExternalSocketHandle.set(-1);
-    if (made.bad()) return 1;
-    int fds[2];
-    while (receive_connection(control, fds)) {  // until the front goes
-        T_ASC_Association* association = nullptr;
-        dcmExternalSocketHandle.set(fds[0]);  // only this thread receives associations
-        OFCondition received = ASC_receiveAssociation(
-            network, &association, ASC_MAXIMUMPDUSIZE, nullptr, nullptr, OFFalse, DUL_NOBLOCK, 30);
-        dcmExternalSocketHandle.set(-1);
-        if (received.bad()) {  // the connection is the association's: dropping it closes it
-            if (association != nullptr) {
-                ASC_dropAssociation(association);
-                ASC_destroyAssociation(&association);
-            } else {
-                close(fds[0]);
-            }
-            close(fds[1]);
-            continue;
-        }
-        // The node's identity in the A-ASSOCIATE-AC, not DCMTK's.
-        OFStandard::strlcpy(association->params->ourImplementationClassUID,
-                            g_implementation_uid.c_str(), sizeof(DIC_UI));
-        OFStandard::strlcpy(association->params->ourImplementationVersionName,
-                            g_implementation_version.c_str(), sizeof(DIC_SH));
-        int channel = fds[1];
-        std::thread([association, channel, shared] {
-            AdoptedSCP worker(association, channel);
-            worker.setSharedConfig(shared);
-            worker.run(association);  // negotiates, serves, drops and frees the association
-        }).detach();
-    }
-    ASC_dropNetwork(&network);
-    return 0;
-}
-
 }  // namespace
 
 int main(int argc, char* argv[]) {
     OFLog::configure(OFLogger::ERROR_LOG_LEVEL);  // not the header read's stop at Pixel Data
-    if ((argc == 4 || argc == 8) && (std::strcmp(argv[1], "--adopt") == 0 ||
-                                     std::strcmp(argv[1], "--adopt-header") == 0)) {
-        g_header = std::strcmp(argv[1], "--adopt-header") == 0;
-        g_root = argv[3];
-        DcmSCPConfig config;
-        configure(config);
-        if (argc == 8) {
-            config.setAETitle(argv[4]);
-            g_implementation_uid = argv[5];
-            g_implementation_version = argv[6];
-            config.setDIMSEBlockingMode(DIMSE_NONBLOCKING);  // an idle association ends after
-            config.setDIMSETimeout(static_cast<Uint32>(std::atoi(argv[7])));  // this long
-        }
-        return adopt(argv[2], config);
-    }
     if (argc != 3 && argc != 4) {
         std::fprintf(stderr,
-                     "usage: durable_scp PORT DIRECTORY [RECORDER_SOCKET]\n"
-                     "       durable_scp --adopt|--adopt-header CONTROL_SOCKET INCOMING_DIR\n"
-                     "           [AE_TITLE IMPLEMENTATION_CLASS_UID VERSION_NAME IDLE_SECONDS]\n");
+                     "usage: durable_scp PORT DIRECTORY [RECORDER_SOCKET]\n");
         return 2;
     }
     g_root = argv[2];

@@ -14,10 +14,9 @@ SCP that keeps nothing (benchmarks/null_scp.py): the ceiling of any pynetdicom-b
 "dcmtk-durable" (benchmarks/durable_scp.cpp, built here with g++ against Debian's libdcmtk-dev)
 keeps the node's promise without Python -- file fsynced, renamed, its directory fsynced and
 its rows committed to SQLite before Success: what a native receive path could reach.
-"dcmtk+recorder" has the node's Python ``Intake`` record the rows (benchmarks/recorder.py);
-"dcmtk+front" has the node's admission pass each connection to DCMTK and the node's Python
-``StorageHandlers`` store each instance (benchmarks/front.py), "dcmtk+front+header" the same
-with the header fields read by DCMTK.
+"dcmtk+recorder" has the node's Python ``Intake`` record the rows (benchmarks/recorder.py).
+"triage-node+dcmtk" is the node itself on its DCMTK transport (``dicom.transport = "dcmtk"``,
+left out where it cannot be built).
 Orthanc (Debian's package) runs with ``SyncStorageArea`` on, its default: the durable peer, the
 one the node's targets are set against (at least 1.0x its instances/s and MB/s).
 
@@ -56,6 +55,8 @@ from tests.support.synth import write_study_set  # noqa: E402
 
 from idle import tree_cpu_seconds  # noqa: E402
 from triage_node.config import DicomConfig  # noqa: E402
+from triage_node.dicom.native.build import ensure_program  # noqa: E402
+from triage_node.errors import TriageError  # noqa: E402
 from triage_node.service.supervisor import receiver_count  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache"
@@ -224,36 +225,6 @@ def measure_durable_recorder(files: list[Path], senders: int, work: Path) -> flo
     return measure_durable_dcmtk(files, senders, work, recorder=True)
 
 
-def measure_durable_front(
-    files: list[Path], senders: int, work: Path, header: bool = False
-) -> float:
-    """durable_scp.cpp --adopt behind benchmarks/front.py: the node's admission passes each
-    connection to DCMTK, the node's StorageHandlers store each instance; with *header*, with
-    the header fields DCMTK read instead of pydicom's reading of the file."""
-    port, out = free_port(), work / "front"
-    out.mkdir()
-    binary = durable_scp_binary()
-    assert binary is not None, "main() leaves the native peers out without a binary"
-    command = [
-        sys.executable,
-        str(REPO / "benchmarks" / "front.py"),
-        f"sqlite:///{out / 'node.sqlite'}",
-        str(out / "spool"),
-        str(port),
-        str(binary),
-        *(["--header"] if header else []),
-        *("--processes", str(receiver_count(DicomConfig(receivers=0)))),  # as the node
-    ]
-    try:  # TCP_NODELAY for DCMTK's side of the passed sockets too
-        return send_to_process(command, port, files, senders, "TRIAGE_NODE", env=dcmtk_env())
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-
-
-def measure_durable_front_header(files: list[Path], senders: int, work: Path) -> float:
-    return measure_durable_front(files, senders, work, header=True)
-
-
 def measure_orthanc(files: list[Path], senders: int, work: Path) -> float:
     orthanc = Orthanc(work / "orthanc", {}).start()
     try:
@@ -277,13 +248,14 @@ def measure_triage_node(
     work: Path,
     source: Path | None = None,
     cpu: list[float] | None = None,
+    transport: str = "pynetdicom",
 ) -> float:
-    """Seconds for *files* into a fresh node (receive only); *source*: run the code in that
-    ``src/`` directory instead of the installed one (ingest_ab.py); *cpu*: append the CPU
-    seconds the node's processes used meanwhile."""
+    """Seconds for *files* into a fresh node (receive only) on *transport*; *source*: run the
+    code in that ``src/`` directory instead of the installed one (ingest_ab.py); *cpu*: append
+    the CPU seconds the node's processes used meanwhile."""
     node = Node(
         work / "triage-node",
-        dicom={"receivers": 0},
+        dicom={"receivers": 0, "transport": transport},
         log={"level": "INFO", "format": "json"},
         study={"settle_seconds": 2.0},
     )
@@ -311,6 +283,19 @@ def measure_triage_node(
     return seconds
 
 
+def measure_triage_node_dcmtk(files: list[Path], senders: int, work: Path) -> float:
+    return measure_triage_node(files, senders, work, transport="dcmtk")
+
+
+def dcmtk_transport_builds() -> bool:
+    try:
+        ensure_program(CACHE)
+    except TriageError as exc:
+        print(f"triage-node+dcmtk left out: {exc}")
+        return False
+    return True
+
+
 RECEIVERS = (
     ("orthanc", measure_orthanc),
     ("storescp", measure_storescp),
@@ -318,11 +303,10 @@ RECEIVERS = (
     ("pynetdicom-null", measure_null_pynetdicom),
     ("dcmtk-durable", measure_durable_dcmtk),
     ("dcmtk+recorder", measure_durable_recorder),
-    ("dcmtk+front", measure_durable_front),
-    ("dcmtk+front+header", measure_durable_front_header),
     ("triage-node", measure_triage_node),
+    ("triage-node+dcmtk", measure_triage_node_dcmtk),
 )
-NATIVE = ("dcmtk-durable", "dcmtk+recorder", "dcmtk+front", "dcmtk+front+header")
+NATIVE = ("dcmtk-durable", "dcmtk+recorder")
 
 
 def main() -> int:
@@ -338,7 +322,9 @@ def main() -> int:
     }
     receivers = RECEIVERS
     if durable_scp_binary() is None:
-        receivers = tuple(r for r in RECEIVERS if r[0] not in NATIVE)
+        receivers = tuple(r for r in receivers if r[0] not in NATIVE)
+    if not dcmtk_transport_builds():
+        receivers = tuple(r for r in receivers if r[0] != "triage-node+dcmtk")
     with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=CACHE) as tmp:
         runs = measure_matrix(sets, receivers, args.repeat, Path(tmp))
     report(runs, [name for name, _ in receivers])
@@ -411,14 +397,18 @@ def report(runs: list[Run], receivers: list[str]) -> None:
         for n in ("large", "small")
     )
     print()
-    print("triage-node / Orthanc (the durable peer; target 1.0 everywhere):")
-    for name in ("large", "small"):
-        for senders in (1, PARALLEL):
-            node, orthanc = get("triage-node", name, senders), get("orthanc", name, senders)
-            print(
-                f"  {name:<6} senders={senders}  inst/s {node.per_second / orthanc.per_second:.2f}"
-                f"  MB/s {node.mb_per_second / orthanc.mb_per_second:.2f}"
-            )
+    for node_name in ("triage-node", "triage-node+dcmtk"):
+        if node_name not in receivers:
+            continue
+        print(f"{node_name} / Orthanc (the durable peer; target 1.0 everywhere):")
+        for name in ("large", "small"):
+            for senders in (1, PARALLEL):
+                node, orthanc = get(node_name, name, senders), get("orthanc", name, senders)
+                print(
+                    f"  {name:<6} senders={senders}  "
+                    f"inst/s {node.per_second / orthanc.per_second:.2f}"
+                    f"  MB/s {node.mb_per_second / orthanc.mb_per_second:.2f}"
+                )
     print("ratios, one sender (storescp = DCMTK defaults, as in perf-notes.md):")
     for peer in ("storescp", "storescp-128k"):
         print(
@@ -432,9 +422,7 @@ def report(runs: list[Run], receivers: list[str]) -> None:
         )
     print(
         "native receivers keeping the node's promise / Orthanc (dcmtk-durable: rows by its own"
-        " SQLite statements; dcmtk+recorder: by the node's Intake over a Unix socket;"
-        " dcmtk+front: connections passed by the node's admission, instances stored by the"
-        " node's StorageHandlers; +header: with the header DCMTK read):"
+        " SQLite statements; dcmtk+recorder: by the node's Intake over a Unix socket):"
     )
     for native in (name for name in NATIVE if name in receivers):
         for name in ("large", "small"):

@@ -1,8 +1,8 @@
 """What storing one received instance costs the node in Python: ``StorageHandlers.stored``
 (header read, checks, fsync and placement, committed rows, the log line) per small instance,
-with the file's header read by pydicom as the C-STORE handler does, and with the header fields
-passed in as a native transport that read them itself would (``benchmarks/front.py
---header``).
+with the file's header read by pydicom as the pynetdicom transport's C-STORE handler does, and
+with the header fields passed in as the DCMTK transport (``dicom.transport = "dcmtk"``) passes
+the ones DCMTK read.
 
 Synthetic 512x512 16-bit instances of one study are written to the spool's incoming directory
 first, as a transport leaves them (in the page cache, not yet on disk: the fsync writes them),

@@ -1,4 +1,5 @@
-"""The installed ``triage-node`` command: status, db, serve refusals, logs without patient data."""
+"""The installed ``triage-node`` command: status, db, build-dcmtk, serve refusals, logs without
+patient data."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from pathlib import Path
 
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
-from tests.support.peers import storescu, triage_node_command, wait_for
+from tests.support.peers import (
+    require_dcmtk_transport,
+    storescu,
+    triage_node_command,
+    wait_for,
+)
 from tests.support.synth import (
     SYNTHETIC_ACCESSION,
     SYNTHETIC_PATIENT_ID,
@@ -95,6 +101,22 @@ def test_db_upgrade_and_current(tmp_path: Path, database_url: str) -> None:
     assert upgraded.returncode == 0 and f"empty -> {head_revision()}" in upgraded.stdout
     after = node.command("db", "current")
     assert after.returncode == 0 and "(current)" in after.stdout
+
+
+def test_build_dcmtk_prints_the_program_a_node_on_that_transport_runs(tmp_path: Path) -> None:
+    expected = require_dcmtk_transport()  # built (or found) the way the tests build it
+    node = Node(tmp_path)
+    built = node.command("build-dcmtk")
+    assert built.returncode == 0, built.stderr
+    assert Path(built.stdout.strip()) == expected
+    node.sections["dicom"]["transport"] = "dcmtk"
+    node.rewrite_config()
+    node.start()
+    try:
+        found = [r for r in node.log_records() if r.get("action") == "dcmtk_transport"]
+        assert found and found[0]["program"] == str(expected)
+    finally:
+        assert node.stop() == 0
 
 
 def test_serve_on_postgresql(tmp_path: Path, postgres_url: str) -> None:

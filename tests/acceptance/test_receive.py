@@ -214,6 +214,30 @@ def test_the_node_names_itself_on_the_wire_and_in_its_files(node: Node, tmp_path
     assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
 
 
+def test_an_idle_association_is_released_and_recorded(tmp_path: Path, transport: str) -> None:
+    """After ``dicom.network_timeout`` without a message the node releases the association
+    (A-RELEASE-RQ, not A-ABORT: a PACS may count an abort as a failed transfer)."""
+    node = Node(tmp_path, dicom={**transport_settings(transport), "network_timeout": 2}).start()
+    try:
+        ae = AE(ae_title="QUIET")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.network_timeout = None  # only the node ends it
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE_NODE")
+        assert assoc.is_established
+        wait_for(lambda: not assoc.is_alive(), 30, what="the node to end the idle association")
+        assert assoc.is_released and not assoc.is_aborted
+        wait_for(
+            lambda: (
+                query(node, "select end_reason from associations where calling_ae = 'QUIET'")
+                == [("RELEASED",)]
+            ),
+            10,
+            what="the release to be recorded",
+        )
+    finally:
+        assert node.stop() == 0
+
+
 def test_resend_is_idempotent_and_study_is_queued_once(node: Node, tmp_path: Path) -> None:
     files = write_study_set(tmp_path / "set", 4, 64, 64, per_study=4)
     assert storescu(node.port, files).returncode == 0

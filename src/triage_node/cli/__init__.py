@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     reported.add_argument("study_uids", nargs="*", metavar="STUDY_UID")
     reported.add_argument("--accession", help="every study of this accession number instead")
 
+    commands.add_parser(
+        "build-dcmtk",
+        help='build the DCMTK transport\'s program now (dicom.transport = "dcmtk"; '
+        "needs g++ and libdcmtk-dev)",
+    )
+
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
@@ -282,6 +288,13 @@ def _db(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _build_dcmtk(config: Config, _args: argparse.Namespace) -> int:
+    from triage_node.dicom.native.build import ensure_program
+
+    print(ensure_program(config.storage.data_dir))
+    return EXIT_OK
+
+
 def _hash_secret(_config: Config, _args: argparse.Namespace) -> int:
     from triage_node.credentials import hash_secret
 
@@ -317,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mark-reported": _mark_reported,
         "db": _db,
         "hash-secret": _hash_secret,
+        "build-dcmtk": _build_dcmtk,
         "users": run_users,
     }
     try:

@@ -138,6 +138,7 @@ class _RequestHandler(RequestHandler):
         # end, to tidy up after it however it ended (an exception inside pynetdicom's state
         # machine, such as a full disk while a dataset arrives, ends it without any event).
         assoc = self._create_association()
+        assoc.network_timeout_response = "A-RELEASE"  # an idle association: released, as DCMTK's
         ring_on_traffic(assoc)  # its threads wake on traffic, not on a 1 ms tick (dicom.reactor)
         try:
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})

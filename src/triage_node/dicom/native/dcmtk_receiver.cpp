@@ -382,8 +382,11 @@ int main(int argc, char* argv[]) {
     g_settings.implementation_uid = argv[4];
     g_settings.implementation_version = argv[5];
     g_settings.acse_timeout = std::max(1, std::atoi(argv[6]));
-    long max_pdu = std::atol(argv[9]);
-    if (max_pdu > 0) g_settings.max_pdu = static_cast<Uint32>(max_pdu);
+    // DCMTK offers 4 KiB to 128 KiB; 0 (the node's "unlimited") is its largest.
+    long long max_pdu = std::atoll(argv[9]);
+    if (max_pdu > 0)
+        g_settings.max_pdu = static_cast<Uint32>(std::min<long long>(
+            std::max<long long>(max_pdu, ASC_MINIMUMPDUSIZE), ASC_MAXIMUMPDUSIZE));
 
     DcmSCPConfig config;
     config.setAETitle(argv[3]);
