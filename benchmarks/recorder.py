@@ -19,30 +19,10 @@ from pathlib import Path
 
 from triage_node.db.engine import make_engine, upgrade
 from triage_node.db.intake import Intake
+from triage_node.dicom.native.handover import HEADER_FIELDS, receive_exactly
 from triage_node.domain import InstanceHeader, SpooledFile, utcnow
 
-FIELDS = (
-    "study_uid",
-    "series_uid",
-    "sop_instance_uid",
-    "sop_class_uid",
-    "transfer_syntax_uid",
-    "modality",
-    "body_part",
-    "series_description",
-    "accession_number",
-    "study_date",
-)
-
-
-def receive_exactly(connection: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = connection.recv(size - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return bytes(data)
+FIELDS = HEADER_FIELDS  # the InstanceHeader's, in its order
 
 
 def serve(intake: Intake, path: Path) -> None:

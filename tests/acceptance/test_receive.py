@@ -132,6 +132,15 @@ def echo_once_slots_free(port: int, within: float = 20.0) -> subprocess.Complete
 def test_echoscu(node: Node) -> None:
     result = echoscu(node.port, "-aec", "TRIAGE_NODE")
     assert result.returncode == 0, result.stderr
+    # echoscu releases its association, and closes the connection at once: recorded as released
+    wait_for(
+        lambda: (
+            query(node, "select end_reason from associations where calling_ae = 'ECHOSCU'")
+            == [("RELEASED",)]
+        ),
+        10,
+        what="the association's release to be recorded",
+    )
 
 
 def test_every_shared_file_is_stored_byte_identical(node: Node, tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ class _RequestHandler(RequestHandler):
                     stop_waiting_for_request(assoc)
         finally:
             close_doorbells(assoc)
-        self.server.handlers.association_finished(assoc)
+            self.server.handlers.association_finished(assoc)
 
     def _tls_handshake(self, sock: socket.socket, address: str) -> ssl.SSLSocket | None:
         """The server side of the TLS handshake, in this connection's thread (pynetdicom would

@@ -168,8 +168,9 @@ class StorageHandlers:
         return association_id
 
     def on_closed(self, event: Any) -> None:
+        # Its end is recorded once its thread has ended (association_finished): the connection
+        # closes while a release is still being completed, before pynetdicom marks it released.
         stop_waiting_for_request(event.assoc)
-        self._record_end(event.assoc)
 
     def association_finished(self, assoc: Any) -> None:
         """After the association's thread ended, whatever ended it."""

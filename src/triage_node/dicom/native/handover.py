@@ -66,7 +66,8 @@ def ae_title_verdict(config: DicomConfig, calling_ae: str, called_ae: str) -> in
     return ACCEPT
 
 
-def _receive_exactly(channel: socket.socket, size: int) -> bytes:
+def receive_exactly(channel: socket.socket, size: int) -> bytes:
+    """*size* bytes from *channel*; EOFError when it closes first."""
     data = bytearray()
     while len(data) < size:
         chunk = channel.recv(size - len(data))
@@ -106,8 +107,8 @@ def serve_association(
     try:
         while True:
             try:
-                (length,) = struct.unpack("<I", _receive_exactly(channel, 4))
-                message = _receive_exactly(channel, length)
+                (length,) = struct.unpack("<I", receive_exactly(channel, 4))
+                message = receive_exactly(channel, length)
             except (EOFError, OSError, struct.error):
                 return  # the worker ended
             kind = message[:1]
