@@ -53,10 +53,10 @@ def test_the_header_dcmtk_read_becomes_the_nodes() -> None:
 
 def test_a_status_answer_carries_a_short_ascii_comment() -> None:
     assert _status(0x0000, "") == struct.pack("<HH", 0, 0)
-    answer = _status(0xC000, "é" + "x" * 100)
+    answer = _status(0xC000, "é\\" + "x" * 100)
     code, length = struct.unpack("<HH", answer[:4])
     assert (code, length) == (0xC000, 64)
-    assert answer[4:] == b"?" + b"x" * 63
+    assert answer[4:] == b"??" + b"x" * 62  # one LO value: no backslash
 
 
 def test_the_program_accepts_what_the_pynetdicom_transport_accepts() -> None:

@@ -14,6 +14,14 @@ STUDY_UID_MISMATCH = 0xA900  # STOW-RS (PS3.18 Table I.2-2): not of the study in
 PROCESSING_FAILURE = 0x0110
 ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO
 
+
+def error_comment(text: str) -> str:
+    """*text* as an Error Comment: LO, so at most 64 characters, one value (no backslash) and
+    no control characters; ASCII, as every peer can show it."""
+    cleaned = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
+    return cleaned[:ERROR_COMMENT_MAX].strip()
+
+
 # (source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 Table 9-21) as people read them.
 REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
     (1, 3): "calling AE title not allowed",

@@ -54,10 +54,10 @@ if TYPE_CHECKING:  # the aggregate is passed in when the handlers are bound
 from triage_node.dicom.status import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    ERROR_COMMENT_MAX,
     PROCESSING_FAILURE,
     REJECT_REASONS,
     SUCCESS,
+    error_comment,
 )
 from triage_node.dicom.storing import Storer
 
@@ -99,7 +99,7 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     rsp = Dataset()
     rsp.Status = code
     if comment:
-        rsp.ErrorComment = comment[:ERROR_COMMENT_MAX]
+        rsp.ErrorComment = error_comment(comment)
     return rsp
 
 

@@ -107,8 +107,9 @@ bool send_message(int channel, char type, const std::vector<std::string>& fields
 // The header fields the node keeps, in the order of its InstanceHeader (Study, Series and SOP
 // Instance UIDs, SOP Class UID, Transfer Syntax UID, Modality, Body Part Examined, Series
 // Description, Accession Number, Study Date), read up to Pixel Data. Empty when the file
-// cannot be read or a value is not ASCII (its Specific Character Set decides what it says):
-// the receiver process then reads the file itself (pydicom), and answers its status.
+// cannot be read, a value is not ASCII (its Specific Character Set decides what it says) or
+// an element has several values: the receiver process then reads the file itself (pydicom),
+// as its other transport does, and answers its status.
 std::vector<std::string> read_header(const std::string& part) {
     DcmFileFormat file;
     if (file.loadFileUntilTag(part.c_str(), EXS_Unknown, EGL_noChange, DCM_MaxReadLength,
@@ -124,8 +125,8 @@ std::vector<std::string> read_header(const std::string& part) {
         OFString value;
         data->findAndGetOFStringArray(key, value);
         for (char c : value)
-            if (static_cast<unsigned char>(c) >= 0x80 || c == 0x1b)
-                return {};  // its character set decides what it says: pydicom decodes it
+            if (static_cast<unsigned char>(c) >= 0x80 || c == 0x1b || c == '\\')
+                return {};  // its character set (or its values) decide: pydicom reads it
         fields.emplace_back(value.c_str());
     }
     OFString syntax;

@@ -33,7 +33,7 @@ from pydicom.uid import UID
 
 from triage_node.config import DicomConfig
 from triage_node.dicom.admission import A_ASSOCIATE_RQ_TYPE, drain
-from triage_node.dicom.status import ERROR_COMMENT_MAX
+from triage_node.dicom.status import error_comment
 from triage_node.dicom.storage_scp import StorageHandlers, log_rejection, supported_contexts
 from triage_node.domain import (
     IMPLEMENTATION_CLASS_UID,
@@ -92,8 +92,8 @@ def _header(values: list[str]) -> InstanceHeader | None:
 
 def _status(code: int, comment: str) -> bytes:
     """The answer to 'S': the status, then the Error Comment's length and its text (ASCII, at
-    most 64 characters: PS3.7 Annex C), empty on success."""
-    text = comment.encode("ascii", errors="replace")[:ERROR_COMMENT_MAX] if comment else b""
+    most 64 characters: ``error_comment``), empty on success."""
+    text = error_comment(comment).encode("ascii")
     return struct.pack("<HH", code, len(text)) + text
 
 
