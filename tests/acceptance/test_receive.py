@@ -3,6 +3,8 @@ each test on both DICOM transports (``dicom.transport``: pynetdicom and DCMTK)."
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -245,6 +247,41 @@ def test_an_idle_association_is_released_and_recorded(tmp_path: Path, transport:
         )
     finally:
         assert node.stop() == 0
+
+
+def dcmtk_programs(node: Node) -> list[int]:
+    """The pids of the node's DCMTK transport programs."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        program, arguments = command[0], b" ".join(command[1:])
+        ours = str(node.spool / "incoming").encode() in arguments
+        if entry.name.isdigit() and b"/dcmtk-receiver-" in program and ours:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_dcmtk_program_that_dies_is_restarted_with_its_receiver(tmp_path: Path) -> None:
+    node = Node(tmp_path, dicom=transport_settings("dcmtk")).start()
+    try:
+        wait_for(lambda: len(dcmtk_programs(node)) == 2, 60, what="one program per receiver")
+        os.kill(dcmtk_programs(node)[0], signal.SIGKILL)
+        wait_for(
+            lambda: any(r.get("action") == "receiver_died" for r in node.log_records()),
+            30,
+            what="the receiver to exit and be noticed",
+        )
+        wait_for(lambda: len(dcmtk_programs(node)) == 2, 60, what="a new DCMTK program")
+        [file] = write_study_set(tmp_path / "set", 1, 32, 32)
+        for _ in range(4):  # both receivers take connections again
+            assert storescu(node.port, [file]).returncode == 0
+    finally:
+        assert node.stop() == 0
+    died = [r for r in node.log_records() if r.get("action") == "dcmtk_receiver_died"]
+    assert len(died) == 1
 
 
 def test_resend_is_idempotent_and_study_is_queued_once(node: Node, tmp_path: Path) -> None:
