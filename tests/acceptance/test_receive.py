@@ -131,18 +131,21 @@ def echo_once_slots_free(port: int, within: float = 20.0) -> subprocess.Complete
         time.sleep(0.2)
 
 
+def wait_for_release_recorded(node: Node, calling_ae: str) -> None:
+    """The one association from *calling_ae* recorded as released."""
+    sql = "select end_reason from associations where calling_ae = :ae"
+    wait_for(
+        lambda: query(node, sql, ae=calling_ae) == [("RELEASED",)],
+        10,
+        what=f"the release of {calling_ae}'s association to be recorded",
+    )
+
+
 def test_echoscu(node: Node) -> None:
     result = echoscu(node.port, "-aec", "TRIAGE_NODE")
     assert result.returncode == 0, result.stderr
     # echoscu releases its association, and closes the connection at once: recorded as released
-    wait_for(
-        lambda: (
-            query(node, "select end_reason from associations where calling_ae = 'ECHOSCU'")
-            == [("RELEASED",)]
-        ),
-        10,
-        what="the association's release to be recorded",
-    )
+    wait_for_release_recorded(node, "ECHOSCU")
 
 
 def test_every_shared_file_is_stored_byte_identical(node: Node, tmp_path: Path) -> None:
@@ -237,14 +240,7 @@ def test_an_idle_association_is_released_and_recorded(tmp_path: Path, transport:
         assert assoc.is_established
         wait_for(lambda: not assoc.is_alive(), 30, what="the node to end the idle association")
         assert assoc.is_released and not assoc.is_aborted
-        wait_for(
-            lambda: (
-                query(node, "select end_reason from associations where calling_ae = 'QUIET'")
-                == [("RELEASED",)]
-            ),
-            10,
-            what="the release to be recorded",
-        )
+        wait_for_release_recorded(node, "QUIET")
     finally:
         assert node.stop() == 0
 
