@@ -61,18 +61,25 @@ def receiver(store: Database, tmp_path: Path) -> Iterator[Receiver]:
             if await_request(connection, 5.0) is None:
                 transport.serve(connection, address, handlers)
 
+    serving: list[threading.Thread] = []
+
     def accept() -> None:
         while True:
             try:
                 connection, (address, _) = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=serve, args=(connection, address), daemon=True).start()
+            thread = threading.Thread(target=serve, args=(connection, address), daemon=True)
+            serving.append(thread)
+            thread.start()
 
     threading.Thread(target=accept, daemon=True).start()
     yield Receiver(listener.getsockname()[1], transport, spool, died)
     listener.close()
     transport.stop(5.0)
+    for thread in serving:  # done with the database before the store fixture drops it
+        thread.join(10)
+        assert not thread.is_alive()
 
 
 def associate(port: int, *contexts: tuple[str, str]) -> object:
