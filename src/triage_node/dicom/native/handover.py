@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import IO
 
 from pydicom.uid import UID
+from pynetdicom.pdu import A_ABORT_RQ
 
 from triage_node.config import DicomConfig
 from triage_node.dicom.admission import A_ASSOCIATE_RQ_TYPE, drain
@@ -139,9 +140,12 @@ def serve_association(
         handlers.ended(channel, AssociationEnd.ABORTED)  # nothing once recorded
 
 
-# A-ABORT from the service provider for an unexpected PDU (PS3.8 Section 9.3.8), as
-# pynetdicom's state machine answers a connection that opens with anything but a request.
-_A_ABORT_UNEXPECTED_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x02])
+def _a_abort_unexpected_pdu() -> bytes:
+    """A-ABORT from the service provider for an unexpected PDU (PS3.8 Section 9.3.8), as
+    pynetdicom's state machine answers a connection that opens with anything but a request."""
+    pdu = A_ABORT_RQ()
+    pdu.source, pdu.reason_diagnostic = 0x02, 0x02
+    return bytes(pdu.encode())
 
 
 def _starts_with_request(connection: socket.socket) -> bool:
@@ -163,7 +167,7 @@ def _abort_unexpected(connection: socket.socket, peer: str) -> None:
         peer=peer,
     )
     with contextlib.suppress(OSError):
-        connection.sendall(_A_ABORT_UNEXPECTED_PDU)
+        connection.sendall(_a_abort_unexpected_pdu())
     drain(connection)
 
 
