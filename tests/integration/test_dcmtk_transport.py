@@ -45,6 +45,15 @@ class Receiver:
 
 
 @pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport reaches the database solely through ``StorageHandlers``,
+    whose PostgreSQL path ``test_storing`` covers. (On PostgreSQL, one run in about ten left
+    a psycopg connection to be finalised after its database was dropped, failing the next
+    test: not found yet.)"""
+    return f"sqlite:///{tmp_path / 'test.sqlite3'}"
+
+
+@pytest.fixture
 def receiver(store: Database, tmp_path: Path) -> Iterator[Receiver]:
     program = require_dcmtk_transport()
     spool = Spool(tmp_path / "spool")
