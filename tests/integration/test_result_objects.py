@@ -22,6 +22,7 @@ from tests.support.peers import (
     require_shared_dicom,
     require_tool,
     sr_validator_findings,
+    sr_validator_findings_each,
 )
 from triage_node.analysis.preprocess import InputSpec, preprocess
 from triage_node.analysis.render import LEGEND_TEXT, heatmap
@@ -80,14 +81,14 @@ def test_every_object_passes_dciodvfy_and_reads_back(name: str, tmp_path: Path) 
         path = tmp_path / f"{kind}.dcm"
         path.write_bytes(encode(dataset))  # as the worker writes them into the spool
         assert dciodvfy_errors(path) == [], kind
-        if kind in ("sr", "ko"):
-            assert sr_validator_findings(path) == [], kind
         written = pydicom.dcmread(path)
         assert written.StudyInstanceUID == image.source.StudyInstanceUID
         assert written.PatientID == image.source.get("PatientID", "")
         assert written.Manufacturer == MANUFACTURER
         assert written.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
         assert written.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+    reports = [tmp_path / "sr.dcm", tmp_path / "ko.dcm"]
+    assert sr_validator_findings_each(reports) == {path: [] for path in reports}
 
     sc = pydicom.dcmread(tmp_path / "sc.dcm")
     assert sc.BurnedInAnnotation == "YES" and "NOT FOR DIAGNOSTIC USE" in sc.SeriesDescription
@@ -191,6 +192,7 @@ def test_the_report_of_every_shared_radiograph_is_template_exact(tmp_path: Path)
     DicomSRValidator, 0 errors from dciodvfy (their headers differ in what they carry)."""
     sources = shared_radiographs()
     assert len(sources) >= 10
+    written: dict[Path, tuple[str, str]] = {}
     for source in sources:
         header = evidence_header(pydicom.dcmread(source, stop_before_pixels=True))  # as the worker
         rows, columns = int(header.get("Rows", 64)), int(header.get("Columns", 64))
@@ -202,8 +204,10 @@ def test_the_report_of_every_shared_radiograph_is_template_exact(tmp_path: Path)
         ):
             path = tmp_path / f"{source.stem}-{kind}.dcm"
             path.write_bytes(encode(dataset))
-            assert sr_validator_findings(path) == [], (source.name, kind)
             assert dciodvfy_errors(path) == [], (source.name, kind)
+            written[path] = (source.name, kind)
+    for path, findings in sr_validator_findings_each(list(written)).items():
+        assert findings == [], written[path]
 
 
 def test_dsrdump_prints_the_tree(tmp_path: Path) -> None:

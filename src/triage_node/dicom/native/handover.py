@@ -328,7 +328,8 @@ class DcmtkTransport:
     @staticmethod
     def _relay_messages(stream: IO[bytes]) -> None:
         """DCMTK's own error messages (protocol errors, a peer gone) into the node's log."""
-        for line in stream:
-            text = line.decode(errors="replace").strip()[:300]
-            if text:
-                log_event(LOG, logging.WARNING, "dcmtk_message", text)
+        with stream:  # closed at the program's end: the pipe is this thread's to close
+            for line in stream:
+                text = line.decode(errors="replace").strip()[:300]
+                if text:
+                    log_event(LOG, logging.WARNING, "dcmtk_message", text)
