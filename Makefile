@@ -35,12 +35,12 @@ ifeq ($(CI),true)
 		test -x /usr/sbin/Orthanc && test -f /usr/share/java/pixelmed.jar && \
 		test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v curl >/dev/null && \
 		command -v systemd-analyze >/dev/null && command -v g++ >/dev/null && \
-		test -f /usr/include/dcmtk/dcmnet/scpthrd.h && \
+		test -f /usr/include/dcmtk/dcmnet/scpthrd.h && command -v javac >/dev/null && \
 		command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
 		{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; } || { \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			--no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb pixelmed-apps curl systemd \
-			docker-compose chromium chromium-driver g++ libdcmtk-dev; }
+			docker-compose chromium chromium-driver g++ libdcmtk-dev default-jdk-headless; }
 	@pg_isready -q -h 127.0.0.1 -p 5432 || \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
 endif
