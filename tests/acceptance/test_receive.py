@@ -18,6 +18,7 @@ from pynetdicom import AE, _config
 from sqlalchemy import create_engine, text
 
 from tests.support.node import Node
+from tests.support.onnx_models import write_model_dir
 from tests.support.pdus import CONTEXT_ID_OFFSET, association_request
 from tests.support.peers import (
     STORESCU_PROPOSE,
@@ -278,6 +279,41 @@ def test_a_dcmtk_program_that_dies_is_restarted_with_its_receiver(tmp_path: Path
         assert node.stop() == 0
     died = [r for r in node.log_records() if r.get("action") == "dcmtk_receiver_died"]
     assert len(died) == 1
+
+
+def group_members(group: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(entry.name))
+    return members
+
+
+def test_killing_the_supervisor_alone_takes_every_process_of_the_node(
+    tmp_path: Path, transport: str
+) -> None:
+    """The supervisor SIGKILLed, nothing else: its fork server, receivers (and their DCMTK
+    programs) and worker die with it, and nothing is left accepting on the DICOM port."""
+    model = write_model_dir(tmp_path / "model")
+    node = Node(
+        tmp_path / "node",
+        dicom=transport_settings(transport),
+        worker={"count": 1, "model_dir": str(model)},
+    ).start()
+    assert node.process is not None
+    group = node.process.pid  # the node runs in its own session and process group
+    wait_for(lambda: len(group_members(group)) >= 5, 30, what="supervisor, fork server, children")
+    os.kill(node.process.pid, signal.SIGKILL)
+    node.process.wait(30)
+    node.process = None
+    wait_for(lambda: group_members(group) == [], 30, what="every process of the node to end")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
 
 
 def test_resend_is_idempotent_and_study_is_queued_once(node: Node, tmp_path: Path) -> None:

@@ -4,7 +4,10 @@ no patient data anywhere along the data path."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,3 +222,59 @@ def test_no_log_line_anywhere_holds_patient_data(tmp_path: Path) -> None:
             for fragment in {value, *value.split("^")}:
                 assert fragment not in text, f"{fragment!r} is in the {log_format} log"
     pacs.stop()
+
+
+# The variables by which ONNX Runtime decides that it runs in CI, where it keeps its telemetry
+# off by itself (its telemetry_environment.h, 1.32): removed so that a test sees what a hospital
+# server would.
+CI_VARIABLES = (
+    "CI",
+    "TF_BUILD",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "CIRCLECI",
+    "TRAVIS",
+    "JENKINS_URL",
+    "CODEBUILD_BUILD_ID",
+    "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "APPVEYOR",
+    "BITBUCKET_BUILD_NUMBER",
+    "BUILD_BUILDID",
+    "ORT_RUNNING_UNIT_TESTS",
+    "ORT_DISABLE_TELEMETRY",
+)
+
+
+def test_onnx_runtime_telemetry_stays_off(tmp_path: Path) -> None:
+    """ONNX Runtime's Linux wheels start Microsoft's usage telemetry when the library loads (a
+    device id and an event cache under ~/.cache/Microsoft, uploaded to Microsoft's collector);
+    the node, its worker and ``triage-node infer`` run models without it."""
+    env = {k: v for k, v in os.environ.items() if k not in CI_VARIABLES}
+    plain = tmp_path / "plain-home"
+    plain.mkdir()
+    subprocess.run(
+        [sys.executable, "-c", "import onnxruntime"], env={**env, "HOME": str(plain)}, check=True
+    )
+    if not (plain / ".cache" / "Microsoft").exists():
+        pytest.skip("this onnxruntime starts no telemetry of its own: nothing to switch off")
+
+    home = tmp_path / "home"
+    home.mkdir()
+    model = write_model_dir(tmp_path / "model")
+    node = Node(tmp_path / "node", worker={"count": 1, "model_dir": str(model)})
+    node.env = {**env, "HOME": str(home)}
+    node.start()
+    try:
+        files = write_study_set(tmp_path / "set", 2, 64, 64, per_study=2)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(
+            lambda: node.sql("select count(*) as n from image_results")[0]["n"] == 2,
+            60,
+            what="both images analysed",
+        )
+        inferred = node.command("infer", str(files[0]), "--model", str(model))
+        assert inferred.returncode == 0, inferred.stderr
+    finally:
+        assert node.stop() == 0
+    assert not (home / ".cache" / "Microsoft").exists()
