@@ -54,7 +54,7 @@ from tests.support.peers import (  # noqa: E402
 from tests.support.synth import write_study_set  # noqa: E402
 
 from idle import tree_cpu_seconds  # noqa: E402
-from triage_node.config import DicomConfig  # noqa: E402
+from triage_node.config import DicomConfig, ServiceConfig  # noqa: E402
 from triage_node.dicom.native.build import ensure_program  # noqa: E402
 from triage_node.errors import TriageError  # noqa: E402
 from triage_node.service.supervisor import receiver_count  # noqa: E402
@@ -253,11 +253,17 @@ def measure_triage_node(
     """Seconds for *files* into a fresh node (receive only) on *transport*; *source*: run the
     code in that ``src/`` directory instead of the installed one (ingest_ab.py); *cpu*: append
     the CPU seconds the node's processes used meanwhile."""
+    defaults = ServiceConfig()
     node = Node(
         work / "triage-node",
         dicom={"receivers": 0, "transport": transport},
         log={"level": "INFO", "format": "json"},
         study={"settle_seconds": 2.0},
+        # the service's own defaults, not the tests' quick sweep (every 0.1 s) and heartbeat
+        service={
+            "poll_seconds": defaults.poll_seconds,
+            "heartbeat_seconds": defaults.heartbeat_seconds,
+        },
     )
     if source is not None:
         node.env["PYTHONPATH"] = str(source)
