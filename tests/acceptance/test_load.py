@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.node import Node
+from tests.support.node import Node, process_group_members
 from tests.support.peers import acknowledged, storescu_process, wait_for
 from tests.support.synth import write_study_set
 
@@ -26,17 +26,12 @@ MOST_GROWTH = 1.25  # peak RSS of the second half / the first half
 def service_rss_mib(node: Node) -> float:
     """Resident memory of every process of the service (its process group), in MiB."""
     assert node.process is not None
-    group = os.getpgid(node.process.pid)
     total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in process_group_members(os.getpgid(node.process.pid)):
         try:
-            if os.getpgid(int(entry.name)) != group:
-                continue
-            status = (entry / "status").read_text()
-        except (OSError, ProcessLookupError):
-            continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue  # ended meanwhile
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])

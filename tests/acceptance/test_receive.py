@@ -17,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 from sqlalchemy import create_engine, text
 
-from tests.support.node import Node
+from tests.support.node import Node, process_group_members
 from tests.support.onnx_models import write_model_dir
 from tests.support.pdus import CONTEXT_ID_OFFSET, association_request
 from tests.support.peers import (
@@ -281,19 +281,6 @@ def test_a_dcmtk_program_that_dies_is_restarted_with_its_receiver(tmp_path: Path
     assert len(died) == 1
 
 
-def group_members(group: int) -> list[int]:
-    """Live (not zombie) processes of a process group."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(entry.name))
-    return members
-
-
 def test_killing_the_supervisor_alone_takes_every_process_of_the_node(
     tmp_path: Path, transport: str
 ) -> None:
@@ -307,11 +294,15 @@ def test_killing_the_supervisor_alone_takes_every_process_of_the_node(
     ).start()
     assert node.process is not None
     group = node.process.pid  # the node runs in its own session and process group
-    wait_for(lambda: len(group_members(group)) >= 5, 30, what="supervisor, fork server, children")
+    wait_for(
+        lambda: len(process_group_members(group)) >= 5, 30, what="supervisor, fork server, children"
+    )
     os.kill(node.process.pid, signal.SIGKILL)
     node.process.wait(30)
     node.process = None
-    wait_for(lambda: group_members(group) == [], 30, what="every process of the node to end")
+    wait_for(
+        lambda: process_group_members(group) == [], 30, what="every process of the node to end"
+    )
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
 

@@ -60,6 +60,20 @@ def echo_ok(port: int, called: str = "TRIAGE_NODE") -> bool:
     return answer["detail"] == "C-ECHO success"
 
 
+def process_group_members(group: int) -> list[int]:
+    """Live (not zombie) processes of a process group: a started node's is its supervisor's
+    pid (it runs in its own session)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(entry.name))
+    return members
+
+
 class Node:
     """One triage-node service with its own data directory, database and port."""
 
