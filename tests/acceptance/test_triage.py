@@ -161,12 +161,17 @@ def test_flag_report_escalate_status_and_metrics(tmp_path: Path) -> None:
         assert [e["study_uid"] for e in worklist(node)] == [uid_c]
 
         # (3) Escalation: C stays unreported; escalated once per interval, its KOS re-sent.
+        def escalation_times() -> list[datetime]:
+            return [
+                datetime.fromisoformat(r["time"])
+                for r in node.log_records()
+                if r.get("action") == "study_escalated" and r.get("study_uid") == uid_c
+            ]
+
         wait_for(lambda: study_row(node, uid_c)["escalations"] >= 2, 60, what="two escalations")
-        escalated = [
-            datetime.fromisoformat(r["time"])
-            for r in node.log_records()
-            if r.get("action") == "study_escalated" and r.get("study_uid") == uid_c
-        ]
+        # each escalation is committed, then logged: its log line can come a moment later
+        wait_for(lambda: len(escalation_times()) >= 2, 10, what="two escalations logged")
+        escalated = escalation_times()
         assert len(escalated) >= 2
         gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(escalated)]
         assert all(gap >= ESCALATE_REPEAT - 0.1 for gap in gaps), gaps
