@@ -10,7 +10,7 @@ run left, takes the same set from the same ``storescu``; the median of the paire
 with this checkout's virtual environment (``PYTHONPATH``), so it must need no other packages.
 
     .venv/bin/python benchmarks/ingest_ab.py ../base/src [--set small|large] [--senders 1]
-        [--rounds 8]
+        [--rounds 8] [--transport pynetdicom|dcmtk]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--set", choices=sorted(SETS), default="small")
     parser.add_argument("--senders", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--transport", choices=("pynetdicom", "dcmtk"), default="pynetdicom")
     args = parser.parse_args()
     other = args.other.resolve()
     if not (other / "triage_node" / "__init__.py").is_file():
@@ -49,11 +50,20 @@ def main() -> int:
             for name in ("other", "this") if round_ % 2 == 0 else ("this", "other"):
                 work = Path(tmp) / f"{name}-{round_}"
                 seconds = settled(
-                    measure_triage_node, files, args.senders, work, sources[name], cpu[name]
+                    measure_triage_node,
+                    files,
+                    args.senders,
+                    work,
+                    sources[name],
+                    cpu[name],
+                    args.transport,
                 )
                 rates[name].append(len(files) / seconds)
     milliseconds = {name: [1000 * c / len(files) for c in cpu[name]] for name in cpu}
-    print(f"{args.set} set, {args.senders} sender(s), {args.rounds} rounds:")
+    print(
+        f"{args.set} set, {args.senders} sender(s), {args.transport} transport,"
+        f" {args.rounds} rounds:"
+    )
     report("instances/s", rates)
     report("the node's CPU ms per instance", milliseconds)
     return 0

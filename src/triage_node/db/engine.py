@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import Connection, Dialect, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -42,6 +42,65 @@ def translate_errors() -> Iterator[None]:
         cause = type(exc).__name__
         detail = str(getattr(exc, "orig", None) or exc).split("\n", 1)[0]
         raise DatabaseUnavailable(f"database error: {cause}: {detail}", cause=cause) from exc
+
+
+class DriverStatement:
+    """A Core statement compiled once for a dialect and run on the driver's cursor of a
+    SQLAlchemy connection, in that connection's transaction.
+
+    For the per-instance path only (``Intake.record_instance``): there SQLAlchemy's execution
+    (statement cache, execution context, result object) cost more than the statements and the
+    commit together, and it runs under the database's write lock, so every other writer waits
+    for it too (measured: 0.85 ms of CPU per recorded instance through ``Connection.execute``,
+    0.34 ms through the cursor). The SQL text is SQLAlchemy's own for the dialect, and the
+    values pass through the same bind processors (the column types' ``bind_processor``) as
+    ``Connection.execute`` applies. A driver error becomes :class:`DatabaseUnavailable` as
+    SQLAlchemy's do in :func:`translate_errors` (the statement left out of it, too).
+    """
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self._compiled = compiled
+        self._positions: tuple[str, ...] | None = (
+            tuple(compiled.positiontup) if compiled.positional else None
+        )
+        self._processors = {
+            name: process
+            for bind, name in compiled.bind_names.items()
+            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+        self._driver_error: type[Exception] = dialect.loaded_dbapi.Error
+
+    def first(self, cursor: Any, params: dict[str, Any]) -> Any:
+        """Run on *cursor* (:func:`driver_cursor`) with *params*; the first row it returned
+        (a tuple), or None (none, or a statement that returns no rows)."""
+        try:
+            self._execute(cursor, params)
+            return None if cursor.description is None else cursor.fetchone()
+        except self._driver_error as exc:
+            cause = type(exc).__name__
+            detail = str(exc).split("\n", 1)[0]
+            raise DatabaseUnavailable(f"database error: {cause}: {detail}", cause=cause) from exc
+
+    def _execute(self, cursor: Any, params: dict[str, Any]) -> None:
+        values = self._compiled.construct_params(params)
+        for name, process in self._processors.items():
+            values[name] = process(values[name])
+        if self._positions is None:
+            cursor.execute(self.sql, values)
+        else:
+            cursor.execute(self.sql, [values[name] for name in self._positions])
+
+
+@contextmanager
+def driver_cursor(conn: Connection) -> Iterator[Any]:
+    """A cursor of *conn*'s driver connection, for :class:`DriverStatement`; closed after."""
+    cursor = conn.connection.cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
 
 
 class Aggregate:
