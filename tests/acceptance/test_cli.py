@@ -113,8 +113,30 @@ def test_build_dcmtk_prints_the_program_a_node_on_that_transport_runs(tmp_path: 
     node.rewrite_config()
     node.start()
     try:
-        found = [r for r in node.log_records() if r.get("action") == "dcmtk_transport"]
+        found = [r for r in node.log_records() if r.get("action") == "dicom_transport"]
         assert found and found[0]["program"] == str(expected)
+        assert found[0]["message"] == "DICOM transport: dcmtk"
+    finally:
+        assert node.stop() == 0
+
+
+def test_the_default_transport_is_dcmtks_where_the_system_has_it(tmp_path: Path) -> None:
+    """dicom.transport = "auto" (the default; the tests' nodes name theirs): DCMTK's receiver
+    on a machine that can build it, and what it receives is stored."""
+    expected = require_dcmtk_transport()
+    model = write_model_dir(tmp_path / "model")
+    node = Node(tmp_path / "node", worker={"count": 1, "model_dir": str(model)})
+    del node.sections["dicom"]["transport"]
+    node.rewrite_config()
+    node.start()
+    try:
+        found = [r for r in node.log_records() if r.get("action") == "dicom_transport"]
+        assert found and found[0]["message"] == "DICOM transport: dcmtk (auto)"
+        assert found[0]["program"] == str(expected)
+        wait_for(
+            lambda: node.log().count('"dcmtk_receiver_started"') == 2, 30, what="both receivers"
+        )
+        check_healthy_node(node, tmp_path)
     finally:
         assert node.stop() == 0
 

@@ -83,7 +83,13 @@ class Node:
         self.port = free_port()
         self.data_dir = workdir / "data"
         base: dict[str, dict[str, Any]] = {
-            "dicom": {"port": self.port, "bind": "127.0.0.1", "receivers": 2},
+            # each test names its transport: the default ("auto") depends on the machine
+            "dicom": {
+                "port": self.port,
+                "bind": "127.0.0.1",
+                "receivers": 2,
+                "transport": "pynetdicom",
+            },
             "storage": {"data_dir": str(self.data_dir), "min_free_mb": 16},
             "study": {"settle_seconds": 0.5},
             "service": {"poll_seconds": 0.1, "heartbeat_seconds": 1, "shutdown_grace_seconds": 10},

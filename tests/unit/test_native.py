@@ -101,3 +101,62 @@ def test_a_program_is_named_after_its_source(
     source.write_text("int main() { return 1; }\n")
     assert build.program_name() != first
     assert build.find_program(tmp_path / "data") is None
+
+
+def _no_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "find_program", lambda _data_dir: None)
+
+
+def test_auto_without_a_compiler_or_dcmtk_headers_says_why_and_builds_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _no_program(monkeypatch)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    assert build.available(tmp_path) == (
+        None,
+        "no C++ compiler to build DCMTK's receiver (apt-get install g++ libdcmtk-dev)",
+    )
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(build, "_HEADER", tmp_path / "no" / "scpthrd.h")
+    program, reason = build.available(tmp_path)
+    assert program is None and reason.startswith("DCMTK's headers are missing")
+    assert not any(tmp_path.iterdir())  # nothing was built, or tried
+
+
+def test_auto_refuses_a_program_that_does_not_start(tmp_path: Path) -> None:
+    """A program built against a DCMTK that an upgrade removed fails in the dynamic loader."""
+    broken = tmp_path / "dcmtk-receiver"
+    broken.write_text(
+        "#!/bin/sh\necho 'error while loading shared libraries: libdcmnet.so.17' >&2\nexit 127\n"
+    )
+    broken.chmod(0o755)
+    assert build.starts(broken) == (
+        "the DCMTK receiver does not start: error while loading shared libraries: libdcmnet.so.17"
+    )
+    usage = tmp_path / "usage"
+    usage.write_text("#!/bin/sh\necho 'usage: dcmtk-receiver CONTROL_FD ...' >&2\nexit 2\n")
+    usage.chmod(0o755)
+    assert build.starts(usage) is None
+    assert build.starts(tmp_path / "missing").startswith("the DCMTK receiver does not start")
+
+
+def test_choosing_the_transport(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from triage_node.config import Config, StorageConfig
+    from triage_node.service import supervisor
+
+    def config(transport: str) -> Config:
+        return Config(
+            dicom=DicomConfig(transport=transport), storage=StorageConfig(data_dir=tmp_path)
+        )
+
+    assert DicomConfig().transport == "auto"  # the default
+    program = tmp_path / "dcmtk-receiver"
+    monkeypatch.setattr(supervisor, "available", lambda _data_dir: (program, ""))
+    assert supervisor.choose_transport(config("auto")).dicom.transport == "dcmtk"
+    assert supervisor.choose_transport(config("pynetdicom")).dicom.transport == "pynetdicom"
+    monkeypatch.setattr(supervisor, "available", lambda _data_dir: (None, "no C++ compiler"))
+    chosen = supervisor.choose_transport(config("auto"))
+    assert chosen.dicom.transport == "pynetdicom"
+    assert chosen.storage == config("auto").storage  # the rest as it was
+    monkeypatch.setattr(supervisor, "ensure_program", lambda _data_dir: program)
+    assert supervisor.choose_transport(config("dcmtk")).dicom.transport == "dcmtk"

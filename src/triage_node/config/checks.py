@@ -83,7 +83,11 @@ def _log_format(value: Any) -> str | None:
 
 
 def _transport(value: Any) -> str | None:
-    return None if value in ("pynetdicom", "dcmtk") else "must be 'pynetdicom' or 'dcmtk'"
+    return (
+        None
+        if value in ("auto", "pynetdicom", "dcmtk")
+        else "must be 'auto', 'pynetdicom' or 'dcmtk'"
+    )
 
 
 def _unlabelled(value: Any) -> str | None:

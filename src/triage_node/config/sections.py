@@ -44,11 +44,11 @@ class DicomConfig:
         _networks, "source addresses/networks allowed to connect; empty allows any"
     )
     transport: str = _setting(
-        "pynetdicom",
+        "auto",
         _transport,
-        "DICOM transport of the plain port: pynetdicom, or dcmtk (DCMTK's, faster for many "
-        "small instances; built at start, needs g++ and libdcmtk-dev; the TLS port stays on "
-        "pynetdicom)",
+        "DICOM transport of the plain port: dcmtk (DCMTK's receiver, faster; built at the first "
+        "start, needs g++ and libdcmtk-dev), pynetdicom, or auto: dcmtk where the system has "
+        "what it needs, else pynetdicom (the TLS port stays on pynetdicom)",
     )
     receivers: int = _setting(0, _between(0, 64), "receiver processes; 0 = one per CPU core")
     max_associations: int = _setting(32, _between(1, 1000), "concurrent associations per receiver")

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import IO, Any
@@ -32,7 +33,7 @@ from triage_node.db.engine import make_engine, redact_url, require_current_schem
 from triage_node.db.intake import Intake
 from triage_node.db.notify import Notifier
 from triage_node.dicom.balance import AcceptBalance, Counts
-from triage_node.dicom.native.build import ensure_program, find_program
+from triage_node.dicom.native.build import available, ensure_program, find_program
 from triage_node.dicom.native.handover import DcmtkTransport
 from triage_node.dicom.server import (
     ReceiverServer,
@@ -380,6 +381,27 @@ def serve_workers(config: Config) -> int:
     return 0
 
 
+def choose_transport(config: Config) -> Config:
+    """*config* with ``dicom.transport`` settled: "dcmtk" with its program built (an error
+    when it cannot be), "pynetdicom", or for "auto" the first where it can be had; logged."""
+    chosen, program, reason = config.dicom.transport, None, ""
+    if chosen == "dcmtk":
+        program = ensure_program(config.storage.data_dir)
+    elif chosen == "auto":
+        program, reason = available(config.storage.data_dir)
+        chosen = "dcmtk" if program is not None else "pynetdicom"
+    how = "" if config.dicom.transport != "auto" else f" (auto: {reason})" if reason else " (auto)"
+    log_event(
+        LOG,
+        logging.INFO,
+        "dicom_transport",
+        f"DICOM transport: {chosen}{how}",
+        transport=chosen,
+        program=str(program) if program is not None else None,
+    )
+    return replace(config, dicom=replace(config.dicom, transport=chosen))
+
+
 def serve(config: Config) -> int:
     """Run the node until SIGTERM or SIGINT; return the exit status."""
     _private_files()
@@ -392,9 +414,7 @@ def serve(config: Config) -> int:
     shutil.rmtree(run_dir(config.storage.data_dir), ignore_errors=True)  # doorbells of the dead
     lost = store.intake.close_lost_associations(pid_alive, utcnow())
     interrupted = store.queue.recover_interrupted(pid_alive, utcnow())
-    if config.dicom.transport == "dcmtk":
-        program = ensure_program(config.storage.data_dir)  # built once, before any receiver
-        log_event(LOG, logging.INFO, "dcmtk_transport", "DCMTK transport", program=str(program))
+    config = choose_transport(config)  # built once, before any receiver
     listen_socket = open_listener(config.dicom)
     tls_socket = open_tls_listener(config.dicom)
     count = receiver_count(config.dicom)

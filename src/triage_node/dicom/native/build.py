@@ -2,9 +2,10 @@
 
 The source ships inside the package; the program is compiled against the system's DCMTK
 (Debian/Ubuntu: ``g++`` and ``libdcmtk-dev``) the first time a node with ``dicom.transport =
-"dcmtk"`` starts, into the installation's ``libexec/triage-node`` when that is writable (a
-virtual environment), else into the data directory. Its name carries a digest of the source,
-so an upgraded package builds its own program and never runs an older one.
+"dcmtk"`` starts (or ``"auto"``, the default, on a system that has both: :func:`available`),
+into the installation's ``libexec/triage-node`` when that is writable (a virtual environment),
+else into the data directory. Its name carries a digest of the source, so an upgraded package
+builds its own program and never runs an older one.
 """
 
 from __future__ import annotations
@@ -84,3 +85,37 @@ def ensure_program(data_dir: Path) -> Path:
         "no writable place to build the DCMTK receiver: "
         + ", ".join(str(p.parent) for p in program_places(data_dir))
     )
+
+
+def available(data_dir: Path) -> tuple[Path | None, str]:
+    """For ``dicom.transport = "auto"``: the program, found or built where the system has what
+    building it needs, and checked to start; else None and why not (for the log)."""
+    program = find_program(data_dir)
+    if program is None:
+        if shutil.which("g++") is None:
+            return None, f"no C++ compiler to build DCMTK's receiver ({_PACKAGES})"
+        if not _HEADER.exists():
+            return None, f"DCMTK's headers are missing ({_PACKAGES})"
+        try:
+            program = ensure_program(data_dir)
+        except TriageError as exc:
+            return None, str(exc)
+    problem = starts(program)
+    if problem is not None:
+        return None, problem
+    return program, ""
+
+
+def starts(program: Path) -> str | None:
+    """None when *program* starts (without arguments it prints its usage and exits with 2);
+    else what is wrong, such as a DCMTK library gone since it was built."""
+    try:
+        result = subprocess.run(
+            [str(program)], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the DCMTK receiver does not start: {exc}"
+    if result.returncode != 2 or "usage:" not in result.stderr:
+        detail = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
+        return f"the DCMTK receiver does not start: {detail[0][:200]}"
+    return None
