@@ -4,7 +4,8 @@
 by Orthanc (REST ``/modalities/node/store``, synchronous: it returns once the node acknowledged
 the last instance). Measured: from that moment until Orthanc holds every result object of the
 study (SR, one heatmap per image, KOS for positives), polled through Orthanc's REST API every
-20 ms. The node runs with its defaults (settle 2 s, the bundled model, one worker) on loopback.
+20 ms. The node runs with its defaults (settle 2 s, the bundled model, one worker, the DICOM
+transport "auto" chooses) on loopback.
 
 Target (issue "Tell"): p50 under 3 s on 2 CPU cores. Anchors: open nodes wait 5 to 900 s of
 quiet before they even start.
@@ -30,7 +31,12 @@ from tests.support.orthanc import Orthanc, node_and_orthanc  # noqa: E402
 from tests.support.peers import SHARED  # noqa: E402
 from tests.support.synth import dx_from_picture  # noqa: E402
 
-from triage_node.config import DeliveryConfig, ServiceConfig, StudyConfig  # noqa: E402
+from triage_node.config import (  # noqa: E402
+    DeliveryConfig,
+    DicomConfig,
+    ServiceConfig,
+    StudyConfig,
+)
 
 BUNDLED = REPO / "models" / "fracture-v1"
 FRACATLAS = SHARED / "data" / "fracatlas"
@@ -93,13 +99,17 @@ def main() -> int:
         node, orthanc = node_and_orthanc(
             work,
             BUNDLED,
+            dicom={"transport": DicomConfig().transport},  # "auto": DCMTK where it builds
             study={"settle_seconds": StudyConfig().settle_seconds},
             service={"poll_seconds": ServiceConfig().poll_seconds},
             delivery={"interval_seconds": DeliveryConfig().interval_seconds},
             log={"format": "json", "level": "INFO"},
         )
         latencies = []
+        transport = "?"
         try:
+            chosen = [r for r in node.log_records() if r.get("action") == "dicom_transport"]
+            transport = str(chosen[0]["transport"]) if chosen else "?"
             (work / "set").mkdir()
             for paths in studies(work / "set", args.studies):
                 study_id = ""
@@ -123,7 +133,10 @@ def main() -> int:
     p50 = statistics.median(latencies)
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     settle = StudyConfig().settle_seconds
-    print(f"{len(latencies)} studies of 4 radiographs, Orthanc -> triage-node -> Orthanc")
+    print(
+        f"{len(latencies)} studies of 4 radiographs, Orthanc -> triage-node -> Orthanc"
+        f" (DICOM transport: {transport})"
+    )
     print("  last instance acknowledged -> all results stored in Orthanc:")
     print(
         f"    p50 {p50:.2f} s   p95 {p95:.2f} s   "

@@ -26,7 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # n
 from tests.support.node import Node  # noqa: E402
 from tests.support.peers import free_port, wait_for  # noqa: E402
 
-from triage_node.config import ServiceConfig  # noqa: E402
+from triage_node.config import DicomConfig, ServiceConfig  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -91,6 +91,7 @@ def main() -> int:
                 "max_associations": n + 10,
                 "reserved_networks": ["127.0.0.1/32"],
                 "network_timeout": 600,
+                "transport": DicomConfig().transport,  # the default, "auto"
             },
             service={  # the defaults, not the test harness's quick ones
                 "poll_seconds": ServiceConfig().poll_seconds,
