@@ -49,8 +49,8 @@ class DriverStatement:
     SQLAlchemy connection, in that connection's transaction.
 
     For the per-instance path only (``Intake.record_instance``): there SQLAlchemy's execution
-    (statement cache, execution context, result object) cost more than the statements and the
-    commit together, and it runs under the database's write lock, so every other writer waits
+    (statement cache, execution context, result object) cost about as much as the statements and
+    the commit together, and it runs under the database's write lock, so every other writer waits
     for it too (measured on SQLite, the whole ``record_instance`` with its commit: 0.95-1.51 ms
     of CPU through ``Connection.execute``, 0.57-0.80 ms through the cursor). The SQL text is
     SQLAlchemy's own for the dialect, and the values pass through the same bind processors
