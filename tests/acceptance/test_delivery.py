@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
 from tests.support.node import Node
 from tests.support.onnx_models import write_model_dir
@@ -34,9 +35,18 @@ SR, SC, KO = (
 
 
 def received(directory: Path) -> list[pydicom.Dataset]:
+    """What storescp has written there, whole: a file it is still writing (it writes in place,
+    then answers) is left for the next look."""
     if not directory.is_dir():
         return []
-    return [pydicom.dcmread(p) for p in sorted(directory.iterdir()) if p.is_file()]
+    datasets = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            try:
+                datasets.append(pydicom.dcmread(path))
+            except (InvalidDicomError, EOFError, OSError):
+                continue
+    return datasets
 
 
 def by_class(datasets: list[pydicom.Dataset]) -> dict[str, int]:
@@ -235,6 +245,13 @@ def test_status_shows_each_destination_and_turns_unhealthy_when_it_is_down(
         files = write_study_set(tmp_path / "set", 1, 64, 64, per_study=1)
         assert storescu(node.port, files).returncode == 0
         wait_for(lambda: len(received(tmp_path / "pacs")) == 3, 60, what="the results")
+
+        def outbox() -> dict[str, int]:
+            report = json.loads(node.command("status", "--json").stdout)
+            return dict(report["destinations"][0]["outbox"])
+
+        # storescp writes a file before it answers, and the node records SENT on the answer
+        wait_for(lambda: outbox().get("SENT") == 3, 30, what="the results recorded as sent")
         result = node.command("status", "--json")
         report = json.loads(result.stdout)
         assert result.returncode == 0, report["problems"]
