@@ -39,9 +39,14 @@ def translate_errors() -> Iterator[None]:
     except SQLAlchemyError as exc:
         # The driver's own message, not SQLAlchemy's rendering of the statement and its
         # parameters: those can hold an accession number, which must not reach a log.
-        cause = type(exc).__name__
-        detail = str(getattr(exc, "orig", None) or exc).split("\n", 1)[0]
-        raise DatabaseUnavailable(f"database error: {cause}: {detail}", cause=cause) from exc
+        raise _unavailable(type(exc).__name__, getattr(exc, "orig", None) or exc) from exc
+
+
+def _unavailable(cause: str, error: BaseException) -> DatabaseUnavailable:
+    """DatabaseUnavailable naming *cause* (the exception's class) and the first line of the
+    driver's message: its later lines can quote a row's values."""
+    detail = str(error).split("\n", 1)[0]
+    return DatabaseUnavailable(f"database error: {cause}: {detail}", cause=cause)
 
 
 class DriverStatement:
@@ -80,9 +85,7 @@ class DriverStatement:
             self._execute(cursor, params)
             return None if cursor.description is None else cursor.fetchone()
         except self._driver_error as exc:
-            cause = type(exc).__name__
-            detail = str(exc).split("\n", 1)[0]
-            raise DatabaseUnavailable(f"database error: {cause}: {detail}", cause=cause) from exc
+            raise _unavailable(type(exc).__name__, exc) from exc
 
     def _execute(self, cursor: Any, params: dict[str, Any]) -> None:
         values = self._compiled.construct_params(params)
